@@ -1,0 +1,1 @@
+"""Criteo data for embpress: TSV reading, Parquet shards, statistics, synthetic data, Ray Data."""

@@ -1,0 +1,1 @@
+"""Compressed embedding tables, CTR models and the single-layer serving form."""
