@@ -28,7 +28,9 @@ def _column(table: pa.Table | pa.RecordBatch, name: str, fill: float | int, dtyp
     col = table.column(name)
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
-    return col.fill_null(fill).to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    if col.null_count:
+        col = col.cast(pa.from_numpy_dtype(np.dtype(dtype))).fill_null(fill)
+    return col.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
 
 
 def transform_table(table: pa.Table | pa.RecordBatch) -> dict[str, np.ndarray]:
