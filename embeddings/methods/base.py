@@ -2,17 +2,27 @@
 
 Keeping the three parts apart is what makes collapse, sharding and quantisation generic:
 a method only says how raw ids become (table, row) lookups; this module owns the tables,
-the combination, the optional MLET projection, byte counting and collapse.
+the combination, the optional MLET projection, byte counting, collapse, and the registry
+of method configs that the embedding collection builds from.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
+import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+
+if TYPE_CHECKING:
+    from embeddings.methods.quantize import (
+        MixedPrecisionReport,
+        MixedServingTable,
+        ServingTable,
+    )
 
 
 class Combiner(str, Enum):
@@ -34,16 +44,52 @@ class Lookup:
     weights: torch.Tensor | None = None
 
 
+@dataclass
+class FeatureStats:
+    """Access frequencies of one feature's raw values, most frequent first.
+
+    The data pipeline's statistics reach the methods in this form: the uncompressed method
+    gives the top values rows of their own, learned hashing clusters them, mixed-precision
+    quantisation ranks rows by them.
+
+    Args:
+        values: int64 [m] raw values, sorted by descending count, no duplicates.
+        counts: int64 [m] occurrences of each value.
+    """
+
+    values: torch.Tensor
+    counts: torch.Tensor
+
+    def __post_init__(self) -> None:
+        self.values = torch.as_tensor(np.asarray(self.values), dtype=torch.int64)
+        self.counts = torch.as_tensor(np.asarray(self.counts), dtype=torch.int64)
+        if self.values.shape != self.counts.shape or self.values.dim() != 1:
+            raise ValueError("FeatureStats.values and .counts must be 1-D and of equal length")
+
+    @classmethod
+    def from_ids(cls, ids: torch.Tensor | np.ndarray) -> FeatureStats:
+        """Exact statistics of a stream of raw ids (ties broken by value, for determinism)."""
+        values, counts = torch.unique(torch.as_tensor(np.asarray(ids)), return_counts=True)
+        order = torch.argsort(counts, descending=True, stable=True)
+        return cls(values[order], counts[order])
+
+
 def tensor_bytes(tensors: Any) -> int:
     """Exact bytes of an iterable of tensors (the one budget primitive every count uses)."""
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def ordinary_bound(width: int) -> float:
+    """Init bound U(-b, b) of an ordinary `width`-wide embedding: every method's target scale."""
+    return (1.0 / width) ** 0.5
 
 
 class Mapper(nn.Module):
     """Raw 64-bit ids → Lookup. Subclasses register any state as buffers.
 
     `kind` names the mapper in model.json; `export`/`from_export` freeze it for serving
-    (plain JSON config + tensors for safetensors, never pickle).
+    (plain JSON config + tensors for safetensors, never pickle). Subclasses with a `kind`
+    register themselves in `Mapper.registry`, which `Mapper.build` reads.
     """
 
     kind: ClassVar[str] = ""
@@ -68,6 +114,10 @@ class Mapper(nn.Module):
     def state_bytes(self) -> int:
         """Bytes of the mapper's own state (buffers) while training."""
         return tensor_bytes(self.buffers())
+
+    def serving_bytes(self) -> int:
+        """Bytes of the frozen mapper's tensors (what serving keeps of this mapper)."""
+        return tensor_bytes(self.export()[1].values())
 
     @staticmethod
     def build(kind: str, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Mapper:
@@ -114,8 +164,8 @@ class CompressedEmbedding(nn.Module):
         mlet_dim: MLET's k (> dim): tables are k wide (or k/T each for CONCAT) and a k×d
             projection follows. None = no MLET.
         sparse: tables produce sparse gradients (row-wise optimizers touch only used rows).
-        init_scale: tables start U(-s, s); default 1/sqrt(width) per table (methods that
-            combine several tables choose their own so the output has an ordinary scale).
+        init_scale: tables start U(-s, s); default `ordinary_bound(width)` per table (methods
+            that combine several tables choose their own so the output has an ordinary scale).
     """
 
     def __init__(
@@ -152,12 +202,13 @@ class CompressedEmbedding(nn.Module):
         scales = init_scale if isinstance(init_scale, list) else [init_scale] * len(table_rows)
         self.tables = nn.ParameterList()
         for rows, w, s in zip(table_rows, widths, scales, strict=True):
-            bound = s if s is not None else (1.0 / w) ** 0.5
+            bound = s if s is not None else ordinary_bound(w)
             self.tables.append(nn.Parameter(torch.empty(rows, w).uniform_(-bound, bound)))
         self.projection: nn.Parameter | None = None
         if mlet_dim is not None:
-            # Scaled so that a k-wide U(-1/sqrt(k)) row maps to an ordinary-scale d vector.
-            self.projection = nn.Parameter(torch.randn(mlet_dim, dim) / mlet_dim**0.5)
+            # Var(out) = k · Var(row) · Var(P) = Var(P)/3 for U(±1/sqrt(k)) rows, so N(0, 1/d)
+            # gives the output the variance of an ordinary d-wide U(±1/sqrt(d)) embedding.
+            self.projection = nn.Parameter(torch.randn(mlet_dim, dim) / dim**0.5)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = gather(self.tables, self.mapper(ids), self.combiner, self.sparse)
@@ -169,7 +220,27 @@ class CompressedEmbedding(nn.Module):
 
     def training_bytes(self) -> int:
         """Parameters plus every buffer the method holds while training (optimizer excluded)."""
-        return tensor_bytes(self.parameters()) + tensor_bytes(self.buffers()) + self.extra_state_bytes()
+        return (
+            tensor_bytes(self.parameters())
+            + tensor_bytes(self.buffers())
+            + self.extra_state_bytes()
+        )
+
+    def serving_widths(self) -> list[int]:
+        """Width of each table after collapse (MLET folds every table to d)."""
+        if self.projection is None:
+            return [t.shape[1] for t in self.tables]
+        return [self.dim] * len(self.tables)
+
+    def serving_bytes(self, fmt: str = "fp32") -> int:
+        """Exact bytes of `collapse()` stored in `fmt`, computed without collapsing."""
+        from embeddings.budget import table_bytes
+
+        tables = sum(
+            table_bytes(t.shape[0], w, fmt)
+            for t, w in zip(self.tables, self.serving_widths(), strict=True)
+        )
+        return self.mapper.serving_bytes() + tables
 
     def frozen_mapper(self) -> Mapper:
         """The mapper as serving will use it (adaptive methods snapshot their state)."""
@@ -199,14 +270,20 @@ class CompressedEmbedding(nn.Module):
 class ServingEmbedding(nn.Module):
     """The serving form: a frozen mapper, plain d-wide tables (maybe quantised), a combiner."""
 
-    def __init__(self, mapper: Mapper, tables: list[Any], combiner: Combiner) -> None:
+    def __init__(
+        self,
+        mapper: Mapper,
+        tables: list[torch.Tensor | ServingTable | MixedServingTable],
+        combiner: Combiner,
+    ) -> None:
         super().__init__()
         from embeddings.methods.quantize import ServingTable
 
         self.mapper = mapper
         self.combiner = combiner
+        # Raw tensors are fp32 tables; anything else is already a serving table (any format).
         self.tables = nn.ModuleList(
-            t if isinstance(t, ServingTable) else ServingTable.fp32(t) for t in tables
+            ServingTable.fp32(t) if isinstance(t, torch.Tensor) else t for t in tables
         )
         self.mapper.requires_grad_(False)
 
@@ -222,4 +299,114 @@ class ServingEmbedding(nn.Module):
         return combine(vectors, self.combiner)
 
     def serving_bytes(self) -> int:
+        """Mapper tensors plus every table tensor (data, scale, bias, tier ids)."""
         return self.mapper.state_bytes() + sum(t.nbytes() for t in self.tables)
+
+    def quantize(self, fmt: str) -> ServingEmbedding:
+        """A copy whose tables are stored row-wise in `fmt` (fp32, fp16, int8, int4)."""
+        from embeddings.methods.quantize import ServingTable
+
+        tables = [ServingTable.encode(t.dequantize(), fmt) for t in self.tables]
+        return ServingEmbedding(self.mapper, tables, self.combiner)
+
+    def quantize_mixed(
+        self, row_counts: list[torch.Tensor], budget_bytes: int
+    ) -> tuple[ServingEmbedding, MixedPrecisionReport]:
+        """Per-row bit widths from access counts so the whole embedding fits `budget_bytes`."""
+        from embeddings.methods.quantize import quantize_mixed
+
+        tables, report = quantize_mixed(
+            [[t.dequantize() for t in self.tables]],
+            [row_counts],
+            budget_bytes,
+            fixed_bytes=self.mapper.state_bytes(),
+        )
+        return ServingEmbedding(self.mapper, tables[0], self.combiner), report
+
+    @torch.no_grad()
+    def row_counts(self, values: torch.Tensor, counts: torch.Tensor) -> list[torch.Tensor]:
+        """How often each row of each table is read, given raw values and their counts."""
+        lookup = self.mapper(torch.as_tensor(values, dtype=torch.int64))
+        out = []
+        for t, table in enumerate(self.tables):
+            w = counts.to(torch.float64)
+            if lookup.weights is not None:
+                w = w * (lookup.weights[:, t] != 0)
+            out.append(torch.bincount(lookup.rows[:, t], weights=w, minlength=table.rows))
+        return out
+
+
+class MethodBytes(NamedTuple):
+    """Exact bytes of one built method: while training, and of its fp32 serving form."""
+
+    training: int
+    serving: int
+
+
+METHODS: dict[str, type[MethodConfig]] = {}
+"""Method name → config class. A config class registers itself by being defined with a
+`method: Literal["name"] = "name"` field; the collection's discriminated union reads this."""
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's config: one per feature, the `method` field names the method.
+
+    A subclass declares `method: Literal["name"] = "name"` and implements `build`; defining
+    it registers it in `METHODS` (so `embeddings/methods/<name>.py` is all a new method adds).
+    Budgets and ratios are turned into table sizes by `embeddings.budget`, never inline.
+
+    Args:
+        method: the method's registered name.
+        mlet_dim: MLET's inner width k (k/d from 2 to 16); None = no MLET. Only methods with
+            a linear combiner accept it (see `embeddings.methods.mlet`).
+        sparse: tables produce sparse gradients (for the row-wise optimizers).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: str
+    mlet_dim: int | None = Field(None, gt=0)
+    sparse: bool = True
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        name = cls.model_fields["method"].default
+        if isinstance(name, str) and name:
+            METHODS[name] = cls
+
+    def combiner(self) -> Combiner:
+        """The combiner this config builds (decides whether MLET may follow)."""
+        return Combiner.SUM
+
+    def check(self, num_embeddings: int, dim: int) -> None:
+        """Raise ValueError (saying why) if this config cannot be built at this size and width.
+
+        The collection calls it while validating, so a bad feature fails with its name; `build`
+        calls it too. Subclasses extend it (calling super) with their own conditions.
+        """
+        from embeddings.methods.mlet import check_mlet
+
+        if num_embeddings < 1 or dim < 1:
+            raise ValueError(f"need n ≥ 1 values and width d ≥ 1, got n={num_embeddings}, d={dim}")
+        check_mlet(self.method, self.combiner(), dim, self.mlet_dim)
+
+    def build(
+        self, num_embeddings: int, dim: int, stats: FeatureStats | None = None
+    ) -> CompressedEmbedding:
+        """The trainable method for a feature of `num_embeddings` values and width `dim`."""
+        raise NotImplementedError
+
+    def at_ratio(self, ratio: float) -> MethodConfig:
+        """This config resized to compression `ratio` (used by the collection's global budget)."""
+        if "ratio" not in type(self).model_fields:
+            raise ValueError(f"method {self.method!r} cannot be sized by a compression ratio")
+        return self.model_copy(update={"ratio": ratio})
+
+    def planned_bytes(
+        self, num_embeddings: int, dim: int, stats: FeatureStats | None = None, fmt: str = "fp32"
+    ) -> MethodBytes:
+        """Exact training and serving bytes, from a build on the meta device (no memory)."""
+        with torch.device("meta"):
+            method = self.build(num_embeddings, dim, stats)
+        return MethodBytes(method.training_bytes(), method.serving_bytes(fmt))

@@ -1,0 +1,101 @@
+"""Deterministic per-worker row ranges of a split, so a resumed run sees every row once.
+
+Ray Data's streaming split hands blocks to whichever worker asks first, so after a restart
+nobody knows which rows were already trained on. Here each epoch's order is a seeded
+shuffle of the split's pieces (whole blocks), the shuffled stream is cut into equal
+contiguous ranges, one per worker, and a worker that resumes skips the rows it has already
+consumed. Each worker still reads its range through Ray Data (read tasks on the cluster).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from data_pipeline.datasets import DEFAULT_BLOCK_ROWS, Piece, _datasource_class, _pack, split_pieces
+
+if TYPE_CHECKING:
+    import ray.data
+
+
+def slice_pieces(pieces: Sequence[Piece], start: int, stop: int) -> list[Piece]:
+    """Rows [start, stop) of the stream the pieces make, end to end, as pieces."""
+    out: list[Piece] = []
+    pos = 0
+    for p in pieces:
+        a, b = max(start, pos), min(stop, pos + p.rows)
+        if a < b:
+            out.append(replace(p, start=p.start + a - pos, stop=p.start + b - pos))
+        pos += p.rows
+        if pos >= stop:
+            break
+    return out
+
+
+def shuffled(pieces: Sequence[Piece], seed: int | None) -> list[Piece]:
+    """Pieces in a seeded order (block-level shuffle); None keeps file order."""
+    if seed is None:
+        return list(pieces)
+    order = np.random.default_rng(seed).permutation(len(pieces))
+    return [pieces[i] for i in order]
+
+
+def worker_range(total_rows: int, rank: int, world: int, rows_per_worker: int) -> tuple[int, int]:
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside 0..{world - 1}")
+    if rows_per_worker * world > total_rows:
+        raise ValueError(f"{world} × {rows_per_worker} rows exceed the split's {total_rows}")
+    return rank * rows_per_worker, (rank + 1) * rows_per_worker
+
+
+def train_pieces(
+    root: str | Path,
+    rank: int,
+    world: int,
+    global_batch: int,
+    *,
+    seed: int | None,
+    skip_rows: int = 0,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+) -> tuple[list[Piece], int]:
+    """This worker's pieces of the train split for one epoch, and the steps in the epoch.
+
+    Every step takes `global_batch // world` rows on each worker; the remainder of the split
+    that does not fill a global batch is left out of the epoch (a different remainder each
+    epoch, since the order is reshuffled). `skip_rows` drops rows already trained on.
+    """
+    if global_batch % world:
+        raise ValueError(f"global batch {global_batch} is not divisible by {world} workers")
+    pieces = shuffled(split_pieces(root, "train", block_rows=block_rows), seed)
+    total = sum(p.rows for p in pieces)
+    steps = total // global_batch
+    if steps == 0:
+        raise ValueError(f"the train split has {total} rows, fewer than one batch ({global_batch})")
+    local = global_batch // world
+    start, stop = worker_range(total, rank, world, steps * local)
+    return slice_pieces(pieces, start + skip_rows, stop), steps
+
+
+def eval_pieces(
+    root: str | Path, split: str, rank: int, world: int, *, block_rows: int = DEFAULT_BLOCK_ROWS
+) -> list[Piece]:
+    """This worker's share of an evaluation split: every row once over all workers."""
+    pieces = split_pieces(root, split, block_rows=block_rows)
+    total = sum(p.rows for p in pieces)
+    bounds = [total * r // world for r in range(world + 1)]
+    return slice_pieces(pieces, bounds[rank], bounds[rank + 1])
+
+
+def dataset_of(pieces: Sequence[Piece]) -> ray.data.Dataset:
+    """The pieces as a transformed Ray Dataset (dense, sparse, label), read in order."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ds = ray.data.read_datasource(_datasource_class()(list(pieces)))
+    return ds.map_batches(_pack, batch_format="pyarrow", batch_size=None,
+                          udf_modifying_row_count=False)

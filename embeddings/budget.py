@@ -1,0 +1,137 @@
+"""The one place where bytes, compression ratios and table sizes are converted.
+
+Every method sizes its tables through these functions (the CAFE artifact scatters memory
+formulas through constructors; here they are written once and tested once). A compression
+ratio is the bytes of an uncompressed fp32 n×d table divided by the bytes of the method's
+fp32 serving tables; mapper state (vocabularies, hot-id maps) is counted in the byte totals
+that `CompressedEmbedding.training_bytes`/`serving_bytes` report, not in the ratio.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+# Bytes of one stored element, and of the per-row extras each format carries.
+_ELEMENT_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
+_ROW_EXTRA_BYTES = {"fp32": 0, "fp16": 0, "int8": 8, "int4": 8}  # fp32 scale + fp32 bias
+SERVING_FORMATS: tuple[str, ...] = tuple(_ELEMENT_BITS)
+
+# Bytes of one promoted row's id in a mixed-precision table (int32, sorted for searchsorted).
+MIXED_ID_BYTES = 4
+
+# Features with at most this many values ÷ ratio stay uncompressed under a global ratio
+# (the CAFE artifact's threshold: 1,000 values at 2×, 2 at 1000×).
+UNCOMPRESSED_NUMERATOR = 2000.0
+
+# The CAFE artifact charges its sketch as 48 bytes per hot row (12 int32 slots).
+CAFE_SKETCH_BYTES_PER_HOT_ROW = 48
+
+
+def row_bytes(width: int, fmt: str = "fp32") -> int:
+    """Bytes of one stored row of `width` elements in `fmt` (int4 packs two per byte)."""
+    if fmt not in _ELEMENT_BITS:
+        raise ValueError(f"unknown serving format {fmt!r}; known: {list(SERVING_FORMATS)}")
+    return math.ceil(width * _ELEMENT_BITS[fmt] / 8) + _ROW_EXTRA_BYTES[fmt]
+
+
+def table_bytes(rows: int, width: int, fmt: str = "fp32") -> int:
+    """Bytes of a rows×width table in `fmt`, scale and bias included."""
+    return rows * row_bytes(width, fmt)
+
+
+def uncompressed_bytes(num_embeddings: int, dim: int) -> int:
+    """Bytes of the plain fp32 table the ratio is measured against."""
+    return table_bytes(num_embeddings, dim, "fp32")
+
+
+def stays_uncompressed(num_embeddings: int, ratio: float) -> bool:
+    """Whether a global `ratio` leaves this feature uncompressed (n ≤ 2000 / ratio)."""
+    return num_embeddings <= UNCOMPRESSED_NUMERATOR / ratio
+
+
+def rows_at_ratio(num_embeddings: int, ratio: float, width_fraction: float = 1.0) -> float:
+    """Total table rows a method may hold at `ratio` when its serving rows are
+    `width_fraction` × d wide (0.5 for two concatenated halves)."""
+    if ratio <= 0:
+        raise ValueError(f"compression ratio must be positive, got {ratio}")
+    return num_embeddings / (ratio * width_fraction)
+
+
+def hash_rows(num_embeddings: int, ratio: float) -> int:
+    """Hashing trick: ceil(n / ratio) rows, at least one."""
+    return max(1, math.ceil(rows_at_ratio(num_embeddings, ratio) - 1e-9))
+
+
+def full_rows(num_embeddings: int, cap: int, ratio: float | None = None) -> int:
+    """Uncompressed: one row per value up to `cap` (and up to n / ratio when a ratio is set)."""
+    rows = min(num_embeddings, cap)
+    if ratio is not None:
+        rows = min(rows, hash_rows(num_embeddings, ratio))
+    return max(1, rows)
+
+
+def qr_collisions(num_embeddings: int, row_budget: float) -> int:
+    """QR's remainder size c so that ceil(n/c) + c ≤ row_budget, with the fewest collisions.
+
+    c + n/c = R has the smaller root c = (R - sqrt(R² - 4n)) / 2 (the CAFE artifact's
+    formula, applied per feature). R < 2·sqrt(n) cannot be reached: the most compressed QR,
+    c = ceil(sqrt(n)), is returned and callers see its true size in the byte counts.
+    """
+    n = num_embeddings
+    disc = row_budget * row_budget - 4 * n
+    if disc < 0:
+        return max(1, math.isqrt(n - 1) + 1 if n > 1 else 1)
+    c = max(1, math.ceil((row_budget - math.sqrt(disc)) / 2 - 1e-9))
+    # Rounding c up only lowers ceil(n/c) + c while c ≤ sqrt(n); one more step if the
+    # ceiling of n/c still overshoots.
+    while c < n and math.ceil(n / c) + c > row_budget and c * c < n:
+        c += 1
+    return max(1, min(c, n))
+
+
+def qr_rows(num_embeddings: int, collisions: int) -> list[int]:
+    """Rows of QR's quotient and remainder tables."""
+    return [max(1, math.ceil(num_embeddings / collisions)), collisions]
+
+
+def cafe_rows(
+    num_embeddings: int, ratio: float, hash_share: float, dim: int
+) -> tuple[int, int]:
+    """CAFE's (hot rows, rows of each hash table), as in the artifact.
+
+    hot = n / ratio × (1 − hash share) × 4d / (4d + 48): the sketch's 48 bytes per hot row
+    are paid out of the hot table; each hash table has ceil(n / ratio × hash share) rows.
+    """
+    per = num_embeddings / ratio
+    hot = int(per * (1 - hash_share) * (4 * dim) / (4 * dim + CAFE_SKETCH_BYTES_PER_HOT_ROW))
+    return max(0, hot), max(1, math.ceil(per * hash_share - 1e-9))
+
+
+def ratio_for_budget(
+    bytes_at: Callable[[float], int],
+    budget_bytes: int,
+    lo: float = 1.0,
+    hi: float = 1e7,
+    iterations: int = 60,
+) -> float:
+    """The smallest compression ratio whose byte count fits `budget_bytes`.
+
+    `bytes_at(ratio)` must not increase with the ratio. Bisection on log(ratio); the answer
+    always fits (the upper end of the last bracket). Raises when even `hi` does not fit.
+    """
+    if bytes_at(lo) <= budget_bytes:
+        return lo
+    if bytes_at(hi) > budget_bytes:
+        raise ValueError(
+            f"budget of {budget_bytes} bytes cannot be met: even ratio {hi:g} needs "
+            f"{bytes_at(hi)} bytes"
+        )
+    a, b = math.log(lo), math.log(hi)
+    for _ in range(iterations):
+        mid = (a + b) / 2
+        if bytes_at(math.exp(mid)) <= budget_bytes:
+            b = mid
+        else:
+            a = mid
+    return math.exp(b)

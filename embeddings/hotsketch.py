@@ -1,0 +1,510 @@
+"""HotSketch: CAFE's bounded-memory ranking of feature ids by importance, with hot-row slots.
+
+CAFE (Zhang et al., SIGMOD 2024) gives the most important ids of a feature rows of their own
+and lets the rest share hash rows; which ids are "most important" changes while training, so a
+small sketch keeps a running score per candidate id and hands out / takes back hot rows. The
+sketch update is sequential per id, so it runs as numba kernels over numpy arrays; a batch is
+pre-aggregated (one insert per distinct id) before the kernel sees it.
+
+Layout: `buckets` × `slots` (4) entries of (id, score, hot row), bucket = hash(id). Slots of
+a bucket stay sorted by score, descending; score 0 marks an empty slot. Every array starts
+as zeros (hot rows are stored +1, 0 = none; never-used rows are counted, not listed), so a
+sketch built only to count bytes (a meta-device build) maps no memory.
+
+Two differences from the artifact's C++ sketch, both there to rank the true top ids instead
+of the first-come ones:
+
+- A miss into a full bucket takes over the lowest non-hot slot with probability
+  s / (s_min + s) and then scores s_min + s (randomised admission of SpaceSaving). The
+  artifact always takes the slot over, so every bucket's last slot churns and its inflated
+  score promotes whichever light id happens to sit there.
+- The adaptive threshold of CAFE+: when more than 1.2 × hot-rows ids score above the
+  threshold, all slots are re-ranked, the top `hot_rows` get the hot rows and the threshold
+  becomes the score of the last of them. It decays with the scores and never falls below
+  the configured threshold.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numba as nb
+import numpy as np
+import torch
+
+from embeddings.hashing import hash64
+
+SLOTS = 4
+PROMOTE = 1
+DEMOTE = 2
+
+# fstate / istate indices: scalars live in small arrays so kernels can update them in place.
+_THRESHOLD, _MASS = 0, 1
+# _NSTACK: rows on the free stack (given back); _FRESH: rows never handed out start here.
+_NSTACK, _FRESH, _NABOVE, _RERANK_AT = 0, 1, 2, 3
+
+
+@dataclass
+class SketchEvents:
+    """Hot-row changes made by one update, in the order they happened.
+
+    kind: int8 PROMOTE / DEMOTE; ids: int64; rows: int32 hot row taken or given back;
+    medium: bool, whether a promoted id read two hash rows just before its promotion.
+    """
+
+    kind: np.ndarray
+    ids: np.ndarray
+    rows: np.ndarray
+    medium: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.kind.shape[0])
+
+
+@nb.njit(cache=True, inline="always")
+def _uniform(rng: np.ndarray) -> float:
+    # SplitMix64 stream kept in the sketch so admission coins are reproducible and resumable.
+    rng[0] += np.uint64(0x9E3779B97F4A7C15)
+    z = rng[0]
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return float(z >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+
+
+@nb.njit(cache=True, inline="always")
+def _log(ev_kind, ev_id, ev_row, ev_med, n, kind, key, row, medium):
+    ev_kind[n] = kind
+    ev_id[n] = key
+    ev_row[n] = row
+    ev_med[n] = medium
+    return n + 1
+
+
+@nb.njit(cache=True, inline="always")
+def _take_row(free, istate):
+    if istate[_NSTACK] > 0:
+        istate[_NSTACK] -= 1
+        return free[istate[_NSTACK]]
+    istate[_FRESH] += 1
+    return istate[_FRESH] - 1
+
+
+@nb.njit(cache=True, inline="always")
+def _give_row(free, istate, row):
+    free[istate[_NSTACK]] = row
+    istate[_NSTACK] += 1
+
+
+@nb.njit(cache=True)
+def _count_above(scores: np.ndarray, threshold: float) -> int:
+    c = 0
+    for b in range(scores.shape[0]):
+        for k in range(scores.shape[1]):
+            if scores[b, k] > 0 and scores[b, k] >= threshold:
+                c += 1
+    return c
+
+
+@nb.njit(cache=True)
+def _insert_kernel(
+    keys: np.ndarray,
+    scores: np.ndarray,
+    rows: np.ndarray,
+    free: np.ndarray,
+    fstate: np.ndarray,
+    istate: np.ndarray,
+    rng: np.ndarray,
+    hashes: np.ndarray,
+    ids: np.ndarray,
+    values: np.ndarray,
+    start: int,
+    ev_kind: np.ndarray,
+    ev_id: np.ndarray,
+    ev_row: np.ndarray,
+    ev_med: np.ndarray,
+    base_threshold: float,
+    medium_fraction: float,
+    decay: float,
+    decay_mass: float,
+    adaptive: bool,
+    hot_rows: int,
+):
+    """Insert ids[start:] in order; returns (next id, events written, finished).
+
+    The event buffers are the caller's and never reallocated here (reassigning arrays inside
+    the loop costs numba a reference count per iteration, tripling the time per id). When
+    they are too small for what comes next, the kernel stops before it and the caller resumes
+    from the returned index with a larger buffer: a pending re-rank or decay is implied by
+    the state (ids above threshold, mass since decay), so resuming repeats nothing.
+    """
+    n_slots = keys.shape[1]
+    cap = ev_kind.shape[0]
+    n_ev = 0
+    margin = math.ceil(0.2 * hot_rows)
+    floor_at = math.ceil(1.2 * hot_rows)
+    n = ids.shape[0]
+    for i in range(start, n + 1):
+        if adaptive and hot_rows > 0 and istate[_NABOVE] > istate[_RERANK_AT]:
+            if cap - n_ev < 2 * hot_rows:
+                return i, n_ev, False
+            n_ev = _rerank(
+                keys, scores, rows, free, fstate, istate, base_threshold, hot_rows,
+                ev_kind, ev_id, ev_row, ev_med, n_ev,
+            )
+            # Ties at the new threshold may leave more than 1.2 × hot rows above it; wait for
+            # a fifth of the hot rows' worth of new arrivals rather than re-rank every id.
+            istate[_RERANK_AT] = max(floor_at, istate[_NABOVE] + margin)
+        if fstate[_MASS] >= decay_mass:
+            if cap - n_ev < hot_rows:
+                return i, n_ev, False
+            n_ev = _decay(
+                keys, scores, rows, free, fstate, istate, base_threshold, decay, adaptive,
+                ev_kind, ev_id, ev_row, ev_med, n_ev,
+            )
+        if i == n:
+            break
+        if n_ev == cap:
+            return i, n_ev, False
+        s = values[i]
+        if not s > 0:
+            continue
+        b = hashes[i] % keys.shape[0]
+        x = ids[i]
+        thr = fstate[_THRESHOLD]
+        fstate[_MASS] += s
+        j = -1
+        for k in range(n_slots):
+            if scores[b, k] > 0 and keys[b, k] == x:
+                j = k
+                break
+        old = 0.0
+        if j >= 0:
+            old = scores[b, j]
+            scores[b, j] = old + s
+        else:
+            # Empty slots sit at the end (sorted, score 0); else the last (lowest) non-hot one.
+            for k in range(n_slots - 1, -1, -1):
+                if scores[b, k] <= 0 or rows[b, k] == 0:
+                    j = k
+                    break
+            if j >= 0:
+                low = scores[b, j]
+                if low > 0 and _uniform(rng) * (low + s) >= s:
+                    j = -1
+                else:
+                    if low >= thr:
+                        istate[_NABOVE] -= 1
+                    keys[b, j] = x
+                    scores[b, j] = max(low, 0.0) + s
+                    rows[b, j] = 0
+        if j < 0:
+            continue
+        while j > 0 and scores[b, j] > scores[b, j - 1]:
+            keys[b, j], keys[b, j - 1] = keys[b, j - 1], keys[b, j]
+            scores[b, j], scores[b, j - 1] = scores[b, j - 1], scores[b, j]
+            rows[b, j], rows[b, j - 1] = rows[b, j - 1], rows[b, j]
+            j -= 1
+        new = scores[b, j]
+        if old < thr <= new:
+            istate[_NABOVE] += 1
+        if new >= thr and rows[b, j] == 0 and istate[_NSTACK] + hot_rows - istate[_FRESH] > 0:
+            r = _take_row(free, istate)
+            rows[b, j] = r + 1
+            n_ev = _log(
+                ev_kind, ev_id, ev_row, ev_med, n_ev, PROMOTE, x, r, old >= medium_fraction * thr
+            )
+    return n, n_ev, True
+
+
+@nb.njit(cache=True)
+def _decay(
+    keys, scores, rows, free, fstate, istate, base_threshold, decay, adaptive,
+    ev_kind, ev_id, ev_row, ev_med, n_ev,
+):
+    fstate[_MASS] = 0.0
+    # The adaptive threshold is a score, so it decays with them; the configured one is fixed.
+    if adaptive:
+        fstate[_THRESHOLD] = max(base_threshold, fstate[_THRESHOLD] * decay)
+    thr = fstate[_THRESHOLD]
+    for b in range(keys.shape[0]):
+        for k in range(keys.shape[1]):
+            if scores[b, k] > 0:
+                scores[b, k] *= decay
+                if rows[b, k] > 0 and scores[b, k] < thr:
+                    _give_row(free, istate, rows[b, k] - 1)
+                    n_ev = _log(
+                        ev_kind, ev_id, ev_row, ev_med, n_ev, DEMOTE, keys[b, k],
+                        rows[b, k] - 1, False,
+                    )
+                    rows[b, k] = 0
+    istate[_NABOVE] = _count_above(scores, thr)
+    return n_ev
+
+
+@nb.njit(cache=True)
+def _rerank(
+    keys, scores, rows, free, fstate, istate, base_threshold, hot_rows,
+    ev_kind, ev_id, ev_row, ev_med, n_ev,
+):
+    n_b, n_slots = keys.shape
+    flat = scores.ravel()
+    occupied = flat[flat > 0]
+    if occupied.shape[0] <= hot_rows:
+        return n_ev
+    kth = np.partition(-occupied, hot_rows - 1)[hot_rows - 1]
+    thr = max(base_threshold, float(-kth))
+    fstate[_THRESHOLD] = thr
+    for b in range(n_b):
+        for k in range(n_slots):
+            if rows[b, k] > 0 and scores[b, k] < thr:
+                _give_row(free, istate, rows[b, k] - 1)
+                n_ev = _log(
+                    ev_kind, ev_id, ev_row, ev_med, n_ev, DEMOTE, keys[b, k], rows[b, k] - 1,
+                    False,
+                )
+                rows[b, k] = 0
+    # Ties at the new threshold can exceed the free rows: the highest scores go first.
+    cand = np.nonzero((flat >= thr) & (flat > 0) & (rows.ravel() == 0))[0]
+    order = np.argsort(-flat[cand], kind="mergesort")
+    for q in range(order.shape[0]):
+        if istate[_NSTACK] + hot_rows - istate[_FRESH] == 0:
+            break
+        c = cand[order[q]]
+        b = c // n_slots
+        k = c % n_slots
+        r = _take_row(free, istate)
+        rows[b, k] = r + 1
+        # Above the old threshold too (it only rises here), so it read two hash rows.
+        n_ev = _log(ev_kind, ev_id, ev_row, ev_med, n_ev, PROMOTE, keys[b, k], r, True)
+    istate[_NABOVE] = _count_above(scores, thr)
+    return n_ev
+
+
+@nb.njit(cache=True)
+def _aggregate_kernel(ids: np.ndarray, hashes: np.ndarray, values: np.ndarray):
+    """Sum the values of duplicate ids (first-occurrence order), by open addressing on the
+    id's hash: linear in the batch, where sorting (torch.unique) costs several times more."""
+    n = ids.shape[0]
+    size = 16
+    while size < 2 * n:
+        size *= 2
+    mask = size - 1
+    table = np.full(size, -1, np.int64)
+    out_ids = np.empty(n, np.int64)
+    out_hash = np.empty(n, np.int64)
+    out_val = np.zeros(n, np.float32)
+    m = 0
+    for i in range(n):
+        # High bits: the low ones already chose the sketch bucket.
+        p = (hashes[i] >> 23) & mask
+        while True:
+            slot = table[p]
+            if slot < 0:
+                table[p] = m
+                out_ids[m] = ids[i]
+                out_hash[m] = hashes[i]
+                out_val[m] = values[i]
+                m += 1
+                break
+            if out_ids[slot] == ids[i]:
+                out_val[slot] += values[i]
+                break
+            p = (p + 1) & mask
+    return out_ids[:m], out_hash[:m], out_val[:m]
+
+
+@nb.njit(cache=True)
+def _classify_kernel(
+    keys: np.ndarray,
+    scores: np.ndarray,
+    rows: np.ndarray,
+    hashes: np.ndarray,
+    ids: np.ndarray,
+    medium_threshold: float,
+):
+    n = ids.shape[0]
+    hot = np.full(n, -1, np.int64)
+    medium = np.zeros(n, np.bool_)
+    for i in range(n):
+        b = hashes[i] % keys.shape[0]
+        for k in range(keys.shape[1]):
+            sc = scores[b, k]
+            if sc > 0 and keys[b, k] == ids[i]:
+                if rows[b, k] > 0:
+                    hot[i] = rows[b, k] - 1
+                elif sc >= medium_threshold:
+                    medium[i] = True
+                break
+    return hot, medium
+
+
+class HotSketch:
+    """Per-feature HotSketch with `hot_rows` hot rows to hand out.
+
+    Args:
+        buckets: sketch buckets (the artifact uses one per hot row).
+        hot_rows: hot rows available; ids that hold one read the hot table.
+        threshold: score at which an id takes a free hot row (the configured floor of the
+            adaptive threshold).
+        slots: entries per bucket (4 in CAFE).
+        medium_fraction: ids scoring in [medium_fraction × threshold, threshold) are
+            "medium" and read two hash rows.
+        decay: every score is multiplied by it when the score mass inserted since the last
+            decay reaches `buckets × threshold × decay_period`.
+        adaptive: CAFE+'s re-ranking threshold (False = the artifact's first-come promotion).
+        seed: seed of the bucket hash and of the admission coins.
+    """
+
+    def __init__(
+        self,
+        buckets: int,
+        hot_rows: int,
+        threshold: float,
+        *,
+        slots: int = SLOTS,
+        medium_fraction: float = 0.2,
+        decay: float = 0.99,
+        decay_period: float = 10.0,
+        adaptive: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if buckets < 1 or hot_rows < 0 or threshold <= 0:
+            raise ValueError(f"bad sketch size: {buckets=} {hot_rows=} {threshold=}")
+        self.buckets = buckets
+        self.hot_rows = hot_rows
+        self.base_threshold = float(threshold)
+        self.slots = slots
+        self.medium_fraction = medium_fraction
+        self.decay = decay
+        self.decay_mass = buckets * threshold * decay_period
+        self.adaptive = adaptive
+        self.seed = seed
+        self.keys = np.zeros((buckets, slots), np.int64)
+        self.scores = np.zeros((buckets, slots), np.float32)
+        self.rows = np.zeros((buckets, slots), np.int32)  # hot row + 1; 0 = not hot
+        self.free = np.zeros(hot_rows, np.int32)  # stack of rows given back
+        self.fstate = np.array([threshold, 0.0], np.float64)
+        self.istate = np.array([0, 0, 0, math.ceil(1.2 * hot_rows)], np.int64)
+        self.rng = np.array([seed], np.uint64)
+
+    # -- state -----------------------------------------------------------------------------
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every array the sketch holds: its exact memory, and what a checkpoint saves."""
+        return {
+            "keys": self.keys,
+            "scores": self.scores,
+            "rows": self.rows,
+            "free": self.free,
+            "fstate": self.fstate,
+            "istate": self.istate,
+            "rng": self.rng,
+        }
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        for name, current in self.arrays().items():
+            value = np.asarray(arrays[name], dtype=current.dtype)
+            if value.shape != current.shape:
+                raise ValueError(f"sketch array {name}: shape {value.shape} != {current.shape}")
+            current[...] = value
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays().values())
+
+    @staticmethod
+    def planned_nbytes(buckets: int, hot_rows: int, slots: int = SLOTS) -> int:
+        """`nbytes()` of a sketch of this size, without building one."""
+        per_slot = 8 + 4 + 4  # id int64, score float32, hot row int32
+        return buckets * slots * per_slot + 4 * hot_rows + 2 * 8 + 4 * 8 + 8
+
+    @property
+    def threshold(self) -> float:
+        return float(self.fstate[_THRESHOLD])
+
+    @property
+    def free_rows(self) -> int:
+        return int(self.istate[_NSTACK] + self.hot_rows - self.istate[_FRESH])
+
+    def hash(self, ids: torch.Tensor) -> np.ndarray:
+        """The sketch's hash of each id (bucket = hash mod buckets); forward computes it once
+        and hands it to the update after backward."""
+        return hash64(ids.detach().to("cpu", torch.int64), self.seed).numpy()
+
+    def hot_ids(self) -> np.ndarray:
+        """Ids holding a hot row."""
+        return self.keys[self.rows > 0]
+
+    # -- update and lookup -----------------------------------------------------------------
+
+    def insert(
+        self, ids: torch.Tensor, scores: torch.Tensor, hashes: np.ndarray | None = None
+    ) -> SketchEvents:
+        """Insert ids with their scores in order, one at a time (no aggregation)."""
+        ids = ids.detach().to("cpu", torch.int64).contiguous()
+        values = scores.detach().to("cpu", torch.float32).contiguous().numpy()
+        return self._insert(ids.numpy(), self.hash(ids) if hashes is None else hashes, values)
+
+    def update(
+        self, ids: torch.Tensor, scores: torch.Tensor, hashes: np.ndarray | None = None
+    ) -> SketchEvents:
+        """Insert a batch: duplicate ids are summed first, so the kernel runs once per id."""
+        ids = ids.detach().to("cpu", torch.int64).reshape(-1).contiguous()
+        values = scores.detach().to("cpu", torch.float32).reshape(-1).contiguous().numpy()
+        hashes = self.hash(ids) if hashes is None else hashes
+        return self._insert(*_aggregate_kernel(ids.numpy(), hashes, values))
+
+    def _insert(self, keys: np.ndarray, hashes: np.ndarray, values: np.ndarray) -> SketchEvents:
+        parts: list[tuple[np.ndarray, ...]] = []
+        cap, start = keys.shape[0] + 64, 0
+        while True:
+            buf = (
+                np.empty(cap, np.int8),
+                np.empty(cap, np.int64),
+                np.empty(cap, np.int32),
+                np.empty(cap, np.bool_),
+            )
+            start, n_ev, done = _insert_kernel(
+                self.keys, self.scores, self.rows, self.free, self.fstate, self.istate,
+                self.rng, hashes, keys, values, start, *buf, self.base_threshold,
+                self.medium_fraction, self.decay, self.decay_mass, self.adaptive, self.hot_rows,
+            )
+            parts.append(tuple(a[:n_ev] for a in buf))
+            if done:
+                break
+            # Stopped for room: a re-rank or decay can log up to two events per hot row.
+            cap = max(2 * cap, 2 * self.hot_rows + 64)
+        if len(parts) == 1:
+            return SketchEvents(*parts[0])
+        return SketchEvents(*(np.concatenate(col) for col in zip(*parts, strict=True)))
+
+    def classify(
+        self, ids: torch.Tensor, hashes: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hot row or -1, medium flag) for each id, as the sketch stands now."""
+        ids = ids.detach().to("cpu", torch.int64).contiguous()
+        hot, medium = _classify_kernel(
+            self.keys, self.scores, self.rows, self.hash(ids) if hashes is None else hashes,
+            ids.numpy(), self.medium_fraction * self.threshold,
+        )
+        return torch.from_numpy(hot), torch.from_numpy(medium)
+
+    def _not_cold(self) -> np.ndarray:
+        occupied = self.scores > 0
+        hot = occupied & (self.rows > 0)
+        # Compared in float64, as the classify kernel does (NumPy would round the bound to f32).
+        bound = self.medium_fraction * self.threshold
+        return hot | (occupied & (self.scores.astype(np.float64) >= bound))
+
+    def frozen_size(self) -> int:
+        """Ids `snapshot()` would list (hot or medium)."""
+        return int(np.count_nonzero(self._not_cold()))
+
+    def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
+        """Frozen mapping of every id that is not cold: sorted ids, hot row (-1 = medium)."""
+        keep = self._not_cold()
+        ids = self.keys[keep]
+        rows = self.rows[keep] - 1
+        order = np.argsort(ids, kind="stable")
+        return ids[order], rows[order]

@@ -1,0 +1,404 @@
+"""CAFE (Zhang et al., SIGMOD 2024): hot ids get rows of their own, the rest share hash rows.
+
+A HotSketch (`embeddings.hotsketch`) ranks a feature's ids by the L2 norm of their embedding
+gradients while training. Ids holding a hot row read the hot table; ids scoring between
+0.2 × threshold and the threshold read the sum of two hash tables (multi-level hash); the rest
+read one hash table. Ids move between hot and hashed while training, their rows (and the
+optimizer state of those rows) with them. For serving the sketch is frozen into a sorted id
+array, so the serving form needs no sketch and scores exactly like the trained one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from embeddings import budget
+from embeddings.hashing import hash_bucket
+from embeddings.hotsketch import PROMOTE, HotSketch, SketchEvents
+from embeddings.methods.base import (
+    Combiner,
+    CompressedEmbedding,
+    FeatureStats,
+    Lookup,
+    Mapper,
+    MethodConfig,
+    tensor_bytes,
+)
+
+HOT, HASH1, HASH2 = 0, 1, 2
+
+# The artifact's defaults per compression ratio: (threshold, share of the budget for hashing).
+_DEFAULTS: tuple[tuple[float, float, float], ...] = (
+    (2, 10.0, 0.7),
+    (10, 20.0, 0.5),
+    (100, 100.0, 0.3),
+    (1000, 500.0, 0.2),
+    (2000, 500.0, 0.1),
+)
+
+
+def cafe_defaults(ratio: float) -> tuple[float, float]:
+    """(threshold, hash share) for a compression ratio: the artifact's entry at the largest
+    listed ratio not above `ratio` (2×, 10×, 100×, 1000×, ≥2000×; below 2× as 2×)."""
+    chosen = _DEFAULTS[0]
+    for entry in _DEFAULTS:
+        if ratio >= entry[0]:
+            chosen = entry
+    return chosen[1], chosen[2]
+
+
+class CafeMapper(Mapper):
+    """Raw ids → hot row, or one or two hash rows. Live (a HotSketch) or frozen (sorted ids).
+
+    Tables: [hot, hash1, hash2]. Lookup weights: hot [1, 0, 0], medium [0, 1, 1],
+    cold [0, 1, 0].
+
+    Args:
+        hot_rows: rows of the hot table.
+        hash_rows: rows of each hash table.
+        seed: the sketch hashes with `seed`, the two hash tables with `seed + 1`, `seed + 2`.
+        sketch: the live sketch (training), or None for a frozen mapper.
+        frozen_ids: frozen form: int64 [m] ids that are hot or medium, sorted.
+        frozen_rows: frozen form: int32 [m] hot row of each, -1 for medium.
+    """
+
+    kind = "cafe"
+
+    def __init__(
+        self,
+        hot_rows: int,
+        hash_rows: int,
+        seed: int = 0,
+        sketch: HotSketch | None = None,
+        frozen_ids: torch.Tensor | None = None,
+        frozen_rows: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if (sketch is None) == (frozen_ids is None):
+            raise ValueError("a CafeMapper is either live (a sketch) or frozen (sorted ids)")
+        self.hot_rows = hot_rows
+        self.hash_rows = hash_rows
+        self.seed = seed
+        self.sketch = sketch
+        if frozen_ids is not None:
+            self.register_buffer("frozen_ids", frozen_ids.to(torch.int64))
+            self.register_buffer("frozen_rows", frozen_rows.to(torch.int32))
+
+    @property
+    def frozen(self) -> bool:
+        return self.sketch is None
+
+    def classify(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
+        """(hot row or -1, medium flag, sketch hashes or None) of each id, on the ids' device."""
+        if self.sketch is not None:
+            hashes = self.sketch.hash(ids)
+            hot, medium = self.sketch.classify(ids, hashes)
+            return hot.to(ids.device), medium.to(ids.device), hashes
+        m = self.frozen_ids.shape[0]
+        if m == 0:
+            hot = torch.full(ids.shape, -1, dtype=torch.int64, device=ids.device)
+            return hot, torch.zeros(ids.shape, dtype=torch.bool, device=ids.device), None
+        pos = torch.searchsorted(self.frozen_ids, ids).clamp_(max=m - 1)
+        found = self.frozen_ids[pos] == ids
+        row = torch.where(found, self.frozen_rows[pos].to(torch.int64), -1)
+        return row, found & (row < 0), None
+
+    def hash_row(self, ids: torch.Tensor, level: int) -> torch.Tensor:
+        """Row of each id in hash table `level` (1 or 2)."""
+        return hash_bucket(ids, self.hash_rows, self.seed + level)
+
+    def lookup(self, ids: torch.Tensor, hot: torch.Tensor, medium: torch.Tensor) -> Lookup:
+        is_hot = hot >= 0
+        rows = torch.stack(
+            [hot.clamp(min=0), self.hash_row(ids, 1), self.hash_row(ids, 2)], dim=1
+        )
+        weights = torch.stack([is_hot, ~is_hot, medium & ~is_hot], dim=1).to(torch.float32)
+        return Lookup(rows, weights)
+
+    def forward(self, ids: torch.Tensor) -> Lookup:
+        hot, medium, _ = self.classify(ids)
+        return self.lookup(ids, hot, medium)
+
+    def export(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        config = {"hot_rows": self.hot_rows, "hash_rows": self.hash_rows, "seed": self.seed}
+        if self.sketch is None:
+            return config, {"ids": self.frozen_ids, "rows": self.frozen_rows}
+        ids, rows = self.sketch.snapshot()
+        return config, {"ids": torch.from_numpy(ids), "rows": torch.from_numpy(rows)}
+
+    @classmethod
+    def from_export(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> CafeMapper:
+        return cls(
+            config["hot_rows"],
+            config["hash_rows"],
+            config["seed"],
+            frozen_ids=tensors["ids"],
+            frozen_rows=tensors["rows"],
+        )
+
+    def state_bytes(self) -> int:
+        """Buffers (frozen mapping) plus, while training, every array of the sketch."""
+        sketch = self.sketch.nbytes() if self.sketch is not None else 0
+        return tensor_bytes(self.buffers()) + sketch
+
+    def serving_bytes(self) -> int:
+        if self.sketch is None:
+            return tensor_bytes(self.buffers())
+        # Counted, not snapshotted: an id int64 and a row int32 per hot or medium id.
+        return self.sketch.frozen_size() * (8 + 4)
+
+    def get_extra_state(self) -> dict[str, torch.Tensor]:
+        # The sketch is numpy state outside parameters and buffers; checkpoints carry it here.
+        if self.sketch is None:
+            return {}
+        return {k: torch.from_numpy(v.copy()) for k, v in self.sketch.arrays().items()}
+
+    def set_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.sketch is not None and state:
+            self.sketch.load_arrays({k: v.numpy() for k, v in state.items()})
+
+
+class CafeEmbedding(CompressedEmbedding):
+    """A CAFE-compressed feature: hot table + two hash tables + HotSketch, summed (→ MLET).
+
+    Args:
+        hot_rows: rows of the hot table (ids with a hot row read only it).
+        hash_rows: rows of each of the two hash tables.
+        dim: output width d.
+        threshold: sketch score at which an id becomes hot (the adaptive threshold's floor).
+        mlet_dim: MLET's k (> dim), or None.
+        sparse: sparse table gradients.
+        buckets: sketch buckets; default one per hot row (as in the artifact).
+        adaptive: CAFE+'s adaptive threshold (False: the artifact's first-come promotion).
+        medium_fraction: ids scoring in [medium_fraction × threshold, threshold) read two
+            hash rows.
+        decay: score decay factor, applied when buckets × threshold × decay_period of score
+            has been inserted since the last decay.
+        decay_period: see decay.
+        seed: hash seed (sketch `seed`, hash tables `seed + 1` and `seed + 2`).
+    """
+
+    def __init__(
+        self,
+        hot_rows: int,
+        hash_rows: int,
+        dim: int,
+        threshold: float,
+        mlet_dim: int | None = None,
+        sparse: bool = False,
+        buckets: int | None = None,
+        adaptive: bool = True,
+        medium_fraction: float = 0.2,
+        decay: float = 0.99,
+        decay_period: float = 10.0,
+        seed: int = 0,
+    ) -> None:
+        sketch = HotSketch(
+            buckets if buckets is not None else max(1, hot_rows),
+            hot_rows,
+            threshold,
+            medium_fraction=medium_fraction,
+            decay=decay,
+            decay_period=decay_period,
+            adaptive=adaptive,
+            seed=seed,
+        )
+        mapper = CafeMapper(hot_rows, hash_rows, seed, sketch)
+        # A zero-row hot table still needs a row to point the (weight-0) lookups at.
+        rows = [max(1, hot_rows), hash_rows, hash_rows]
+        super().__init__(mapper, rows, Combiner.SUM, dim, mlet_dim, sparse)
+        self.mapper: CafeMapper
+        self._pending: list[tuple[torch.Tensor, np.ndarray, torch.Tensor]] = []
+
+    @property
+    def sketch(self) -> HotSketch:
+        assert self.mapper.sketch is not None
+        return self.mapper.sketch
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        hot, medium, hashes = self.mapper.classify(ids)
+        out = self._gather(ids, hot, medium)
+        if self.projection is not None:
+            out = out @ self.projection
+        if self.training and torch.is_grad_enabled() and out.requires_grad:
+            out.register_hook(self._importance_hook(ids, hashes))
+        return out
+
+    def _gather(self, ids: torch.Tensor, hot: torch.Tensor, medium: torch.Tensor) -> torch.Tensor:
+        """The Lookup's weighted sum, reading only the rows an id uses.
+
+        Same numbers as `gather` over `mapper.lookup(...)` (a weight-0 read adds an exact
+        zero), but the sparse gradients then hold only rows that were read: a row-wise Adam
+        would otherwise step hot row 0 and hash2 row 0 with their momentum on every batch.
+        """
+        hot_t, hash1_t, hash2_t = self.tables
+        is_hot = hot >= 0
+        at_hot = is_hot.nonzero().squeeze(1)
+        at_hash = (~is_hot).nonzero().squeeze(1)
+        at_medium = (medium & ~is_hot).nonzero().squeeze(1)
+        out = torch.zeros(ids.shape[0], hot_t.shape[1], dtype=hot_t.dtype, device=hot_t.device)
+        # A table nobody read gets no gradient at all (not an empty sparse one).
+        if at_hot.numel():
+            out = out.index_add(0, at_hot, self._read(hot_t, hot[at_hot]))
+        if at_hash.numel():
+            out = out.index_add(0, at_hash, self._read(hash1_t, self.mapper.hash_row(ids[at_hash], 1)))
+        if at_medium.numel():
+            h2 = self.mapper.hash_row(ids[at_medium], 2)
+            out = out.index_add(0, at_medium, self._read(hash2_t, h2))
+        return out
+
+    def _read(self, table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.embedding(rows, table, sparse=self.sparse)
+
+    def _importance_hook(
+        self, ids: torch.Tensor, hashes: np.ndarray | None
+    ) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            # Only the norm is kept; the sketch is updated after the optimizer step.
+            self._pending.append((ids.detach(), hashes, grad.detach().norm(dim=1)))
+
+        return hook
+
+    def extra_state_bytes(self) -> int:
+        return self.sketch.nbytes()
+
+    @torch.no_grad()
+    def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Feed the batch's gradient norms to the sketch, then move the rows it re-assigned."""
+        pending, self._pending = self._pending, []
+        for ids, hashes, norms in pending:
+            mean = norms.mean()
+            if not bool(mean > 0):
+                continue
+            # Importance is relative within a batch (mean 1), as in the artifact.
+            events = self.sketch.update(ids, norms / mean, hashes)
+            if len(events):
+                self.migrate(events, optimizer)
+
+    @torch.no_grad()
+    def migrate(self, events: SketchEvents, optimizer: torch.optim.Optimizer | None) -> None:
+        """Apply the sketch's promotions and demotions to the tables, in order.
+
+        Promotion: the hot row starts as the id's current vector (hash1 row, plus its hash2
+        row if it was medium). Demotion: the hot row is copied back into the id's hash1 row,
+        so the id keeps what it learned (never a zero row). Each row's optimizer state goes
+        the same way. Consecutive events of one kind touch distinct hot rows, so each run is
+        applied at once.
+        """
+        hot_t, hash1_t, hash2_t = self.tables
+        device = hot_t.device
+        kinds = events.kind
+        cuts = np.flatnonzero(np.diff(kinds)) + 1
+        for run in np.split(np.arange(len(events)), cuts):
+            ids = torch.from_numpy(events.ids[run])
+            rows = torch.from_numpy(events.rows[run].astype(np.int64)).to(device)
+            h1 = self.mapper.hash_row(ids, 1).to(device)
+            if kinds[run[0]] == PROMOTE:
+                vectors = hash1_t[h1]
+                medium = torch.from_numpy(events.medium[run]).to(device)
+                if bool(medium.any()):
+                    h2 = self.mapper.hash_row(ids, 2).to(device)
+                    vectors = vectors + hash2_t[h2] * medium[:, None].to(vectors.dtype)
+                hot_t[rows] = vectors
+                _move_state(optimizer, hash1_t, h1, hot_t, rows)
+            else:
+                hash1_t[h1] = hot_t[rows]
+                _move_state(optimizer, hot_t, rows, hash1_t, h1)
+
+
+def _move_state(
+    optimizer: torch.optim.Optimizer | None,
+    src: torch.Tensor,
+    src_rows: torch.Tensor,
+    dst: torch.Tensor,
+    dst_rows: torch.Tensor,
+) -> None:
+    """Copy the row-shaped optimizer state of `src_rows` onto `dst_rows`; where `src` has
+    none yet, reset the destination rows to zero (a fresh row)."""
+    if optimizer is None:
+        return
+    dst_state = optimizer.state.get(dst)
+    if not dst_state:
+        return
+    src_state = optimizer.state.get(src) or {}
+    for key, target in dst_state.items():
+        if not (isinstance(target, torch.Tensor) and target.dim() >= 1):
+            continue
+        if target.shape[0] != dst.shape[0]:
+            continue
+        value = src_state.get(key)
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == src.shape[0]:
+            target[dst_rows] = value[src_rows].to(target.dtype)
+        else:
+            target[dst_rows] = 0
+
+
+class CafeConfig(MethodConfig):
+    """CAFE: HotSketch-ranked hot rows plus a multi-level hash for the rest.
+
+    Args:
+        ratio: compression ratio; sizes the tables as the artifact does (`budget.cafe_rows`)
+            and picks the default threshold and hash share. Features with at most
+            2000 / ratio values stay uncompressed.
+        threshold: sketch score at which an id becomes hot; default from the ratio.
+        hash_share: share of the row budget given to the hash tables; default from the ratio.
+        adaptive: CAFE+'s adaptive threshold (re-rank when 1.2 × hot rows ids are above it).
+        medium_fraction: ids scoring at least this × threshold read two hash rows.
+        decay: score decay factor (applied every buckets × threshold × 10 of inserted score).
+        seed: hash seed.
+    """
+
+    method: Literal["cafe"] = "cafe"
+    ratio: float | None = Field(None, ge=1)
+    threshold: float | None = Field(None, gt=0)
+    hash_share: float | None = Field(None, gt=0, lt=1)
+    adaptive: bool = True
+    medium_fraction: float = Field(0.2, ge=0, le=1)
+    decay: float = Field(0.99, gt=0, le=1)
+    seed: int = Field(0, ge=0)
+
+    def check(self, num_embeddings: int, dim: int) -> None:
+        super().check(num_embeddings, dim)
+        if self.ratio is None:
+            raise ValueError("cafe needs a size: set ratio (or a collection ratio)")
+
+    def at_ratio(self, ratio: float) -> CafeConfig:
+        return self.model_copy(update={"ratio": ratio})
+
+    def sizes(self, num_embeddings: int, dim: int) -> tuple[int, int, float]:
+        """(hot rows, rows of each hash table, threshold) at this config's ratio."""
+        assert self.ratio is not None
+        threshold, share = cafe_defaults(self.ratio)
+        share = self.hash_share if self.hash_share is not None else share
+        hot, hashed = budget.cafe_rows(num_embeddings, self.ratio, share, dim)
+        return hot, hashed, self.threshold if self.threshold is not None else threshold
+
+    def build(
+        self, num_embeddings: int, dim: int, stats: FeatureStats | None = None
+    ) -> CompressedEmbedding:
+        self.check(num_embeddings, dim)
+        assert self.ratio is not None
+        if budget.stays_uncompressed(num_embeddings, self.ratio):
+            from embeddings.methods.full import FullConfig
+
+            full = FullConfig(mlet_dim=self.mlet_dim, sparse=self.sparse, seed=self.seed)
+            return full.build(num_embeddings, dim, stats)
+        hot, hashed, threshold = self.sizes(num_embeddings, dim)
+        return CafeEmbedding(
+            hot,
+            hashed,
+            dim,
+            threshold,
+            mlet_dim=self.mlet_dim,
+            sparse=self.sparse,
+            adaptive=self.adaptive,
+            medium_fraction=self.medium_fraction,
+            decay=self.decay,
+            seed=self.seed,
+        )
+

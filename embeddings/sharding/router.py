@@ -1,0 +1,383 @@
+"""Embedding lookups across training workers: ids travel to each feature's owner, vectors back.
+
+A feature's method instance lives whole on its owner (or, when split, each owner holds a
+full instance for its part of the id space), so adaptive state such as CAFE's sketch never
+needs synchronising. One `all_to_all_single` carries the ids of every feature, one carries
+the vectors back, and autograd runs the reverse exchange to send gradients to the owners.
+Tiny stateless tables are replicated instead and their gradients all-reduced.
+
+Gradient scale: DDP averages dense gradients over the workers, so with a per-worker mean
+loss the dense gradient equals that of one worker on the global batch. To train the same
+model, embedding gradients are averaged the same way: an owner receives every worker's
+gradient for the rows it serves and the sum is divided by the world size (in the backward
+of the vector exchange), and replicated gradients are all-reduced and divided likewise.
+Like DDP this assumes every worker's local batch has the same size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.autograd import Variable
+
+from embeddings.hashing import hash64
+from embeddings.sharding.planner import SHARD_HASH_SEED, Placement, ShardingPlan
+
+ModuleFactory = Callable[[int, int, int], nn.Module]
+"""make_module(feature_index, shard_index, num_shards) -> module with forward(ids[n]) -> [n, d].
+
+It must give the same module (initial values included) for the same arguments on every
+worker, e.g. by seeding a generator from the feature and shard, so that the model does not
+depend on which worker a shard lands on. A split feature's part should be sized by its share
+of the id space (the planner assumed bytes / num_shards).
+"""
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single whose backward is the reverse exchange, with the gradient scaled."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        tensor: torch.Tensor,
+        output_splits: list[int],
+        input_splits: list[int],
+        group: dist.ProcessGroup | None,
+        grad_scale: float,
+    ) -> torch.Tensor:
+        ctx.output_splits = output_splits
+        ctx.input_splits = input_splits
+        ctx.group = group
+        ctx.grad_scale = grad_scale
+        return _all_to_all(tensor, output_splits, input_splits, group)
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        grad_in = _all_to_all(grad, ctx.input_splits, ctx.output_splits, ctx.group)
+        if ctx.grad_scale != 1.0:
+            grad_in = grad_in * ctx.grad_scale
+        return grad_in, None, None, None, None
+
+
+def _all_to_all(
+    tensor: torch.Tensor,
+    output_splits: list[int],
+    input_splits: list[int],
+    group: dist.ProcessGroup | None,
+) -> torch.Tensor:
+    """Rows of `tensor` split by `input_splits` go to each rank; returns what every rank sent."""
+    out = tensor.new_empty((sum(output_splits), *tensor.shape[1:]))
+    dist.all_to_all_single(out, tensor.contiguous(), output_splits, input_splits, group=group)
+    return out
+
+
+class ShardedEmbeddingCollection(nn.Module):
+    """The embedding lookup of all features, executed across workers as `plan` says.
+
+    forward(sparse [n_local, F] int64) -> [n_local, F, d]. Every worker must call forward
+    (and backward) together: each call runs collectives. With world_size 1 no process group
+    is needed and every lookup is local. On a GPU (NCCL) keep the inputs and the modules on
+    the worker's device; nothing in the exchange goes through the CPU except split sizes.
+    Modules return float32 vectors (the exchange buffers of every rank must agree).
+
+    Gradients: embedding gradients are averaged over the workers like DDP's dense ones (see
+    the module docstring), so N workers on equal halves of a batch train exactly what one
+    worker trains on the whole batch, given the same plan (`plan.relocate`).
+
+    Each rank's `state_dict` holds its own shards (`owned.<feature>[_shard<s>of<S>]`) and
+    the replicas (`replicated.<feature>`): one checkpoint file per rank restores it.
+
+    Dense layers wrapped in DDP and this module may share one process group: every worker
+    runs the same autograd graph, so the collectives are issued in the same order. A
+    dedicated group (`dist.new_group()`) can be passed all the same.
+
+    Args:
+        plan: the placement of every feature; its `num_workers` must equal `world_size`.
+        make_module: builds the module of (feature index, shard index, num_shards); only
+            the modules this rank owns, and the replicated ones, are built.
+        embedding_dim: d, the width every module returns.
+        rank: this worker's rank (default: from the initialised process group, else 0).
+        world_size: number of workers (default: from the process group, else 1).
+        process_group: the group for the exchanges (default: the default group).
+        device: where the modules live (the worker's GPU under NCCL); default: wherever
+            `make_module` put them.
+    """
+
+    def __init__(
+        self,
+        plan: ShardingPlan,
+        make_module: ModuleFactory,
+        embedding_dim: int,
+        rank: int | None = None,
+        world_size: int | None = None,
+        process_group: dist.ProcessGroup | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        initialised = dist.is_available() and dist.is_initialized()
+        if world_size is None:
+            world_size = dist.get_world_size(process_group) if initialised else 1
+        if rank is None:
+            rank = dist.get_rank(process_group) if initialised else 0
+        if plan.num_workers != world_size:
+            raise ValueError(
+                f"the plan is for {plan.num_workers} workers but world_size is {world_size}; "
+                "use plan.relocate(world_size) to train the same model on another world size"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+        if world_size > 1 and not initialised:
+            raise RuntimeError(f"world_size {world_size} needs torch.distributed initialised")
+        self.plan = plan
+        self.rank = rank
+        self.world_size = world_size
+        self.embedding_dim = embedding_dim
+        self.group = process_group
+        self.num_features = len(plan.features)
+
+        self.owned = nn.ModuleDict()
+        self.replicated = nn.ModuleDict()
+        self._replicated_columns: list[int] = []
+        for i, f in enumerate(plan.features):
+            if f.placement is Placement.REPLICATED:
+                self.replicated[_key(f.name, 0, 1)] = make_module(i, 0, 1)
+                self._replicated_columns.append(i)
+
+        # Slots are (feature, shard) pairs of routed features, numbered in send order: by
+        # owner rank, then feature, then shard. Ids bound for one rank are then contiguous,
+        # and within them grouped by slot, which is the layout all_to_all_single needs.
+        routed = [i for i, f in enumerate(plan.features) if f.placement is not Placement.REPLICATED]
+        slots = sorted(
+            (owner, i, s) for i in routed for s, owner in enumerate(plan.features[i].owners)
+        )
+        self._slots_per_rank = [sum(o == r for o, _, _ in slots) for r in range(world_size)]
+        self._my_slots: list[str] = []
+        # Numbering (feature, shard) as base[feature] + shard, then mapping to send order.
+        base, order_of = [], {}
+        for i in routed:
+            base.append(len(order_of))
+            for s in range(plan.features[i].num_shards):
+                order_of[(i, s)] = len(order_of)
+        to_send_order = [0] * len(order_of)
+        for position, (owner, i, s) in enumerate(slots):
+            to_send_order[order_of[(i, s)]] = position
+            if owner == rank:
+                key = _key(plan.features[i].name, s, plan.features[i].num_shards)
+                self.owned[key] = make_module(i, s, plan.features[i].num_shards)
+                self._my_slots.append(key)
+        self._routed = routed
+        self._any_split = any(plan.features[i].num_shards > 1 for i in routed)
+        # Buffers follow the module to its device; they are derived from the plan, so they
+        # stay out of checkpoints.
+        self.register_buffer("_routed_columns", torch.tensor(routed, dtype=torch.int64), False)
+        self.register_buffer(
+            "_num_shards",
+            torch.tensor([plan.features[i].num_shards for i in routed], dtype=torch.int64),
+            False,
+        )
+        self.register_buffer("_slot_base", torch.tensor(base, dtype=torch.int64), False)
+        self.register_buffer("_send_order", torch.tensor(to_send_order, dtype=torch.int64), False)
+
+        if device is not None:
+            self.to(device)
+        self._replicated_params = [p for p in self.replicated.parameters() if p.requires_grad]
+        self._sync_queued = False
+        if world_size > 1 and len(self.replicated):
+            self._broadcast_replicated()
+            for p in self._replicated_params:
+                p.register_post_accumulate_grad_hook(self._on_replicated_grad)
+
+    def forward(self, sparse: torch.Tensor) -> torch.Tensor:
+        """Embedding vectors of every (row, feature).
+
+        Args:
+            sparse: [n_local, F] raw int64 feature values, one column per plan feature.
+        """
+        if sparse.dim() != 2 or sparse.shape[1] != self.num_features:
+            raise ValueError(f"sparse must be [n, {self.num_features}], got {list(sparse.shape)}")
+        sparse = sparse.to(torch.int64)
+        n, features = sparse.shape
+        rows = torch.arange(n, device=sparse.device, dtype=torch.int64)
+        positions, vectors = [], []
+        if self._routed:
+            pos, vec = self._routed_lookup(sparse, rows)
+            positions.append(pos)
+            vectors.append(vec)
+        for column, module in zip(self._replicated_columns, self.replicated.values(), strict=True):
+            positions.append(rows * features + column)
+            vectors.append(module(sparse[:, column]))
+        position = torch.cat(positions)
+        # Every (row, feature) appears exactly once in `position`: invert the permutation
+        # and gather, which autograd turns back into a scatter of the gradients.
+        inverse = torch.empty_like(position)
+        inverse[position] = torch.arange(position.numel(), device=position.device)
+        return torch.cat(vectors)[inverse].view(n, features, self.embedding_dim)
+
+    def _routed_lookup(
+        self, sparse: torch.Tensor, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output positions, vectors) of the routed features, in the order the ids were sent."""
+        features = sparse.shape[1]
+        ids = sparse[:, self._routed_columns]
+        if self._any_split:
+            shard = hash64(ids, SHARD_HASH_SEED) % self._num_shards  # as planner.shard_of
+        else:
+            shard = torch.zeros_like(ids)
+        slot = self._send_order[self._slot_base + shard].reshape(-1)
+        # Stable, so within one slot the rows keep their order: a one-worker run and an
+        # N-worker run then feed each module the same ids in the same order.
+        order = torch.sort(slot, stable=True).indices
+        send_ids = ids.reshape(-1)[order]
+        send_pos = (rows.unsqueeze(1) * features + self._routed_columns).reshape(-1)[order]
+        send_counts = torch.bincount(slot, minlength=self._send_order.numel())
+
+        mine = len(self._my_slots)
+        if self.world_size == 1:
+            recv_ids, recv_counts = send_ids, send_counts
+            input_splits = output_splits = [send_ids.numel()]
+            per_slot = send_counts.tolist()
+        else:
+            recv_counts = _all_to_all(
+                send_counts, [mine] * self.world_size, self._slots_per_rank, self.group
+            )
+            by_source = recv_counts.view(self.world_size, mine)
+            per_rank_send = torch.stack([c.sum() for c in send_counts.split(self._slots_per_rank)])
+            # Split sizes must be Python ints: one host sync for all of them.
+            sizes = torch.cat([per_rank_send, by_source.sum(1), by_source.sum(0)]).tolist()
+            input_splits = sizes[: self.world_size]
+            output_splits = sizes[self.world_size : 2 * self.world_size]
+            per_slot = sizes[2 * self.world_size :]
+            recv_ids = _all_to_all(send_ids, output_splits, input_splits, self.group)
+
+        if mine:
+            out = self._serve(recv_ids, recv_counts, per_slot)
+        else:
+            out = recv_ids.new_zeros((0, self.embedding_dim), dtype=torch.float32)
+        if self.world_size > 1:
+            out = _AllToAll.apply(
+                out, input_splits, output_splits, self.group, 1.0 / self.world_size
+            )
+        return send_pos, out
+
+    def _serve(
+        self, recv_ids: torch.Tensor, recv_counts: torch.Tensor, per_slot: list[int]
+    ) -> torch.Tensor:
+        """Vectors of the ids this rank owns, in the order they arrived.
+
+        Args:
+            recv_ids: ids from every rank, grouped by source rank, then by owned slot.
+            recv_counts: [world_size * owned slots] ids per (source rank, slot).
+            per_slot: ids per owned slot, all sources together.
+        """
+        # Each module wants all of its ids at once, so regroup by slot (stable: sources
+        # stay in rank order, as the rows of a one-worker run would be).
+        slot_of = torch.repeat_interleave(
+            torch.arange(len(per_slot), device=recv_ids.device).repeat(self.world_size),
+            recv_counts,
+            output_size=recv_ids.numel(),
+        )
+        by_slot = torch.sort(slot_of, stable=True).indices
+        chunks = recv_ids[by_slot].split(per_slot)
+        out = torch.cat(
+            [self.owned[key](chunk) for key, chunk in zip(self._my_slots, chunks, strict=True)]
+        )
+        undo = torch.empty_like(by_slot)
+        undo[by_slot] = torch.arange(by_slot.numel(), device=by_slot.device)
+        return out[undo]
+
+    def _on_replicated_grad(self, _: torch.Tensor) -> None:
+        # Runs once per replicated parameter during backward; the all-reduce waits for the
+        # end of the backward pass so that all of them happen in one collective.
+        if not self._sync_queued:
+            self._sync_queued = True
+            Variable._execution_engine.queue_callback(self._sync_after_backward)
+
+    def _sync_after_backward(self) -> None:
+        self._sync_queued = False
+        self.sync_replicated_grads()
+
+    @torch.no_grad()
+    def sync_replicated_grads(self) -> None:
+        """Average the replicated tables' gradients over the workers (runs after backward).
+
+        Called automatically at the end of every backward pass; calling it again is harmless
+        because averaging identical gradients changes nothing. Sparse gradients travel dense
+        (replicated tables are tiny by construction) and come back sparse over the rows that
+        any worker touched. Gradient accumulation over several backward passes stays exact.
+        """
+        if self.world_size == 1 or not self._replicated_params:
+            return
+        dense = []
+        for p in self._replicated_params:
+            g = p.grad
+            if g is None:
+                dense.append(torch.zeros_like(p))
+            else:
+                dense.append(g.to_dense() if g.is_sparse else g)
+        flat = torch.cat([g.reshape(-1).to(torch.float32) for g in dense])
+        dist.all_reduce(flat, group=self.group)
+        flat /= self.world_size
+        offset = 0
+        for p, g in zip(self._replicated_params, dense, strict=True):
+            averaged = flat[offset : offset + g.numel()].view_as(g).to(g.dtype)
+            offset += g.numel()
+            if p.grad is None:
+                p.grad = averaged.clone()
+            elif p.grad.is_sparse:
+                p.grad = averaged.to_sparse(sparse_dim=1)
+            else:
+                p.grad.copy_(averaged)
+
+    @torch.no_grad()
+    def _broadcast_replicated(self) -> None:
+        """Copy rank 0's replicated tables everywhere, as DDP does for dense parameters."""
+        tensors = [t for t in self.replicated.state_dict().values() if t.is_floating_point()]
+        if not tensors:
+            return
+        flat = torch.cat([t.reshape(-1).to(torch.float32) for t in tensors])
+        if dist.get_backend(self.group) == "nccl" and not flat.is_cuda:
+            # NCCL only moves GPU memory; tables may still be on the CPU at construction.
+            flat = flat.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.broadcast(flat, src=_global_rank(0, self.group), group=self.group)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Let every local module update its adaptive state after an optimizer step.
+
+        Args:
+            optimizer: the sparse optimizer, for methods that move its state with rows.
+        """
+        for module in [*self.owned.values(), *self.replicated.values()]:
+            hook = getattr(module, "after_step", None)
+            if callable(hook):
+                hook(optimizer)
+
+    def training_bytes(self) -> int:
+        """Bytes this worker holds for its modules (the methods' own count where they have one)."""
+        total = 0
+        for module in [*self.owned.values(), *self.replicated.values()]:
+            count = getattr(module, "training_bytes", None)
+            if callable(count):
+                total += int(count())
+            else:
+                total += sum(t.numel() * t.element_size() for t in module.parameters())
+                total += sum(t.numel() * t.element_size() for t in module.buffers())
+        return total
+
+
+def _key(name: str, shard: int, num_shards: int) -> str:
+    """Module name of a shard in the state dict: the feature's name, plus the shard if split."""
+    name = name.replace(".", "_")  # a module name may not contain dots
+    return name if num_shards == 1 else f"{name}_shard{shard}of{num_shards}"
+
+
+def _global_rank(group_rank: int, group: dist.ProcessGroup | None) -> int:
+    return group_rank if group is None else dist.get_global_rank(group, group_rank)

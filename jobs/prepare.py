@@ -1,0 +1,128 @@
+"""`python -m jobs.prepare`: convert Criteo TSV files into the Parquet shards training reads.
+
+The entry point users submit with `ray job submit`; the work itself is
+`data_pipeline.convert.convert` (one Ray task per input file) followed by the per-feature
+frequency statistics written beside the shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from data_pipeline.convert import DEFAULT_ROWS_PER_SHARD, DONE_DIR, REJECTS_DIR, convert
+from data_pipeline.criteo import NotCriteoError
+
+DESCRIPTION = """\
+Convert Criteo click logs (Kaggle train.txt / test.txt, Terabyte day_0..day_23; plain or
+gzip, detected from content) into Parquet shards, converting the input files in parallel as
+Ray tasks.
+
+Output folder:
+  day=N/part-XXXXX.parquet  the rows of one input (N from a day_N file name, else the
+                            input's position in --input); label int8, I1..I13 int32,
+                            C1..C26 int64 (hex value), empty fields are null
+  _rejects/day=N.jsonl      every rejected line: file, line number, reason, raw text
+  _done/day=N.json          marks an input as completely converted
+  manifest.json             written last: rows, positives, rejects, checksums, warnings
+
+Lines with the wrong number of fields, a non-integer I field, a non-hex or over-long C field,
+or a label other than 0/1 are rejected and counted; every good line is still converted. Blank
+lines are skipped. A file that is not Criteo at all stops the run with its name. A truncated
+.gz keeps the rows before the cut and is reported. Running the same command again converts
+only what is missing, and gives byte-identical shards.
+"""
+
+EPILOG = """\
+examples:
+  python -m jobs.prepare --input day_0.gz day_1.gz --output data/terabyte
+  python -m jobs.prepare --input train.txt --output data/kaggle --rows-per-shard 500000
+  RAY_ADDRESS=http://127.0.0.1:8265 python -m jobs.prepare --input ... --output ...
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.prepare",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                        help="Criteo TSV files (plain or .gz), one day folder each")
+    parser.add_argument("--output", required=True, metavar="DIR",
+                        help="dataset folder to write (created if missing)")
+    parser.add_argument("--rows-per-shard", type=int, default=DEFAULT_ROWS_PER_SHARD,
+                        metavar="N", help="rows per Parquet file (default: %(default)s)")
+    layout = parser.add_mutually_exclusive_group()
+    layout.add_argument("--labelled", dest="labelled", action="store_const", const=True,
+                        help="require 40 fields (label first); default: detect from the files")
+    layout.add_argument("--unlabelled", dest="labelled", action="store_const", const=False,
+                        help="require 39 fields (no label, like Kaggle's test.txt)")
+    parser.add_argument("--num-cpus", type=int, default=None, metavar="N",
+                        help="CPUs of the local Ray instance this command starts "
+                             "(default: all); ignored when joining a cluster via RAY_ADDRESS")
+    parser.add_argument("--no-ray", action="store_true",
+                        help="convert the files one after the other in this process")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def _start_ray(num_cpus: int | None) -> bool:
+    """Join RAY_ADDRESS's cluster or start a local instance; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        # Explicit CPUs: Ray's own count can be the host's, not this container's.
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
+    return True
+
+
+def _write_feature_stats(output_dir: Path) -> None:
+    from data_pipeline.stats import write_feature_stats
+
+    write_feature_stats(output_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    output = Path(args.output)
+    started = False if args.no_ray else _start_ray(args.num_cpus)
+    try:
+        manifest = convert(
+            args.input, output,
+            rows_per_shard=args.rows_per_shard, labelled=args.labelled,
+            use_ray=not args.no_ray, progress=not args.no_progress,
+        )
+        _write_feature_stats(output)
+    except (NotCriteoError, FileNotFoundError, ValueError) as exc:
+        print(f"prepare: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+    for entry in manifest["inputs"]:
+        state = "already converted, skipped" if entry["skipped"] else "converted"
+        print(f"{entry['input']} → day={entry['day']}: {entry['rows']:,} rows, "
+              f"{entry['rejects']:,} rejects, {entry['blank_lines']:,} blank lines ({state})"
+              + (f"; TRUNCATED: {entry['truncated']}" if entry["truncated"] else ""))
+    print(f"shards:   {output}/day=N/part-XXXXX.parquet "
+          f"({sum(len(d['files']) for d in manifest['days'].values())} files, "
+          f"{manifest['rows']:,} rows, {manifest['positives']:,} positives)")
+    print(f"rejects:  {output / REJECTS_DIR}/day=N.jsonl ({manifest['rejects']:,} lines)")
+    print(f"markers:  {output / DONE_DIR}")
+    print(f"manifest: {output / 'manifest.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""`python -m jobs.train --config deploy/configs/<name>.yaml`: train on Ray Train, then export.
+
+The driver reads the data's statistics, sizes every feature's compressed method, plans
+where each feature lives across the workers (printed), and starts a `TorchTrainer` whose
+workers run `jobs.train_loop.train_loop_per_worker`. Running again with the same run name
+resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from data_pipeline.shards import read_manifest
+from data_pipeline.stats import load_feature_stats
+from embeddings.collection import CollectionConfig
+from embeddings.sharding.planner import FeatureSize, ShardingPlan, plan_sharding
+from jobs.config import ConfigError, load_config
+from jobs.train_config import TrainConfig
+from jobs.train_loop import RunSpec, train_loop_per_worker
+
+# Methods whose mapper adapts while training (their copies would drift apart if replicated).
+ADAPTIVE_METHODS = frozenset({"cafe"})
+BAND_MIN_VALUES = 1000
+
+
+def cardinalities_of(config: TrainConfig) -> tuple[list[str], list[int]]:
+    """Feature names and distinct values per feature, from the data's statistics."""
+    stats = load_feature_stats(config.data.path)
+    names = list(stats.features)
+    return names, [max(1, int(stats.num_distinct(n))) for n in names]
+
+
+def plan_run(config: TrainConfig, verbose: bool = True) -> RunSpec:
+    """Everything decided once on the driver: method sizes and the sharding plan."""
+    read_manifest(config.data.path)  # a clear error when the data folder is not finished
+    names, cards = cardinalities_of(config)
+    collection: CollectionConfig = config.collection(cards)
+    names = collection.feature_names
+    methods, ratio = collection.resolve()
+    sizes = collection.sizes()
+    features = []
+    for name in names:
+        nbytes = methods[name].planned_bytes(sizes[name], collection.dim).training
+        features.append(FeatureSize(name=name, bytes=nbytes,
+                                    stateless=methods[name].method not in ADAPTIVE_METHODS))
+    workers = max(1, config.scaling.plan_for_workers or config.scaling.num_workers)
+    plan: ShardingPlan = plan_sharding(features, workers, config.scaling.worker_budget_bytes)
+    wanted = config.schedule.band_features
+    if wanted is None:
+        band_columns = [j for j, n in enumerate(names) if sizes[n] >= BAND_MIN_VALUES]
+    else:
+        unknown = sorted(set(wanted) - set(names))
+        if unknown:
+            raise ConfigError(f"schedule.band_features: unknown features {unknown}")
+        band_columns = [names.index(n) for n in wanted]
+    if verbose:
+        print("[train] embedding methods per feature (ratio "
+              f"{ratio if ratio is not None else 'per feature'}):")
+        for name in names:
+            print(f"  {name:<4} n={sizes[name]:>10,}  {methods[name].model_dump(exclude_defaults=True)}")
+        print(plan.describe(), flush=True)
+    return RunSpec(
+        config=config.model_dump(mode="json"),
+        names=names,
+        cardinalities=[sizes[n] for n in names],
+        methods={n: methods[n].model_dump(mode="json") for n in names},
+        plan=plan.model_dump(mode="json"),
+        band_columns=band_columns,
+        ratio=ratio,
+    )
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster in RAY_ADDRESS (as `ray job submit` sets it) or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    repo = str(Path(__file__).resolve().parents[1])
+    ray.init(num_cpus=num_cpus or os.cpu_count() or 2, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": repo}})
+
+
+def run(config: TrainConfig, audit: bool = False, verbose: bool = True) -> Any:
+    """Train as configured; returns the Ray Train result (metrics of rank 0, checkpoint)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    spec = plan_run(config, verbose)
+    loop_config = {"spec": spec.__dict__, "audit": audit}
+    scaling = config.scaling
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker,
+                                  **({"GPU": 1} if scaling.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=config.run.name,
+            storage_path=str(config.run.storage_path.resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    return trainer.fit()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.train",
+        description="Train a CTR model with compressed embeddings on Ray Train, evaluate it "
+        "(AUC overall and per id-frequency band), checkpoint it, and export the collapsed "
+        "serving model. Running again with the same run.name resumes from the latest "
+        "checkpoint.",
+    )
+    parser.add_argument("--config", required=True, type=Path,
+                        help="YAML training config (see deploy/configs/)")
+    parser.add_argument("--data", type=Path, help="override data.path")
+    parser.add_argument("--name", help="override run.name")
+    parser.add_argument("--storage-path", type=Path, help="override run.storage_path")
+    parser.add_argument("--export", type=Path, help="override export.out")
+    parser.add_argument("--num-cpus", type=int, help="CPUs of a local Ray started by this job")
+    return parser
+
+
+def load(args: argparse.Namespace) -> TrainConfig:
+    config = load_config(args.config, TrainConfig)
+    update: dict[str, Any] = {}
+    if args.data:
+        update["data"] = config.data.model_copy(update={"path": args.data})
+    run_update = {k: v for k, v in (("name", args.name), ("storage_path", args.storage_path)) if v}
+    if run_update:
+        update["run"] = config.run.model_copy(update=run_update)
+    if args.export:
+        update["export"] = config.export.model_copy(update={"out": args.export})
+    return config.model_copy(update=update)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not (Path(config.data.path) / "manifest.json").is_file():
+        print(f"error: data.path {config.data.path} holds no finished dataset (manifest.json); "
+              "run `python -m jobs.synth` or `python -m jobs.prepare` first", file=sys.stderr)
+        return 2
+    ensure_ray(args.num_cpus)
+    result = run(config)
+    metrics = result.metrics or {}
+    print(f"[train] validation AUC {metrics.get('validation_auc', float('nan')):.4f}  "
+          f"test AUC {metrics.get('test_auc', float('nan')):.4f}  "
+          f"serving bytes {metrics.get('serving_bytes', 0):,}")
+    print(f"[train] model: {config.export_dir}  run: {config.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""The training job's configuration: one pydantic model, loaded from YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from embeddings.collection import CollectionConfig
+from embeddings.models import ModelConfig, model_preset
+from jobs.config import ConfigError, format_validation_error
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSettings(_Strict):
+    """Where the shards are and how they are batched.
+
+    Args:
+        path: a dataset folder from `jobs.prepare` or `jobs.synth` (manifest.json, day=N/,
+            stats/): days 0..N-2 train, day N-1 halved into validation and test.
+        batch_size: global batch (split evenly over the workers).
+        eval_batch_size: rows per evaluation batch on each worker.
+        block_rows: rows per Ray Data block.
+        shuffle: reshuffle the order of blocks every epoch (seeded).
+    """
+
+    path: Path
+    batch_size: int = Field(4096, ge=1)
+    eval_batch_size: int = Field(16384, ge=1)
+    block_rows: int = Field(131_072, ge=1024)
+    shuffle: bool = True
+
+
+class OptimizerSettings(_Strict):
+    """Optimizers: row-wise Adagrad (or lazy Adam) on embedding tables, Adam on dense layers.
+
+    Args:
+        sparse: optimizer of the embedding tables; it touches only the rows a batch used.
+        sparse_lr: its learning rate.
+        dense_lr: Adam's learning rate on the MLPs (and MLET projections).
+    """
+
+    sparse: Literal["rowwise_adagrad", "adam"] = "rowwise_adagrad"
+    sparse_lr: float = Field(0.05, gt=0)
+    dense_lr: float = Field(1e-3, gt=0)
+
+
+class ScheduleSettings(_Strict):
+    """How long to train and how often to evaluate, log and checkpoint.
+
+    Args:
+        epochs: passes over the train split.
+        max_steps: stop after this many steps in all (None: run every epoch).
+        eval_every: evaluate on validation every N steps (None: only at the end).
+        checkpoint_every: checkpoint every N steps (None: only at the end).
+        log_every: progress line (step, samples/s, loss) every N steps.
+        band_features: features whose id frequency decides a row's band (rare/medium/hot)
+            for per-band AUC; default: every feature with at least 1,000 values.
+    """
+
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    eval_every: int | None = Field(None, ge=1)
+    checkpoint_every: int | None = Field(None, ge=1)
+    log_every: int = Field(50, ge=1)
+    band_features: list[str] | None = None
+
+
+class ScalingSettings(_Strict):
+    """The Ray Train worker group.
+
+    Args:
+        num_workers: training workers; 0 runs the loop in the driver process (tests).
+        cpus_per_worker: CPUs each worker reserves (fractions leave CPUs for Ray Data).
+        use_gpu: one GPU per worker, NCCL between them.
+        worker_budget_bytes: most embedding bytes one worker may hold; larger features
+            are split over several workers.
+        plan_for_workers: plan the embedding placement for this many workers (default:
+            num_workers); a run with fewer workers then trains the very same model.
+    """
+
+    num_workers: int = Field(2, ge=0)
+    cpus_per_worker: float = Field(0.5, gt=0)
+    use_gpu: bool = False
+    worker_budget_bytes: int | None = Field(None, gt=0)
+    plan_for_workers: int | None = Field(None, ge=1)
+
+
+class RunSettings(_Strict):
+    """Where the run keeps its checkpoints, TensorBoard curves and results.
+
+    Args:
+        name: the run's folder under storage_path; running again with the same name resumes.
+        storage_path: root of run folders.
+        max_failures: worker-group restarts from the latest checkpoint before giving up.
+    """
+
+    name: str = Field("embpress", pattern=r"^[A-Za-z0-9_.-]+$")
+    storage_path: Path = Path("runs")
+    max_failures: int = Field(1, ge=0)
+
+
+class ExportSettings(_Strict):
+    """The serving model written at the end.
+
+    Args:
+        out: directory for model.json + weights.safetensors (None: <run folder>/model).
+        quantize: storage of the serving tables.
+    """
+
+    out: Path | None = None
+    quantize: Literal["none", "fp16", "int8", "int4"] = "none"
+
+
+class FaultSettings(_Strict):
+    """Injected failure, for testing recovery: rank `rank` raises once at step `step`.
+
+    Args:
+        step: the step at which to fail.
+        rank: the worker that fails.
+        marker: file written when the failure fires, so it fires only once.
+    """
+
+    step: int = Field(ge=1)
+    rank: int = Field(0, ge=0)
+    marker: Path
+
+
+class TrainConfig(_Strict):
+    """A training run: data, model, compressed embeddings, optimizer, schedule, scaling.
+
+    Args:
+        model: a preset name (dlrm-small, dcn-small, dlrm-mlperf, dcn-mlperf) or a model config
+            with `kind: dlrm|dcn`.
+        embeddings: the embedding collection (see `embeddings.collection.CollectionConfig`);
+            `cardinalities` may be left out and are then read from the data's statistics;
+            `dim` defaults to the model's embedding_dim.
+        seed: seeds initialisation and the data order.
+    """
+
+    data: DataSettings
+    model: ModelConfig | str = Field("dlrm-small", validate_default=True)
+    embeddings: dict[str, Any] = Field(default_factory=lambda: {"method": {"method": "hash"}, "ratio": 10})
+    optimizer: OptimizerSettings = Field(default_factory=OptimizerSettings)
+    schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
+    scaling: ScalingSettings = Field(default_factory=ScalingSettings)
+    run: RunSettings = Field(default_factory=RunSettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
+    fault: FaultSettings | None = None
+    seed: int = 0
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, model: ModelConfig | str) -> ModelConfig:
+        return model_preset(model) if isinstance(model, str) else model
+
+    @field_validator("embeddings")
+    @classmethod
+    def _embeddings(cls, emb: dict[str, Any]) -> dict[str, Any]:
+        # Checked in full once cardinalities are known (collection()); here only the shape.
+        allowed = set(CollectionConfig.model_fields)
+        unknown = sorted(set(emb) - allowed)
+        if unknown:
+            raise ValueError(f"unknown embeddings field(s) {unknown}; allowed: {sorted(allowed)}")
+        return emb
+
+    @property
+    def model_spec(self) -> ModelConfig:
+        assert not isinstance(self.model, str)
+        return self.model
+
+    def collection(self, cardinalities: list[int] | None = None) -> CollectionConfig:
+        """The collection config with cardinalities filled in; errors name `embeddings.*`."""
+        data = dict(self.embeddings)
+        data.setdefault("dim", self.model_spec.embedding_dim)
+        if "cardinalities" not in data:
+            if cardinalities is None:
+                raise ConfigError("embeddings.cardinalities: not given and no data statistics")
+            data["cardinalities"] = list(cardinalities)
+        try:
+            config = CollectionConfig.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(format_validation_error("embeddings", e)) from None
+        if config.dim != self.model_spec.embedding_dim:
+            raise ConfigError(
+                f"embeddings.dim={config.dim} differs from the model's embedding_dim="
+                f"{self.model_spec.embedding_dim}"
+            )
+        return config
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.storage_path.resolve() / self.run.name
+
+    @property
+    def export_dir(self) -> Path:
+        return (self.export.out or self.run_dir / "model").resolve()

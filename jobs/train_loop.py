@@ -1,0 +1,387 @@
+"""The per-worker training function: plain PyTorch, with Ray only at the edges.
+
+Each worker builds the dense model (wrapped in DDP), the embedding shards the plan gives
+it, and its optimizers; reads its deterministic range of the train split through Ray
+Data; evaluates exactly over all workers; checkpoints one file per rank; and at the end
+the collapsed serving model is gathered on rank 0 and exported.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from pydantic import TypeAdapter
+from torch import nn
+
+from data_pipeline.datasets import iter_worker_batches
+from data_pipeline.partition import dataset_of, eval_pieces, train_pieces
+from data_pipeline.stats import load_feature_stats
+from embeddings.collection import AnyMethodConfig
+from embeddings.hashing import hash64
+from embeddings.methods.base import FeatureStats, MethodConfig
+from embeddings.metrics import EvalAccumulator
+from embeddings.optim import LazyAdam, RowWiseAdagrad
+from embeddings.serving import ServingModel, SplitServingEmbedding, export_model
+from embeddings.serving_io import _embedding_from_state, _embedding_state
+from embeddings.sharding.planner import ShardingPlan, shard_of
+from embeddings.sharding.router import ShardedEmbeddingCollection, _key
+from jobs.train_config import TrainConfig
+
+_METHOD = TypeAdapter(AnyMethodConfig)
+RANK_FILE = "rank-{rank}.pt"
+
+
+@dataclass
+class RunSpec:
+    """What the driver decides once and every worker builds from (plain data, so it ships)."""
+
+    config: dict[str, Any]
+    names: list[str]
+    cardinalities: list[int]
+    methods: dict[str, dict[str, Any]]
+    plan: dict[str, Any]
+    band_columns: list[int] = field(default_factory=list)
+    ratio: float | None = None
+
+    def method(self, name: str) -> MethodConfig:
+        return _METHOD.validate_python(self.methods[name])
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    step: int = 0
+    samples: int = 0
+    fingerprint: int = 0  # sum of row hashes (mod 2^63) of every trained row, when audited
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def row_fingerprint(sparse: torch.Tensor) -> int:
+    """Sum over rows of a hash of the row's ids: equal sums ⇒ (almost surely) equal row sets."""
+    h = torch.zeros(sparse.shape[0], dtype=torch.int64, device=sparse.device)
+    for j in range(sparse.shape[1]):
+        h = hash64(h ^ sparse[:, j], seed=j)
+    return int(h.remainder(1 << 40).sum().item())
+
+
+class _Context:
+    """Rank, world size and device, from Ray Train when inside it, else a single process."""
+
+    def __init__(self) -> None:
+        try:
+            import ray.train
+
+            ctx = ray.train.get_context()
+            self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+            self.in_ray = True
+        except Exception:  # outside a Ray Train worker (direct call in a test or benchmark)
+            self.rank, self.world, self.in_ray = 0, 1, False
+        self.distributed = dist.is_available() and dist.is_initialized() and self.world > 1
+        if self.in_ray:
+            import ray.train.torch
+
+            self.device = ray.train.torch.get_device()
+        else:
+            self.device = torch.device("cpu")
+
+
+def _stats_for(spec: RunSpec, data_root: Path) -> dict[str, FeatureStats]:
+    needs = {n for n in spec.names if spec.method(n).method in ("full", "learned_hash")}
+    if not needs:
+        return {}
+    stats = load_feature_stats(data_root)
+    out = {}
+    for name in needs:
+        values, counts = stats.counts(name)
+        out[name] = FeatureStats(values, counts)
+    return out
+
+
+def build_embeddings(spec: RunSpec, ctx: _Context, seed: int, data_root: Path) -> nn.Module:
+    plan = ShardingPlan.model_validate(spec.plan)
+    if plan.num_workers != ctx.world:
+        plan = plan.relocate(ctx.world)
+    stats = _stats_for(spec, data_root)
+    dim = TrainConfig.model_validate(spec.config).model_spec.embedding_dim
+
+    def make_module(i: int, s: int, num_shards: int) -> nn.Module:
+        name = spec.names[i]
+        feature_stats = stats.get(name)
+        if feature_stats is not None and num_shards > 1:
+            keep = shard_of(feature_stats.values, num_shards) == s
+            feature_stats = FeatureStats(feature_stats.values[keep], feature_stats.counts[keep])
+        # Seeded by (feature, shard) so a shard is the same wherever the plan places it.
+        torch.manual_seed(seed * 1_000_003 + i * 1009 + s * 17 + num_shards)
+        n = math.ceil(spec.cardinalities[i] / num_shards)
+        return spec.method(name).build(n, dim, feature_stats)
+
+    return ShardedEmbeddingCollection(plan, make_module, dim, ctx.rank, ctx.world)
+
+
+def _optimizers(config: TrainConfig, embeddings: nn.Module, dense: nn.Module):
+    tables = [p for m in [*embeddings.owned.values(), *embeddings.replicated.values()]
+              for p in m.tables]
+    ids = {id(p) for p in tables}
+    other = [p for p in embeddings.parameters() if id(p) not in ids and p.requires_grad]
+    sparse_cls = RowWiseAdagrad if config.optimizer.sparse == "rowwise_adagrad" else LazyAdam
+    sparse_opt = sparse_cls(tables, lr=config.optimizer.sparse_lr)
+    dense_opt = torch.optim.Adam([*dense.parameters(), *other], lr=config.optimizer.dense_lr)
+    return sparse_opt, dense_opt
+
+
+def _bands(stats: Any, names: list[str], columns: list[int], sparse: torch.Tensor) -> Any:
+    import numpy as np
+
+    ids = sparse.cpu().numpy()
+    out = np.full((ids.shape[0], len(columns)), 1, dtype=np.int8)
+    for k, j in enumerate(columns):
+        out[:, k] = stats.frequency_band(names[j], ids[:, j])
+    return out
+
+
+@torch.no_grad()
+def evaluate(
+    split: str, spec: RunSpec, config: TrainConfig, ctx: _Context,
+    embeddings: nn.Module, dense: nn.Module, stats: Any,
+) -> dict[str, float]:
+    """Exact metrics of one split over all workers (every row once)."""
+    embeddings.eval()
+    dense.eval()
+    pieces = eval_pieces(config.data.path, split, ctx.rank, ctx.world,
+                         block_rows=config.data.block_rows)
+    acc = EvalAccumulator(with_bands=bool(spec.band_columns and stats is not None))
+    batches = iter_worker_batches(dataset_of(pieces), config.data.eval_batch_size) if pieces \
+        else iter(())
+    empty_sparse = torch.zeros(0, len(spec.names), dtype=torch.int64, device=ctx.device)
+    while True:
+        batch = next(batches, None)
+        if ctx.distributed:
+            # Workers may hold different numbers of batches; every lookup is a collective,
+            # so all go on until the last worker is done, the others with empty batches.
+            more = torch.tensor([batch is not None], dtype=torch.int32, device=ctx.device)
+            dist.all_reduce(more, op=dist.ReduceOp.MAX)
+            if not more.item():
+                break
+        elif batch is None:
+            break
+        if batch is None:
+            sparse, dense_x = empty_sparse, torch.zeros(0, 13, device=ctx.device)
+            label = torch.zeros(0, device=ctx.device)
+        else:
+            sparse = batch["sparse"].to(ctx.device)
+            dense_x = batch["dense"].to(ctx.device)
+            label = batch["label"].to(ctx.device)
+        logits = dense(dense_x, embeddings(sparse))
+        bands = _bands(stats, spec.names, spec.band_columns, sparse) if acc.with_bands else None
+        acc.update(logits, label, bands)
+    embeddings.train()
+    dense.train()
+    return {f"{split}_{k}": v for k, v in acc.compute().items()}
+
+
+def _save(ckpt_dir: Path, ctx: _Context, progress: Progress, embeddings: nn.Module,
+          dense: nn.Module, sparse_opt: Any, dense_opt: Any) -> None:
+    state = {
+        "progress": progress.as_dict(),
+        "embeddings": embeddings.state_dict(),
+        "dense": (dense.module if hasattr(dense, "module") else dense).state_dict(),
+        "sparse_opt": sparse_opt.state_dict(),
+        "dense_opt": dense_opt.state_dict(),
+    }
+    torch.save(state, ckpt_dir / RANK_FILE.format(rank=ctx.rank))
+
+
+def _restore(ctx: _Context, embeddings: nn.Module, dense: nn.Module,
+             sparse_opt: Any, dense_opt: Any) -> Progress:
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint() if ctx.in_ray else None
+    if checkpoint is None:
+        return Progress()
+    with checkpoint.as_directory() as d:
+        path = Path(d) / RANK_FILE.format(rank=ctx.rank)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"checkpoint {d} has no {path.name}: it was written by a different number of "
+                "workers; resume with the same scaling.num_workers"
+            )
+        state = torch.load(path, map_location=ctx.device, weights_only=True)
+    embeddings.load_state_dict(state["embeddings"])
+    (dense.module if hasattr(dense, "module") else dense).load_state_dict(state["dense"])
+    sparse_opt.load_state_dict(state["sparse_opt"])
+    dense_opt.load_state_dict(state["dense_opt"])
+    return Progress(**state["progress"])
+
+
+def _report(ctx: _Context, metrics: dict[str, Any], save: Any = None) -> None:
+    """ray.train.report (a barrier: all workers call it equally often), with a checkpoint."""
+    if not ctx.in_ray:
+        return
+    import ray.train
+
+    if save is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        save(Path(d))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _gather_serving(spec: RunSpec, ctx: _Context, embeddings: ShardedEmbeddingCollection):
+    """Collapse this worker's shards; rank 0 receives everyone's (None elsewhere)."""
+    local = {}
+    for key, module in embeddings.owned.items():
+        local[key] = _embedding_state(module.collapse(), "")
+    if ctx.rank == 0:
+        for key, module in embeddings.replicated.items():
+            local[key] = _embedding_state(module.collapse(), "")
+    if ctx.distributed:
+        parts: list[Any] = [None] * ctx.world
+        dist.all_gather_object(parts, local)
+    else:
+        parts = [local]
+    if ctx.rank != 0:
+        return None
+    states = {k: v for p in parts for k, v in p.items()}
+    plan = embeddings.plan
+    out = []
+    for f in plan.features:
+        if f.num_shards == 1:
+            cfg, ts = states[_key(f.name, 0, 1)]
+            out.append(_embedding_from_state(cfg, ts, ""))
+        else:
+            shards = []
+            for s in range(f.num_shards):
+                cfg, ts = states[_key(f.name, s, f.num_shards)]
+                shards.append(_embedding_from_state(cfg, ts, ""))
+            out.append(SplitServingEmbedding(shards, embeddings.embedding_dim))
+    return out
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Entry point of every Ray Train worker (and of a single-process run)."""
+    spec = RunSpec(**loop_config["spec"])
+    config = TrainConfig.model_validate(spec.config)
+    ctx = _Context()
+    torch.set_num_threads(max(1, int(os.environ.get("EMBPRESS_TORCH_THREADS", "1"))))
+    torch.manual_seed(config.seed)
+    dense: nn.Module = config.model_spec.build().to(ctx.device)
+    embeddings = build_embeddings(spec, ctx, config.seed, config.data.path).to(ctx.device)
+    sparse_opt, dense_opt = _optimizers(config, embeddings, dense)
+    if ctx.distributed:
+        dense = nn.parallel.DistributedDataParallel(
+            dense, device_ids=[ctx.device] if ctx.device.type == "cuda" else None
+        )
+    progress = _restore(ctx, embeddings, dense, sparse_opt, dense_opt)
+    stats = load_feature_stats(config.data.path) if spec.band_columns else None
+    writer = _tensorboard(config) if ctx.rank == 0 else None
+    loss_fn = nn.BCEWithLogitsLoss()
+    local_batch = config.data.batch_size // ctx.world
+    sched = config.schedule
+    audit = bool(loop_config.get("audit"))
+    last_metrics: dict[str, Any] = {}
+    t0, rows0 = time.perf_counter(), progress.samples
+
+    def save(d: Path) -> None:
+        _save(d, ctx, progress, embeddings, dense, sparse_opt, dense_opt)
+
+    done = sched.max_steps is not None and progress.step >= sched.max_steps
+    while progress.epoch < sched.epochs and not done:
+        seed = config.seed * 7919 + progress.epoch if config.data.shuffle else None
+        pieces, steps = train_pieces(
+            config.data.path, ctx.rank, ctx.world, config.data.batch_size, seed=seed,
+            skip_rows=progress.step_in_epoch * local_batch, block_rows=config.data.block_rows,
+        )
+        batches = iter_worker_batches(dataset_of(pieces), local_batch, drop_last=True)
+        for batch in batches:
+            if config.fault and progress.step + 1 == config.fault.step \
+                    and ctx.rank == config.fault.rank and not config.fault.marker.exists():
+                config.fault.marker.write_text(f"failed at step {progress.step + 1}\n")
+                raise RuntimeError(f"injected failure at step {progress.step + 1}")
+            sparse = batch["sparse"].to(ctx.device)
+            logits = dense(batch["dense"].to(ctx.device), embeddings(sparse))
+            loss = loss_fn(logits, batch["label"].to(ctx.device))
+            sparse_opt.zero_grad(set_to_none=True)
+            dense_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            sparse_opt.step()
+            dense_opt.step()
+            embeddings.after_step(sparse_opt)
+            progress.step += 1
+            progress.step_in_epoch += 1
+            progress.samples += config.data.batch_size
+            if audit:
+                progress.fingerprint = (progress.fingerprint + row_fingerprint(sparse)) % (1 << 62)
+            if progress.step % sched.log_every == 0 and ctx.rank == 0:
+                rate = (progress.samples - rows0) / (time.perf_counter() - t0)
+                print(f"[train] epoch {progress.epoch} step {progress.step_in_epoch}/{steps} "
+                      f"loss {loss.item():.4f} {rate:,.0f} samples/s", flush=True)
+                if writer:
+                    writer.add_scalar("train/loss", loss.item(), progress.step)
+                    writer.add_scalar("train/samples_per_s", rate, progress.step)
+            evaluate_now = sched.eval_every and progress.step % sched.eval_every == 0
+            checkpoint_now = sched.checkpoint_every and progress.step % sched.checkpoint_every == 0
+            if evaluate_now:
+                last_metrics = evaluate("validation", spec, config, ctx, embeddings, dense, stats)
+                _log(writer, last_metrics, progress.step)
+            if evaluate_now or checkpoint_now:
+                metrics = {**last_metrics, **progress.as_dict(), "loss": loss.item()}
+                _report(ctx, metrics, save if checkpoint_now else None)
+            if sched.max_steps is not None and progress.step >= sched.max_steps:
+                done = True
+                break
+        if not done:
+            progress.epoch += 1
+            progress.step_in_epoch = 0
+
+    final = {**evaluate("validation", spec, config, ctx, embeddings, dense, stats),
+             **evaluate("test", spec, config, ctx, embeddings, dense, stats)}
+    _log(writer, final, progress.step)
+    elapsed = time.perf_counter() - t0
+    final.update(progress.as_dict())
+    final["samples_per_s"] = (progress.samples - rows0) / elapsed if elapsed > 0 else 0.0
+    final["training_bytes_rank0"] = embeddings.training_bytes()
+    serving = _gather_serving(spec, ctx, embeddings)
+    if ctx.rank == 0:
+        model = ServingModel(config.model_spec,
+                             (dense.module if hasattr(dense, "module") else dense).cpu(),
+                             spec.names, serving)
+        model = model.quantize(config.export.quantize)
+        final["serving_bytes"] = model.embedding_bytes()
+        export_model(model, config.export_dir, {
+            "metrics": {k: v for k, v in final.items() if isinstance(v, (int, float))},
+            "training_config": config.model_dump(mode="json"),
+            "quantize": config.export.quantize,
+            "compression_ratio": spec.ratio,
+        })
+        print(f"[train] exported the serving model to {config.export_dir}", flush=True)
+    if writer:
+        writer.close()
+    _report(ctx, final, save)
+
+
+def _tensorboard(config: TrainConfig) -> Any:
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(config.run_dir / "tensorboard"))
+
+
+def _log(writer: Any, metrics: dict[str, float], step: int) -> None:
+    if writer is None:
+        return
+    for k, v in metrics.items():
+        if isinstance(v, float) and math.isfinite(v):
+            writer.add_scalar(k.replace("_", "/", 1), v, step)
