@@ -26,14 +26,18 @@ from __future__ import annotations
 
 import functools
 import os
+import queue
 import re
+import threading
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from data_pipeline import shards
 from data_pipeline.criteo import (
@@ -147,17 +151,116 @@ def _clear_day(output_dir: Path, day: int) -> None:
                 f.unlink()
 
 
-def _write_shard(output_dir: Path, day: int, part: int, batches: list[pa.RecordBatch],
-                 schema: pa.Schema) -> dict[str, Any]:
-    path = shards.shard_path(output_dir, day, part)
-    table = pa.Table.from_batches(batches, schema=schema)
-    shards.write_table_atomic(table, path)
-    return {
-        "path": path.relative_to(output_dir).as_posix(),
-        "rows": table.num_rows,
-        "sha256": shards.sha256_file(path),
-        "bytes": path.stat().st_size,
-    }
+class _ShardWriter:
+    """Cuts the reader's batches into shards and row groups, and writes them on a thread.
+
+    Parquet encoding and zstd run in C++ without the GIL, so compressing one row group overlaps
+    with parsing the next. That matters because Kaggle's `train.txt` is a single file: the
+    parallelism across inputs that Ray gives does nothing for it. The files are those
+    `shards.write_table_atomic` would write for the same rows (same row groups and options):
+    a temporary name, renamed when complete.
+    """
+
+    _DONE = None
+
+    def __init__(self, output_dir: Path, day: int, schema: pa.Schema, rows_per_shard: int):
+        self._output_dir, self._day, self._schema = output_dir, day, schema
+        self._rows_per_shard = rows_per_shard
+        self._batches: list[pa.RecordBatch] = []
+        self._group_rows = 0  # rows in self._batches
+        self._shard_rows = 0  # rows of the current shard handed to the thread
+        self._part = 0
+        self.files: list[dict[str, Any]] = []
+        self._error: BaseException | None = None
+        # A few row groups in flight bound memory (about 35 MB each) whatever the shard size.
+        self._queue: queue.Queue[tuple[int, pa.Table | None] | None] = queue.Queue(maxsize=3)
+        self._thread = threading.Thread(target=self._run, name=f"shards-day{day}", daemon=True)
+        self._thread.start()
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        while batch.num_rows:
+            room = min(self._rows_per_shard - self._shard_rows - self._group_rows,
+                       shards.ROW_GROUP_ROWS - self._group_rows)
+            self._batches.append(batch.slice(0, room))
+            self._group_rows += min(room, batch.num_rows)
+            batch = batch.slice(room)
+            if (self._group_rows == shards.ROW_GROUP_ROWS
+                    or self._shard_rows + self._group_rows == self._rows_per_shard):
+                self._flush_group()
+            if self._shard_rows == self._rows_per_shard:
+                self._end_shard()
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Write what is left (one empty shard when there were no rows at all) and wait."""
+        if self._group_rows:
+            self._flush_group()
+        if self._shard_rows or self._part == 0:
+            self._end_shard()
+        self._put(self._DONE)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self.files
+
+    def abort(self) -> None:
+        if self._thread.is_alive():
+            self._put(self._DONE)
+            self._thread.join()
+
+    def _flush_group(self) -> None:
+        table = pa.Table.from_batches(self._batches, schema=self._schema)
+        self._put((self._part, table))
+        self._shard_rows += self._group_rows
+        self._batches, self._group_rows = [], 0
+
+    def _end_shard(self) -> None:
+        self._put((self._part, None))
+        self._part += 1
+        self._shard_rows = 0
+
+    def _put(self, item: tuple[int, pa.Table | None] | None) -> None:
+        while True:
+            if self._error is not None and item is not self._DONE:
+                raise self._error
+            try:
+                self._queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _run(self) -> None:
+        writer: pq.ParquetWriter | None = None
+        tmp = final = None
+        rows = 0
+        while (item := self._queue.get()) is not self._DONE:
+            if self._error is not None:
+                continue  # drain, so the producer never blocks on a dead writer
+            part, table = item
+            try:
+                if writer is None:
+                    final = shards.shard_path(self._output_dir, self._day, part)
+                    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+                    writer = pq.ParquetWriter(tmp, self._schema, compression="zstd",
+                                              write_statistics=True)
+                    rows = 0
+                if table is not None:
+                    writer.write_table(table, row_group_size=shards.ROW_GROUP_ROWS)
+                    rows += table.num_rows
+                    continue
+                writer.close()
+                writer = None
+                os.replace(tmp, final)
+                self.files.append({
+                    "path": final.relative_to(self._output_dir).as_posix(),
+                    "rows": rows,
+                    "sha256": shards.sha256_file(final),
+                    "bytes": final.stat().st_size,
+                })
+            except BaseException as exc:  # handed to the producer thread, which re-raises it
+                self._error = exc
+        if writer is not None:
+            writer.close()
+            tmp.unlink(missing_ok=True)
 
 
 def convert_file(
@@ -183,18 +286,33 @@ def convert_file(
     path, output_dir = Path(path), Path(output_dir)
     name = str(path) if name is None else name
     size = path.stat().st_size
-    digest = shards.sha256_file(path)
     params = _params(rows_per_shard, labelled)
     marker_path = done_marker_path(output_dir, day)
-    marker = _load_marker(marker_path)
-    if (marker is not None and marker.get("sha256") == digest
-            and marker.get("params") == params and _intact(output_dir, marker)):
-        if on_progress is not None:
-            on_progress(size)
-        for message in marker["warnings"]:
-            warnings.warn(message, CriteoInputWarning, stacklevel=2)
-        return {**marker, "skipped": True}
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as pool:
+        # hashlib releases the GIL: the input's checksum is computed while it is converted.
+        digest = pool.submit(shards.sha256_file, path)
+        marker = _load_marker(marker_path)
+        if (marker is not None and marker.get("params") == params
+                and marker.get("bytes") == size and marker.get("sha256") == digest.result()
+                and _intact(output_dir, marker)):
+            if on_progress is not None:
+                on_progress(size)
+            for message in marker["warnings"]:
+                warnings.warn(message, CriteoInputWarning, stacklevel=2)
+            return {**marker, "skipped": True}
+        entry = _convert_input(path, output_dir, day, name, labelled, block_size, on_progress,
+                               rows_per_shard)
+        entry = {"input": name, "path": str(path.resolve()), "bytes": size,
+                 "sha256": digest.result(), **entry, "params": params}
+    shards.write_json_atomic(entry, marker_path)
+    for message in entry["warnings"]:
+        warnings.warn(message, CriteoInputWarning, stacklevel=2)
+    return {**entry, "skipped": False}
 
+
+def _convert_input(path: Path, output_dir: Path, day: int, name: str, labelled: bool | None,
+                   block_size: int, on_progress: Callable[[int], None] | None,
+                   rows_per_shard: int) -> dict[str, Any]:
     sink: list[TextIO] = []  # the rejects file, opened once the old output is cleared
 
     def write_reject(reject: Reject) -> None:
@@ -203,42 +321,28 @@ def convert_file(
     # Sniffing happens here, before anything of the old output is touched.
     reader = CriteoReader(path, labelled=labelled, block_size=block_size, name=name,
                           on_reject=write_reject, on_progress=on_progress)
-    marker_path.unlink(missing_ok=True)
+    done_marker_path(output_dir, day).unlink(missing_ok=True)
     _clear_day(output_dir, day)
     shards.day_dir(output_dir, day).mkdir(parents=True, exist_ok=True)
     final_rejects = rejects_path(output_dir, day)
     final_rejects.parent.mkdir(parents=True, exist_ok=True)
     tmp_rejects = final_rejects.with_name(f".{final_rejects.name}.tmp-{os.getpid()}")
-    files: list[dict[str, Any]] = []
+    writer = _ShardWriter(output_dir, day, reader.schema, rows_per_shard)
     try:
         with open(tmp_rejects, "w", encoding="utf-8") as f:
             sink.append(f)
-            buffer: list[pa.RecordBatch] = []
-            buffered = 0
-            # The reader's warnings are issued once below, from the entry.
+            # The reader's warnings are issued once, by convert_file, from the entry.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", CriteoInputWarning)
                 for batch in reader:
-                    while batch.num_rows:
-                        take = min(batch.num_rows, rows_per_shard - buffered)
-                        buffer.append(batch.slice(0, take))
-                        buffered += take
-                        batch = batch.slice(take)
-                        if buffered == rows_per_shard:
-                            files.append(_write_shard(output_dir, day, len(files), buffer,
-                                                      reader.schema))
-                            buffer, buffered = [], 0
-            if buffer or not files:
-                files.append(_write_shard(output_dir, day, len(files), buffer, reader.schema))
+                    writer.add(batch)
+            files = writer.finish()
         os.replace(tmp_rejects, final_rejects)
     finally:
+        writer.abort()
         tmp_rejects.unlink(missing_ok=True)
     stats = reader.stats
-    entry = {
-        "input": name,
-        "path": str(path.resolve()),
-        "bytes": size,
-        "sha256": digest,
+    return {
         "day": day,
         "labelled": reader.labelled,
         "rows": stats.rows,
@@ -250,12 +354,14 @@ def convert_file(
         "warnings": stats.warnings,
         "rejects_file": final_rejects.relative_to(output_dir).as_posix(),
         "files": files,
-        "params": params,
     }
-    shards.write_json_atomic(entry, marker_path)
-    for message in stats.warnings:
-        warnings.warn(message, CriteoInputWarning, stacklevel=2)
-    return {**entry, "skipped": False}
+
+
+def _convert_file_on_worker(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    # The driver re-issues the entry's warnings; a second copy from the worker's log is noise.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CriteoInputWarning)
+        return convert_file(*args, **kwargs)
 
 
 def _report_progress(actor: Any, n: int) -> None:
@@ -287,7 +393,7 @@ def _run_on_ray(plans: list[InputFile], output_dir: Path, kwargs: dict[str, Any]
     import ray
 
     counter = _progress_actor_class().remote()
-    task = ray.remote(num_cpus=1)(convert_file)
+    task = ray.remote(num_cpus=1)(_convert_file_on_worker)
     refs = {
         task.remote(p.path, output_dir, p.day, name=p.name,
                     on_progress=functools.partial(_report_progress, counter), **kwargs): i

@@ -406,7 +406,7 @@ class CriteoReader:
         self.stats = ReadStats()
         self._names = column_names(self.labelled)
         self._bad_lines: list[int] = []  # wrong-width line numbers, in order
-        self._bad_index = np.empty(0, dtype=np.int64)
+        self._bad_shifted = np.empty(0, dtype=np.int64)  # w_i - i, see _line_numbers
         self._pending: list[Reject] = []  # wrong-width rejects not yet emitted in line order
         self._parsed_rows = 0  # rows pyarrow produced so far, blank ones included
 
@@ -485,11 +485,11 @@ class CriteoReader:
         wrong-width numbers w_i, the k-th parsed row (1-based) sits on line
         k + #{i : w_i - i <= k}.
         """
-        if len(self._bad_index) != len(self._bad_lines):
-            self._bad_index = np.asarray(self._bad_lines, dtype=np.int64)
-        shifted = self._bad_index - np.arange(len(self._bad_index))
+        if len(self._bad_shifted) != len(self._bad_lines):
+            bad = np.asarray(self._bad_lines, dtype=np.int64)
+            self._bad_shifted = bad - np.arange(len(bad))
         k = rows.astype(np.int64) + 1
-        return k + np.searchsorted(shifted, k, side="right")
+        return k + np.searchsorted(self._bad_shifted, k, side="right")
 
     def _convert(self, raw: pa.RecordBatch) -> pa.RecordBatch:
         n = raw.num_rows
@@ -537,7 +537,8 @@ class CriteoReader:
             drop |= rejected
             keep = ~drop
             self._reject_rows(columns, first_row, reasons)
-        self._flush_pending(self._line_numbers(np.array([first_row + n - 1]))[0] if n else None)
+        if n:  # wrong-width lines after this batch's last row wait for their turn
+            self._flush_pending(int(self._line_numbers(np.array([first_row + n - 1]))[0]))
         batch = pa.RecordBatch.from_arrays(arrays, schema=self.schema)
         if keep is not None:
             batch = batch.filter(pa.array(keep))
@@ -596,7 +597,7 @@ class CriteoReader:
             stats.warnings.append(f"{self.name}: {stats.truncated}")
         if stats.lines == 0 and stream.truncated is None:
             stats.warnings.append(f"{self.name}: empty file, converted to zero rows")
-        elif stats.rows == 0 and stats.lines == stats.blank_lines:
+        elif stats.rows == 0 and stats.lines and stats.lines == stats.blank_lines:
             stats.warnings.append(
                 f"{self.name}: only blank lines ({stats.blank_lines}), converted to zero rows")
         for message in stats.warnings:

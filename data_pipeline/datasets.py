@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 # Rows per block: one default row group. Fewer, larger blocks is what makes Ray Data fast here.
 DEFAULT_BLOCK_ROWS = ROW_GROUP_ROWS
+# Ray CPUs per read task. A train worker at 0.5 CPU on a 2-CPU node leaves 1.5: whole-CPU
+# tasks would run one at a time and idle the rest; half-CPU tasks fill it.
+DEFAULT_TASK_CPUS = 0.5
 # Bytes per row after packing (13 float32 + 26 int64 + 1 float32), for Ray's memory planning.
 PACKED_ROW_BYTES = 4 * NUM_DENSE + 8 * NUM_SPARSE + 4
 _DAY_DIR = re.compile(r"^day=(\d+)$")
@@ -257,37 +260,44 @@ def _read_blocks(piece: Piece, columns: list[str] | None) -> list[pa.Table]:
 
 
 def read_split(root: str | Path, split: str, *, block_rows: int = DEFAULT_BLOCK_ROWS,
-               columns: Sequence[str] | None = None) -> ray.data.Dataset:
+               columns: Sequence[str] | None = None,
+               task_cpus: float = DEFAULT_TASK_CPUS) -> ray.data.Dataset:
     """One split as a Ray Dataset of raw shard rows (the Parquet schema), one block per piece."""
     import ray.data
 
     pieces = split_pieces(root, split, block_rows=block_rows)
-    return ray.data.read_datasource(_datasource_class()(pieces, columns))
+    # One block per piece: without the override Ray splits blocks to reach its default
+    # parallelism, making exactly the small blocks this module avoids.
+    return ray.data.read_datasource(_datasource_class()(pieces, columns),
+                                    override_num_blocks=max(1, len(pieces)),
+                                    num_cpus=task_cpus)
 
 
 def make_dataset(root: str | Path, split: str, *, block_rows: int = DEFAULT_BLOCK_ROWS,
-                 shuffle_seed: int | None = None) -> ray.data.Dataset:
+                 shuffle_seed: int | None = None,
+                 task_cpus: float = DEFAULT_TASK_CPUS) -> ray.data.Dataset:
     """One split, transformed: columns `dense` f32[13], `sparse` i64[26], `label` f32.
 
     `shuffle_seed` shuffles the order of blocks (cheap; rows stay in place within a block),
-    which is all the shuffling row-iid data needs.
+    which is all the shuffling row-iid data needs. `task_cpus`: Ray CPUs each read task asks
+    for (see DEFAULT_TASK_CPUS).
     """
-    ds = read_split(root, split, block_rows=block_rows)
+    ds = read_split(root, split, block_rows=block_rows, task_cpus=task_cpus)
     if shuffle_seed is not None:
         ds = ds.randomize_block_order(seed=shuffle_seed)
-    # batch_size=None: the whole block at once, so the map fuses with the read and adds no
-    # blocks of its own.
+    # batch_size=None: the whole block at once; the same CPUs as the read, so that the map
+    # fuses with it into one task and adds no blocks of its own.
     return ds.map_batches(_pack, batch_format="pyarrow", batch_size=None,
-                          udf_modifying_row_count=False)
+                          udf_modifying_row_count=False, num_cpus=task_cpus)
 
 
 def make_datasets(root: str | Path, splits: Sequence[str] = SPLITS, *,
-                  block_rows: int = DEFAULT_BLOCK_ROWS,
-                  shuffle_seed: int | None = None) -> dict[str, ray.data.Dataset]:
+                  block_rows: int = DEFAULT_BLOCK_ROWS, shuffle_seed: int | None = None,
+                  task_cpus: float = DEFAULT_TASK_CPUS) -> dict[str, ray.data.Dataset]:
     """{"train", "validation", "test"} → transformed Datasets (`make_dataset`); only `train`
     is shuffled when `shuffle_seed` is given."""
     return {
-        s: make_dataset(root, s, block_rows=block_rows,
+        s: make_dataset(root, s, block_rows=block_rows, task_cpus=task_cpus,
                         shuffle_seed=shuffle_seed if s == "train" else None)
         for s in splits
     }

@@ -96,6 +96,9 @@ def dataset_of(pieces: Sequence[Piece]) -> ray.data.Dataset:
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
+    # A training loop reads many small datasets; their progress bars would drown its own.
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
     ds = ray.data.read_datasource(_datasource_class()(list(pieces)))
     return ds.map_batches(_pack, batch_format="pyarrow", batch_size=None,
                           udf_modifying_row_count=False)

@@ -254,7 +254,9 @@ class EmbeddingCollection(nn.Module):
 
     def forward(self, sparse: torch.Tensor) -> torch.Tensor:
         _check_ids(sparse, len(self.names))
-        vectors = [emb(sparse[:, j]) for j, emb in enumerate(self.embeddings.values())]
+        # One transpose, so each feature reads a contiguous column (searchsorted, hashing).
+        columns = sparse.t().contiguous()
+        vectors = [emb(columns[j]) for j, emb in enumerate(self.embeddings.values())]
         return torch.stack(vectors, dim=1)
 
     def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -331,7 +333,9 @@ class ServingCollection(nn.Module):
     @torch.no_grad()
     def forward(self, sparse: torch.Tensor) -> torch.Tensor:
         _check_ids(sparse, len(self.names))
-        vectors = [emb(sparse[:, j]) for j, emb in enumerate(self.embeddings.values())]
+        # One transpose, so each feature reads a contiguous column (searchsorted, hashing).
+        columns = sparse.t().contiguous()
+        vectors = [emb(columns[j]) for j, emb in enumerate(self.embeddings.values())]
         return torch.stack(vectors, dim=1)
 
     def serving_bytes(self) -> int:

@@ -50,7 +50,8 @@ class SketchEvents:
     """Hot-row changes made by one update, in the order they happened.
 
     kind: int8 PROMOTE / DEMOTE; ids: int64; rows: int32 hot row taken or given back;
-    medium: bool, whether a promoted id read two hash rows just before its promotion.
+    medium: bool, whether the id reads two hash rows on the hashed side of the move (just
+    before a promotion, just after a demotion).
     """
 
     kind: np.ndarray
@@ -150,8 +151,8 @@ def _insert_kernel(
             if cap - n_ev < 2 * hot_rows:
                 return i, n_ev, False
             n_ev = _rerank(
-                keys, scores, rows, free, fstate, istate, base_threshold, hot_rows,
-                ev_kind, ev_id, ev_row, ev_med, n_ev,
+                keys, scores, rows, free, fstate, istate, base_threshold, medium_fraction,
+                hot_rows, ev_kind, ev_id, ev_row, ev_med, n_ev,
             )
             # Ties at the new threshold may leave more than 1.2 × hot rows above it; wait for
             # a fifth of the hot rows' worth of new arrivals rather than re-rank every id.
@@ -160,8 +161,8 @@ def _insert_kernel(
             if cap - n_ev < hot_rows:
                 return i, n_ev, False
             n_ev = _decay(
-                keys, scores, rows, free, fstate, istate, base_threshold, decay, adaptive,
-                ev_kind, ev_id, ev_row, ev_med, n_ev,
+                keys, scores, rows, free, fstate, istate, base_threshold, medium_fraction,
+                decay, adaptive, ev_kind, ev_id, ev_row, ev_med, n_ev,
             )
         if i == n:
             break
@@ -220,7 +221,7 @@ def _insert_kernel(
 
 @nb.njit(cache=True)
 def _decay(
-    keys, scores, rows, free, fstate, istate, base_threshold, decay, adaptive,
+    keys, scores, rows, free, fstate, istate, base_threshold, medium_fraction, decay, adaptive,
     ev_kind, ev_id, ev_row, ev_med, n_ev,
 ):
     fstate[_MASS] = 0.0
@@ -236,7 +237,7 @@ def _decay(
                     _give_row(free, istate, rows[b, k] - 1)
                     n_ev = _log(
                         ev_kind, ev_id, ev_row, ev_med, n_ev, DEMOTE, keys[b, k],
-                        rows[b, k] - 1, False,
+                        rows[b, k] - 1, scores[b, k] >= medium_fraction * thr,
                     )
                     rows[b, k] = 0
     istate[_NABOVE] = _count_above(scores, thr)
@@ -245,7 +246,7 @@ def _decay(
 
 @nb.njit(cache=True)
 def _rerank(
-    keys, scores, rows, free, fstate, istate, base_threshold, hot_rows,
+    keys, scores, rows, free, fstate, istate, base_threshold, medium_fraction, hot_rows,
     ev_kind, ev_id, ev_row, ev_med, n_ev,
 ):
     n_b, n_slots = keys.shape
@@ -262,7 +263,7 @@ def _rerank(
                 _give_row(free, istate, rows[b, k] - 1)
                 n_ev = _log(
                     ev_kind, ev_id, ev_row, ev_med, n_ev, DEMOTE, keys[b, k], rows[b, k] - 1,
-                    False,
+                    scores[b, k] >= medium_fraction * thr,
                 )
                 rows[b, k] = 0
     # Ties at the new threshold can exceed the free rows: the highest scores go first.
@@ -338,6 +339,53 @@ def _classify_kernel(
                     medium[i] = True
                 break
     return hot, medium
+
+
+@nb.njit(cache=True)
+def _route_kernel(
+    keys: np.ndarray,
+    scores: np.ndarray,
+    rows: np.ndarray,
+    hashes: np.ndarray,
+    ids: np.ndarray,
+    medium_threshold: float,
+    spread_rows: int,
+):
+    """Split a batch by where it reads: (positions of hot ids, their hot rows, positions of
+    the others, (hash // buckets) % spread_rows of each, positions of the medium ones)."""
+    n = ids.shape[0]
+    n_buckets = keys.shape[0]
+    at_hot = np.empty(n, np.int64)
+    hot_rows = np.empty(n, np.int64)
+    at_hash = np.empty(n, np.int64)
+    spread = np.empty(n, np.int64)
+    at_medium = np.empty(n, np.int64)
+    nh = 0
+    nc = 0
+    nm = 0
+    for i in range(n):
+        h = hashes[i]
+        b = h % n_buckets
+        row = -1
+        medium = False
+        for k in range(keys.shape[1]):
+            sc = scores[b, k]
+            if sc > 0 and keys[b, k] == ids[i]:
+                row = rows[b, k] - 1
+                medium = row < 0 and sc >= medium_threshold
+                break
+        if row >= 0:
+            at_hot[nh] = i
+            hot_rows[nh] = row
+            nh += 1
+        else:
+            at_hash[nc] = i
+            spread[nc] = (h // n_buckets) % spread_rows
+            nc += 1
+            if medium:
+                at_medium[nm] = i
+                nm += 1
+    return at_hot[:nh], hot_rows[:nh], at_hash[:nc], spread[:nc], at_medium[:nm]
 
 
 class HotSketch:
@@ -455,6 +503,13 @@ class HotSketch:
         hashes = self.hash(ids) if hashes is None else hashes
         return self._insert(*_aggregate_kernel(ids.numpy(), hashes, values))
 
+    def update_arrays(
+        self, ids: np.ndarray, hashes: np.ndarray, values: np.ndarray
+    ) -> SketchEvents:
+        """`update` over numpy arrays (int64 ids and hashes, float32 scores): the training
+        step's path, with no tensor conversions."""
+        return self._insert(*_aggregate_kernel(ids, hashes, values))
+
     def _insert(self, keys: np.ndarray, hashes: np.ndarray, values: np.ndarray) -> SketchEvents:
         parts: list[tuple[np.ndarray, ...]] = []
         cap, start = keys.shape[0] + 64, 0
@@ -489,6 +544,19 @@ class HotSketch:
             ids.numpy(), self.medium_fraction * self.threshold,
         )
         return torch.from_numpy(hot), torch.from_numpy(medium)
+
+    def route(
+        self, ids: np.ndarray, hashes: np.ndarray, spread_rows: int
+    ) -> tuple[np.ndarray, ...]:
+        """One pass over a batch for the training lookup: (positions of hot ids, their hot
+        rows, positions of the other ids, a second index `(hash // buckets) % spread_rows`
+        for each of those, positions of the medium ones). The quotient by the bucket count
+        is the part of the hash the bucket did not use, so it spreads ids independently of
+        their bucket, with no second hash to compute."""
+        return _route_kernel(
+            self.keys, self.scores, self.rows, hashes, ids,
+            self.medium_fraction * self.threshold, spread_rows,
+        )
 
     def _not_cold(self) -> np.ndarray:
         occupied = self.scores > 0

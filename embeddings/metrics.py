@@ -133,6 +133,8 @@ def gather_across_workers(
     sizes = [torch.empty_like(size) for _ in range(world)]
     dist.all_gather(sizes, size, group=group)
     counts = [int(s.item()) for s in sizes]
+    if max(counts) == 0:
+        return tensor
     # all_gather wants equal shapes: pad to the longest part, then cut the padding off.
     padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
     padded[: tensor.shape[0]] = tensor

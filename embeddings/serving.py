@@ -138,6 +138,11 @@ def export_model(
     """Write model.json + weights.safetensors; the JSON last, so it always has its weights."""
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
+    clash = sorted(set(metadata or {}) & _COMPUTED_KEYS)
+    if clash:
+        # A stale "weights_sha256" or "format" copied from another model.json would make
+        # the new directory fail its own checksum, or lie about its contents.
+        raise ValueError(f"metadata may not set {clash}: export_model computes them")
     tensors = {f"dense.{k}": v for k, v in model.dense.state_dict().items()}
     features = {}
     for name, emb in zip(model.names, model.embeddings, strict=True):
@@ -167,6 +172,12 @@ def export_model(
     return path
 
 
+_COMPUTED_KEYS = frozenset({
+    "format", "schema_version", "features", "num_dense", "embedding_dim", "model",
+    "embeddings", "serving_bytes", "weights_sha256",
+})
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
@@ -176,6 +187,8 @@ def _json_default(obj: Any) -> Any:
 
 
 def read_model_json(directory: str | Path) -> dict[str, Any]:
+    if not Path(directory).is_dir():
+        raise ModelFileError(f"model directory {directory} does not exist")
     path = Path(directory) / MODEL_FILE
     if not path.is_file():
         raise ModelFileError(f"no {MODEL_FILE} in {directory}: not an exported model")
@@ -193,8 +206,12 @@ def read_model_json(directory: str | Path) -> dict[str, Any]:
     return document
 
 
-def load_model(directory: str | Path) -> tuple[ServingModel, dict[str, Any]]:
-    """The serving model and its model.json; ModelFileError when the files are not sound."""
+def check_model_dir(directory: str | Path) -> dict[str, Any]:
+    """model.json of a directory whose weights are present and pass their checksum.
+
+    Reads the weights once but builds nothing, so a deploy can refuse a broken directory
+    before any server touches it. Raises ModelFileError naming what is wrong.
+    """
     document = read_model_json(directory)
     weights = Path(directory) / WEIGHTS_FILE
     if not weights.is_file():
@@ -205,10 +222,18 @@ def load_model(directory: str | Path) -> tuple[ServingModel, dict[str, Any]]:
             f"{weights} fails its checksum (sha256 {digest[:12]}…, model.json says "
             f"{str(document.get('weights_sha256'))[:12]}…): truncated or replaced"
         )
+    return document
+
+
+def load_model(directory: str | Path) -> tuple[ServingModel, dict[str, Any]]:
+    """The serving model and its model.json; ModelFileError when the files are not sound."""
+    document = check_model_dir(directory)
+    weights = Path(directory) / WEIGHTS_FILE
     tensors = load_file(str(weights))
     config = TypeAdapter(ModelConfig).validate_python(document["model"])
     dense = config.build()
-    dense.load_state_dict({k[len("dense."):]: v for k, v in tensors.items() if k.startswith("dense.")})
+    prefix = "dense."
+    dense.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
     names = document["features"]
     embeddings = [
         _feature_from_state(document["embeddings"][n], tensors, f"embeddings.{n}.") for n in names

@@ -28,9 +28,10 @@ CONFIG_FILE = "embeddings.json"
 WEIGHTS_FILE = "embeddings.safetensors"
 
 
-def _embedding_state(
-    emb: ServingEmbedding, prefix: str
+def embedding_state(
+    emb: ServingEmbedding, prefix: str = ""
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(JSON config, tensors named `prefix`mapper.* / `prefix`tables.<i>.*) of one embedding."""
     mapper_config, mapper_tensors = emb.mapper.export()
     tensors = {f"{prefix}mapper.{k}": v for k, v in mapper_tensors.items()}
     tables = []
@@ -51,9 +52,10 @@ def _part(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tens
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def _embedding_from_state(
-    config: dict[str, Any], tensors: dict[str, torch.Tensor], prefix: str
+def embedding_from_state(
+    config: dict[str, Any], tensors: dict[str, torch.Tensor], prefix: str = ""
 ) -> ServingEmbedding:
+    """Inverse of `embedding_state`: tensors may hold other entries; only `prefix`'s are read."""
     mapper = Mapper.build(
         config["mapper"]["kind"], config["mapper"]["config"], _part(tensors, f"{prefix}mapper.")
     )
@@ -73,10 +75,10 @@ def serving_state(
     them with its own; pass the same prefix to `serving_from_state`.
     """
     if isinstance(obj, ServingEmbedding):
-        return _embedding_state(obj, prefix)
+        return embedding_state(obj, prefix)
     features, tensors = {}, {}
     for name, emb in obj.embeddings.items():
-        features[name], ts = _embedding_state(emb, f"{prefix}{name}.")
+        features[name], ts = embedding_state(emb, f"{prefix}{name}.")
         tensors.update(ts)
     config = {"type": "collection", "dim": obj.dim, "names": obj.names, "features": features}
     return config, tensors
@@ -88,17 +90,17 @@ def serving_from_state(
     """Inverse of `serving_state`."""
     kind = config.get("type")
     if kind == "embedding":
-        return _embedding_from_state(config, tensors, prefix)
+        return embedding_from_state(config, tensors, prefix)
     if kind != "collection":
         raise ValueError(f"not a serving embedding config (type {kind!r})")
     embeddings = [
-        _embedding_from_state(config["features"][name], tensors, f"{prefix}{name}.")
+        embedding_from_state(config["features"][name], tensors, f"{prefix}{name}.")
         for name in config["names"]
     ]
     return ServingCollection(config["names"], embeddings, config["dim"])
 
 
-def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def unshared_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Contiguous CPU tensors, cloning only those that share memory with an earlier one
     (safetensors refuses shared storage)."""
     out, seen = {}, set()
@@ -125,7 +127,7 @@ def save_serving(obj: ServingEmbedding | ServingCollection, directory: str | Pat
     document["embeddings"] = config
     text = json.dumps(document, indent=1)
     weights_tmp = path / f".{WEIGHTS_FILE}.tmp"
-    save_file(_unshared(tensors), str(weights_tmp), metadata={"format": FORMAT})
+    save_file(unshared_tensors(tensors), str(weights_tmp), metadata={"format": FORMAT})
     os.replace(weights_tmp, path / WEIGHTS_FILE)
     config_tmp = path / f".{CONFIG_FILE}.tmp"
     config_tmp.write_text(text)
@@ -144,3 +146,9 @@ def load_serving(directory: str | Path) -> ServingEmbedding | ServingCollection:
                          f"this code reads version {VERSION}")
     tensors = load_file(str(path / WEIGHTS_FILE))
     return serving_from_state(document["embeddings"], tensors)
+
+
+# Earlier names, imported by the model exporter and the training loop.
+_embedding_state = embedding_state
+_embedding_from_state = embedding_from_state
+_unshared = unshared_tensors

@@ -84,10 +84,10 @@ def _start_ray(num_cpus: int | None) -> bool:
     return True
 
 
-def _write_feature_stats(output_dir: Path) -> None:
+def _write_feature_stats(output_dir: Path) -> Path:
     from data_pipeline.stats import write_feature_stats
 
-    write_feature_stats(output_dir)
+    return Path(write_feature_stats(output_dir))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             rows_per_shard=args.rows_per_shard, labelled=args.labelled,
             use_ray=not args.no_ray, progress=not args.no_progress,
         )
-        _write_feature_stats(output)
+        stats_dir = _write_feature_stats(output)
     except (NotCriteoError, FileNotFoundError, ValueError) as exc:
         print(f"prepare: error: {exc}", file=sys.stderr)
         return 2
@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{manifest['rows']:,} rows, {manifest['positives']:,} positives)")
     print(f"rejects:  {output / REJECTS_DIR}/day=N.jsonl ({manifest['rejects']:,} lines)")
     print(f"markers:  {output / DONE_DIR}")
+    print(f"stats:    {stats_dir}")
     print(f"manifest: {output / 'manifest.json'}")
     return 0
 

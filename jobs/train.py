@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.shards import read_manifest
 from data_pipeline.stats import load_feature_stats
+
+from data_pipeline.shards import read_manifest
 from embeddings.collection import CollectionConfig
 from embeddings.sharding.planner import FeatureSize, ShardingPlan, plan_sharding
 from jobs.config import ConfigError, load_config
@@ -61,7 +62,8 @@ def plan_run(config: TrainConfig, verbose: bool = True) -> RunSpec:
         print("[train] embedding methods per feature (ratio "
               f"{ratio if ratio is not None else 'per feature'}):")
         for name in names:
-            print(f"  {name:<4} n={sizes[name]:>10,}  {methods[name].model_dump(exclude_defaults=True)}")
+            shown = methods[name].model_dump(exclude_defaults=True)
+            print(f"  {name:<4} n={sizes[name]:>10,}  {shown}")
         print(plan.describe(), flush=True)
     return RunSpec(
         config=config.model_dump(mode="json"),

@@ -79,8 +79,9 @@ class ScalingSettings(_Strict):
         use_gpu: one GPU per worker, NCCL between them.
         worker_budget_bytes: most embedding bytes one worker may hold; larger features
             are split over several workers.
-        plan_for_workers: plan the embedding placement for this many workers (default:
-            num_workers); a run with fewer workers then trains the very same model.
+        plan_for_workers: plan the embedding placement and cut the data for this many
+            workers (default: num_workers); a run with fewer workers (a divisor) then sees
+            the same global batches and trains the very same model.
     """
 
     num_workers: int = Field(2, ge=0)
@@ -88,6 +89,11 @@ class ScalingSettings(_Strict):
     use_gpu: bool = False
     worker_budget_bytes: int | None = Field(None, gt=0)
     plan_for_workers: int | None = Field(None, ge=1)
+
+    @property
+    def data_shards(self) -> int:
+        """Streams the train split is cut into: one per worker of the planned world size."""
+        return max(1, self.plan_for_workers or self.num_workers)
 
 
 class RunSettings(_Strict):
@@ -144,7 +150,9 @@ class TrainConfig(_Strict):
 
     data: DataSettings
     model: ModelConfig | str = Field("dlrm-small", validate_default=True)
-    embeddings: dict[str, Any] = Field(default_factory=lambda: {"method": {"method": "hash"}, "ratio": 10})
+    embeddings: dict[str, Any] = Field(
+        default_factory=lambda: {"method": {"method": "hash"}, "ratio": 10}
+    )
     optimizer: OptimizerSettings = Field(default_factory=OptimizerSettings)
     schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
     scaling: ScalingSettings = Field(default_factory=ScalingSettings)

@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from data_pipeline.stats import load_feature_stats
 from pydantic import TypeAdapter
 from torch import nn
 
 from data_pipeline.datasets import iter_worker_batches
 from data_pipeline.partition import dataset_of, eval_pieces, train_pieces
-from data_pipeline.stats import load_feature_stats
 from embeddings.collection import AnyMethodConfig
 from embeddings.hashing import hash64
 from embeddings.methods.base import FeatureStats, MethodConfig
@@ -32,11 +32,13 @@ from embeddings.optim import LazyAdam, RowWiseAdagrad
 from embeddings.serving import ServingModel, SplitServingEmbedding, export_model
 from embeddings.serving_io import _embedding_from_state, _embedding_state
 from embeddings.sharding.planner import ShardingPlan, shard_of
-from embeddings.sharding.router import ShardedEmbeddingCollection, _key
+from embeddings.sharding.router import ShardedEmbeddingCollection, module_key
 from jobs.train_config import TrainConfig
 
 _METHOD = TypeAdapter(AnyMethodConfig)
 RANK_FILE = "rank-{rank}.pt"
+# Fingerprints are summed over workers in int64: the modulus leaves room for 128 of them.
+FINGERPRINT_MOD = 1 << 56
 
 
 @dataclass
@@ -260,12 +262,12 @@ def _gather_serving(spec: RunSpec, ctx: _Context, embeddings: ShardedEmbeddingCo
     out = []
     for f in plan.features:
         if f.num_shards == 1:
-            cfg, ts = states[_key(f.name, 0, 1)]
+            cfg, ts = states[module_key(f.name, 0, 1)]
             out.append(_embedding_from_state(cfg, ts, ""))
         else:
             shards = []
             for s in range(f.num_shards):
-                cfg, ts = states[_key(f.name, s, f.num_shards)]
+                cfg, ts = states[module_key(f.name, s, f.num_shards)]
                 shards.append(_embedding_from_state(cfg, ts, ""))
             out.append(SplitServingEmbedding(shards, embeddings.embedding_dim))
     return out
@@ -289,7 +291,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     stats = load_feature_stats(config.data.path) if spec.band_columns else None
     writer = _tensorboard(config) if ctx.rank == 0 else None
     loss_fn = nn.BCEWithLogitsLoss()
-    local_batch = config.data.batch_size // ctx.world
     sched = config.schedule
     audit = bool(loop_config.get("audit"))
     last_metrics: dict[str, Any] = {}
@@ -299,14 +300,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _save(d, ctx, progress, embeddings, dense, sparse_opt, dense_opt)
 
     done = sched.max_steps is not None and progress.step >= sched.max_steps
+    data_shards = config.scaling.data_shards
+    if data_shards % ctx.world:
+        raise ValueError(f"{data_shards} data shards cannot be shared by {ctx.world} workers")
+    mine = range(ctx.rank * data_shards // ctx.world, (ctx.rank + 1) * data_shards // ctx.world)
+    shard_batch = config.data.batch_size // data_shards
+    loss_curve: list[float] = []
     while progress.epoch < sched.epochs and not done:
         seed = config.seed * 7919 + progress.epoch if config.data.shuffle else None
-        pieces, steps = train_pieces(
-            config.data.path, ctx.rank, ctx.world, config.data.batch_size, seed=seed,
-            skip_rows=progress.step_in_epoch * local_batch, block_rows=config.data.block_rows,
-        )
-        batches = iter_worker_batches(dataset_of(pieces), local_batch, drop_last=True)
-        for batch in batches:
+        streams = []
+        for shard in mine:
+            pieces, steps = train_pieces(
+                config.data.path, shard, data_shards, config.data.batch_size, seed=seed,
+                skip_rows=progress.step_in_epoch * shard_batch,
+                block_rows=config.data.block_rows,
+            )
+            streams.append(iter_worker_batches(dataset_of(pieces), shard_batch, drop_last=True))
+        for batch in _zip_batches(streams):
             if config.fault and progress.step + 1 == config.fault.step \
                     and ctx.rank == config.fault.rank and not config.fault.marker.exists():
                 config.fault.marker.write_text(f"failed at step {progress.step + 1}\n")
@@ -324,14 +334,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             progress.step_in_epoch += 1
             progress.samples += config.data.batch_size
             if audit:
-                progress.fingerprint = (progress.fingerprint + row_fingerprint(sparse)) % (1 << 62)
-            if progress.step % sched.log_every == 0 and ctx.rank == 0:
-                rate = (progress.samples - rows0) / (time.perf_counter() - t0)
-                print(f"[train] epoch {progress.epoch} step {progress.step_in_epoch}/{steps} "
-                      f"loss {loss.item():.4f} {rate:,.0f} samples/s", flush=True)
-                if writer:
-                    writer.add_scalar("train/loss", loss.item(), progress.step)
-                    writer.add_scalar("train/samples_per_s", rate, progress.step)
+                progress.fingerprint = (progress.fingerprint + row_fingerprint(sparse)) % FINGERPRINT_MOD
+            if progress.step % sched.log_every == 0:
+                global_loss = _mean_over_workers(loss.detach(), ctx)
+                loss_curve.append(global_loss)
+                if ctx.rank == 0:
+                    rate = (progress.samples - rows0) / (time.perf_counter() - t0)
+                    print(f"[train] epoch {progress.epoch} step {progress.step_in_epoch}/{steps} "
+                          f"loss {global_loss:.4f} {rate:,.0f} samples/s", flush=True)
+                    if writer:
+                        writer.add_scalar("train/loss", global_loss, progress.step)
+                        writer.add_scalar("train/samples_per_s", rate, progress.step)
             evaluate_now = sched.eval_every and progress.step % sched.eval_every == 0
             checkpoint_now = sched.checkpoint_every and progress.step % sched.checkpoint_every == 0
             if evaluate_now:
@@ -352,8 +365,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     _log(writer, final, progress.step)
     elapsed = time.perf_counter() - t0
     final.update(progress.as_dict())
+    if ctx.distributed:
+        total = torch.tensor([progress.fingerprint], dtype=torch.int64, device=ctx.device)
+        dist.all_reduce(total)
+        final["fingerprint"] = int(total.item()) % FINGERPRINT_MOD
     final["samples_per_s"] = (progress.samples - rows0) / elapsed if elapsed > 0 else 0.0
     final["training_bytes_rank0"] = embeddings.training_bytes()
+    final["loss_curve"] = loss_curve
     serving = _gather_serving(spec, ctx, embeddings)
     if ctx.rank == 0:
         model = ServingModel(config.model_spec,
@@ -371,6 +389,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if writer:
         writer.close()
     _report(ctx, final, save)
+
+
+def _zip_batches(streams: list[Any]) -> Any:
+    """One local batch per step: the next batch of every data shard this worker reads.
+
+    A worker reading several data shards concatenates them in shard order, so a run with
+    fewer workers sees exactly the global batches of a run with more.
+    """
+    if len(streams) == 1:
+        yield from streams[0]
+        return
+    for parts in zip(*streams, strict=False):
+        yield {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _mean_over_workers(value: torch.Tensor, ctx: _Context) -> float:
+    if ctx.distributed:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= ctx.world
+    return float(value.item())
 
 
 def _tensorboard(config: TrainConfig) -> Any:

@@ -18,7 +18,7 @@ import torch
 from pydantic import Field
 
 from embeddings import budget
-from embeddings.hashing import hash_bucket
+from embeddings.hashing import hash64, hash_bucket
 from embeddings.hotsketch import PROMOTE, HotSketch, SketchEvents
 from embeddings.methods.base import (
     Combiner,
@@ -29,8 +29,6 @@ from embeddings.methods.base import (
     MethodConfig,
     tensor_bytes,
 )
-
-HOT, HASH1, HASH2 = 0, 1, 2
 
 # The artifact's defaults per compression ratio: (threshold, share of the budget for hashing).
 _DEFAULTS: tuple[tuple[float, float, float], ...] = (
@@ -56,12 +54,15 @@ class CafeMapper(Mapper):
     """Raw ids → hot row, or one or two hash rows. Live (a HotSketch) or frozen (sorted ids).
 
     Tables: [hot, hash1, hash2]. Lookup weights: hot [1, 0, 0], medium [0, 1, 1],
-    cold [0, 1, 0].
+    cold [0, 1, 0]. One hash h = hash64(id, seed) places an id twice: its sketch bucket is
+    h mod buckets and its hash1 row (h div buckets) mod hash_rows, the part of h the bucket
+    did not use; hash2 rows use the hash with seed + 1.
 
     Args:
         hot_rows: rows of the hot table.
         hash_rows: rows of each hash table.
-        seed: the sketch hashes with `seed`, the two hash tables with `seed + 1`, `seed + 2`.
+        buckets: the sketch's bucket count (also places hash1 rows, so frozen mappers keep it).
+        seed: hash seed.
         sketch: the live sketch (training), or None for a frozen mapper.
         frozen_ids: frozen form: int64 [m] ids that are hot or medium, sorted.
         frozen_rows: frozen form: int32 [m] hot row of each, -1 for medium.
@@ -73,6 +74,7 @@ class CafeMapper(Mapper):
         self,
         hot_rows: int,
         hash_rows: int,
+        buckets: int,
         seed: int = 0,
         sketch: HotSketch | None = None,
         frozen_ids: torch.Tensor | None = None,
@@ -81,8 +83,11 @@ class CafeMapper(Mapper):
         super().__init__()
         if (sketch is None) == (frozen_ids is None):
             raise ValueError("a CafeMapper is either live (a sketch) or frozen (sorted ids)")
+        if sketch is not None and (sketch.buckets != buckets or sketch.seed != seed):
+            raise ValueError("the sketch must hash with the mapper's buckets and seed")
         self.hot_rows = hot_rows
         self.hash_rows = hash_rows
+        self.buckets = buckets
         self.seed = seed
         self.sketch = sketch
         if frozen_ids is not None:
@@ -93,39 +98,47 @@ class CafeMapper(Mapper):
     def frozen(self) -> bool:
         return self.sketch is None
 
-    def classify(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
-        """(hot row or -1, medium flag, sketch hashes or None) of each id, on the ids' device."""
+    def hash(self, ids: torch.Tensor) -> torch.Tensor:
+        return hash64(ids, self.seed)
+
+    def hash1_rows(self, hashes: torch.Tensor) -> torch.Tensor:
+        return torch.div(hashes, self.buckets, rounding_mode="floor") % self.hash_rows
+
+    def hash2_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return hash_bucket(ids, self.hash_rows, self.seed + 1)
+
+    def classify(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hot row or -1, medium flag) of each id."""
         if self.sketch is not None:
-            hashes = self.sketch.hash(ids)
-            hot, medium = self.sketch.classify(ids, hashes)
-            return hot.to(ids.device), medium.to(ids.device), hashes
+            cpu = ids.detach().to("cpu", torch.int64).contiguous()
+            hot, medium = self.sketch.classify(cpu, self.hash(cpu).numpy())
+            return hot.to(ids.device), medium.to(ids.device)
+        ids = ids.contiguous()
         m = self.frozen_ids.shape[0]
         if m == 0:
             hot = torch.full(ids.shape, -1, dtype=torch.int64, device=ids.device)
-            return hot, torch.zeros(ids.shape, dtype=torch.bool, device=ids.device), None
+            return hot, torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
         pos = torch.searchsorted(self.frozen_ids, ids).clamp_(max=m - 1)
         found = self.frozen_ids[pos] == ids
         row = torch.where(found, self.frozen_rows[pos].to(torch.int64), -1)
-        return row, found & (row < 0), None
+        return row, found & (row < 0)
 
-    def hash_row(self, ids: torch.Tensor, level: int) -> torch.Tensor:
-        """Row of each id in hash table `level` (1 or 2)."""
-        return hash_bucket(ids, self.hash_rows, self.seed + level)
-
-    def lookup(self, ids: torch.Tensor, hot: torch.Tensor, medium: torch.Tensor) -> Lookup:
+    def forward(self, ids: torch.Tensor) -> Lookup:
+        hot, medium = self.classify(ids)
         is_hot = hot >= 0
         rows = torch.stack(
-            [hot.clamp(min=0), self.hash_row(ids, 1), self.hash_row(ids, 2)], dim=1
+            [hot.clamp(min=0), self.hash1_rows(self.hash(ids)), self.hash2_rows(ids)], dim=1
         )
         weights = torch.stack([is_hot, ~is_hot, medium & ~is_hot], dim=1).to(torch.float32)
         return Lookup(rows, weights)
 
-    def forward(self, ids: torch.Tensor) -> Lookup:
-        hot, medium, _ = self.classify(ids)
-        return self.lookup(ids, hot, medium)
-
     def export(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        config = {"hot_rows": self.hot_rows, "hash_rows": self.hash_rows, "seed": self.seed}
+        config = {
+            "hot_rows": self.hot_rows,
+            "hash_rows": self.hash_rows,
+            "buckets": self.buckets,
+            "seed": self.seed,
+        }
         if self.sketch is None:
             return config, {"ids": self.frozen_ids, "rows": self.frozen_rows}
         ids, rows = self.sketch.snapshot()
@@ -136,6 +149,7 @@ class CafeMapper(Mapper):
         return cls(
             config["hot_rows"],
             config["hash_rows"],
+            config["buckets"],
             config["seed"],
             frozen_ids=tensors["ids"],
             frozen_rows=tensors["rows"],
@@ -180,7 +194,7 @@ class CafeEmbedding(CompressedEmbedding):
         decay: score decay factor, applied when buckets × threshold × decay_period of score
             has been inserted since the last decay.
         decay_period: see decay.
-        seed: hash seed (sketch `seed`, hash tables `seed + 1` and `seed + 2`).
+        seed: hash seed.
     """
 
     def __init__(
@@ -198,8 +212,9 @@ class CafeEmbedding(CompressedEmbedding):
         decay_period: float = 10.0,
         seed: int = 0,
     ) -> None:
+        buckets = buckets if buckets is not None else max(1, hot_rows)
         sketch = HotSketch(
-            buckets if buckets is not None else max(1, hot_rows),
+            buckets,
             hot_rows,
             threshold,
             medium_fraction=medium_fraction,
@@ -208,12 +223,12 @@ class CafeEmbedding(CompressedEmbedding):
             adaptive=adaptive,
             seed=seed,
         )
-        mapper = CafeMapper(hot_rows, hash_rows, seed, sketch)
+        mapper = CafeMapper(hot_rows, hash_rows, buckets, seed, sketch)
         # A zero-row hot table still needs a row to point the (weight-0) lookups at.
         rows = [max(1, hot_rows), hash_rows, hash_rows]
         super().__init__(mapper, rows, Combiner.SUM, dim, mlet_dim, sparse)
         self.mapper: CafeMapper
-        self._pending: list[tuple[torch.Tensor, np.ndarray, torch.Tensor]] = []
+        self._pending: list[tuple[np.ndarray, np.ndarray, torch.Tensor]] = []
 
     @property
     def sketch(self) -> HotSketch:
@@ -221,46 +236,54 @@ class CafeEmbedding(CompressedEmbedding):
         return self.mapper.sketch
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        hot, medium, hashes = self.mapper.classify(ids)
-        out = self._gather(ids, hot, medium)
+        cpu = ids.detach().to("cpu", torch.int64).contiguous()
+        hashes = self.mapper.hash(cpu).numpy()
+        out = self._gather(cpu, hashes, ids.device)
         if self.projection is not None:
             out = out @ self.projection
         if self.training and torch.is_grad_enabled() and out.requires_grad:
-            out.register_hook(self._importance_hook(ids, hashes))
+            out.register_hook(self._importance_hook(cpu.numpy(), hashes))
         return out
 
-    def _gather(self, ids: torch.Tensor, hot: torch.Tensor, medium: torch.Tensor) -> torch.Tensor:
+    def _gather(self, ids: torch.Tensor, hashes: np.ndarray, device: torch.device) -> torch.Tensor:
         """The Lookup's weighted sum, reading only the rows an id uses.
 
-        Same numbers as `gather` over `mapper.lookup(...)` (a weight-0 read adds an exact
-        zero), but the sparse gradients then hold only rows that were read: a row-wise Adam
-        would otherwise step hot row 0 and hash2 row 0 with their momentum on every batch.
+        Same numbers as `gather` over `mapper(ids)` (a weight-0 read adds an exact zero),
+        but each table is read only at the ids that use it: a third of the reads, and sparse
+        gradients that hold only rows that were read (a row-wise Adam would otherwise step
+        hot row 0 and hash2 row 0 with their momentum on every batch).
         """
         hot_t, hash1_t, hash2_t = self.tables
-        is_hot = hot >= 0
-        at_hot = is_hot.nonzero().squeeze(1)
-        at_hash = (~is_hot).nonzero().squeeze(1)
-        at_medium = (medium & ~is_hot).nonzero().squeeze(1)
-        out = torch.zeros(ids.shape[0], hot_t.shape[1], dtype=hot_t.dtype, device=hot_t.device)
-        # A table nobody read gets no gradient at all (not an empty sparse one).
-        if at_hot.numel():
-            out = out.index_add(0, at_hot, self._read(hot_t, hot[at_hot]))
-        if at_hash.numel():
-            out = out.index_add(0, at_hash, self._read(hash1_t, self.mapper.hash_row(ids[at_hash], 1)))
-        if at_medium.numel():
-            h2 = self.mapper.hash_row(ids[at_medium], 2)
-            out = out.index_add(0, at_medium, self._read(hash2_t, h2))
-        return out
+        route = self.sketch.route(ids.numpy(), hashes, self.mapper.hash_rows)
+        at_hot, hot_rows, at_hash, hash1_rows, at_medium = (torch.from_numpy(a) for a in route)
+        hash2_rows = self.mapper.hash2_rows(ids[at_medium])
+        if device.type != "cpu":
+            at_hot, hot_rows, at_hash, hash1_rows, at_medium, hash2_rows = (
+                t.to(device, non_blocking=True)
+                for t in (at_hot, hot_rows, at_hash, hash1_rows, at_medium, hash2_rows)
+            )
+        return _Assemble.apply(
+            ids.shape[0],
+            at_hot,
+            self._read(hot_t, hot_rows),
+            at_hash,
+            self._read(hash1_t, hash1_rows),
+            at_medium,
+            self._read(hash2_t, hash2_rows),
+        )
 
     def _read(self, table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if not rows.numel():
+            # Not read at all: no gradient (an empty sparse one trips row-wise optimizers).
+            return table.detach()[:0]
         return torch.nn.functional.embedding(rows, table, sparse=self.sparse)
 
     def _importance_hook(
-        self, ids: torch.Tensor, hashes: np.ndarray | None
+        self, ids: np.ndarray, hashes: np.ndarray
     ) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
             # Only the norm is kept; the sketch is updated after the optimizer step.
-            self._pending.append((ids.detach(), hashes, grad.detach().norm(dim=1)))
+            self._pending.append((ids, hashes, grad.detach().norm(dim=1)))
 
         return hook
 
@@ -272,11 +295,12 @@ class CafeEmbedding(CompressedEmbedding):
         """Feed the batch's gradient norms to the sketch, then move the rows it re-assigned."""
         pending, self._pending = self._pending, []
         for ids, hashes, norms in pending:
-            mean = norms.mean()
-            if not bool(mean > 0):
+            norms = norms.to("cpu", torch.float32)
+            mean = float(norms.mean())
+            if not mean > 0:
                 continue
             # Importance is relative within a batch (mean 1), as in the artifact.
-            events = self.sketch.update(ids, norms / mean, hashes)
+            events = self.sketch.update_arrays(ids, hashes, (norms / mean).numpy())
             if len(events):
                 self.migrate(events, optimizer)
 
@@ -284,12 +308,15 @@ class CafeEmbedding(CompressedEmbedding):
     def migrate(self, events: SketchEvents, optimizer: torch.optim.Optimizer | None) -> None:
         """Apply the sketch's promotions and demotions to the tables, in order.
 
-        Promotion: the hot row starts as the id's current vector (hash1 row, plus its hash2
-        row if it was medium). Demotion: the hot row is copied back into the id's hash1 row,
-        so the id keeps what it learned (never a zero row). Each row's optimizer state goes
-        the same way. Consecutive events of one kind touch distinct hot rows, so each run is
+        Promotion: the hot row starts as the id's current vector (its hash1 row, plus its
+        hash2 row if it was medium). Demotion: the hot row is copied back into the id's hash1
+        row (less its hash2 row if it is now medium), so the id reads exactly what it learned
+        and no row is left zero. Each row's optimizer state goes the same way (hash1's ↔ the
+        hot row's). Consecutive events of one kind touch distinct hot rows, so each run is
         applied at once.
         """
+        if not len(events):
+            return
         hot_t, hash1_t, hash2_t = self.tables
         device = hot_t.device
         kinds = events.kind
@@ -297,18 +324,51 @@ class CafeEmbedding(CompressedEmbedding):
         for run in np.split(np.arange(len(events)), cuts):
             ids = torch.from_numpy(events.ids[run])
             rows = torch.from_numpy(events.rows[run].astype(np.int64)).to(device)
-            h1 = self.mapper.hash_row(ids, 1).to(device)
+            h1 = self.mapper.hash1_rows(self.mapper.hash(ids)).to(device)
+            second = torch.zeros_like(hot_t[rows])
+            medium = events.medium[run]
+            if medium.any():
+                h2 = self.mapper.hash2_rows(ids[torch.from_numpy(medium)]).to(device)
+                second[torch.from_numpy(medium).to(device)] = hash2_t[h2]
             if kinds[run[0]] == PROMOTE:
-                vectors = hash1_t[h1]
-                medium = torch.from_numpy(events.medium[run]).to(device)
-                if bool(medium.any()):
-                    h2 = self.mapper.hash_row(ids, 2).to(device)
-                    vectors = vectors + hash2_t[h2] * medium[:, None].to(vectors.dtype)
-                hot_t[rows] = vectors
+                hot_t[rows] = hash1_t[h1] + second
                 _move_state(optimizer, hash1_t, h1, hot_t, rows)
             else:
-                hash1_t[h1] = hot_t[rows]
+                hash1_t[h1] = hot_t[rows] - second
                 _move_state(optimizer, hot_t, rows, hash1_t, h1)
+
+
+class _Assemble(torch.autograd.Function):
+    """out[at_hot] = hot vectors, out[at_hash] = hash1 vectors, out[at_medium] += hash2 ones.
+
+    The index sets partition the batch (medium ⊂ hash), so plain writes suffice; index_add
+    would do the same but its CPU kernel is pathologically slow when threads are contended.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        n: int,
+        at_hot: torch.Tensor,
+        hot: torch.Tensor,
+        at_hash: torch.Tensor,
+        hash1: torch.Tensor,
+        at_medium: torch.Tensor,
+        hash2: torch.Tensor,
+    ) -> torch.Tensor:
+        out = hash1.new_empty(n, hash1.shape[1])
+        out[at_hot] = hot
+        out[at_hash] = hash1
+        if at_medium.numel():
+            out[at_medium] += hash2
+        ctx.save_for_backward(at_hot, at_hash, at_medium)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        at_hot, at_hash, at_medium = ctx.saved_tensors
+        pick = grad.index_select  # several times faster than grad[index] on CPU
+        return None, None, pick(0, at_hot), None, pick(0, at_hash), None, pick(0, at_medium)
 
 
 def _move_state(

@@ -78,7 +78,7 @@ class FullMapper(Mapper):
             fallback = hash_bucket(ids, self.rows, self.seed)
         if not self.known:
             return Lookup(fallback[:, None])
-        pos = torch.searchsorted(self.values, ids).clamp_(max=self.known - 1)
+        pos = torch.searchsorted(self.values, ids.contiguous()).clamp_(max=self.known - 1)
         hit = self.values[pos] == ids
         rows = torch.where(hit, self.value_rows[pos].to(torch.int64), fallback)
         return Lookup(rows[:, None])

@@ -25,7 +25,7 @@ MLET_MAX_RATIO = 16
 _NONLINEAR = (
     "MLET cannot follow {method} with a {combiner} combiner: the k→d projection folds into "
     "the tables only through a linear combiner (sum or concat), since (a⊙b)·P ≠ (a·P)⊙(b·P); "
-    "use combiner 'sum' or 'concat', or drop mlet_dim"
+    "choose a sum or concat combiner (QR's operation 'sum' or 'concat') or drop mlet_dim"
 )
 
 

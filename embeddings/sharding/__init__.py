@@ -14,7 +14,7 @@ from embeddings.sharding.planner import (
     plan_sharding,
     shard_of,
 )
-from embeddings.sharding.router import ModuleFactory, ShardedEmbeddingCollection
+from embeddings.sharding.router import ModuleFactory, ShardedEmbeddingCollection, module_key
 
 __all__ = [
     "SHARD_HASH_SEED",
@@ -25,6 +25,7 @@ __all__ = [
     "ShardedEmbeddingCollection",
     "ShardingPlan",
     "format_bytes",
+    "module_key",
     "plan_sharding",
     "shard_of",
 ]

@@ -145,7 +145,7 @@ class ShardedEmbeddingCollection(nn.Module):
         self._replicated_columns: list[int] = []
         for i, f in enumerate(plan.features):
             if f.placement is Placement.REPLICATED:
-                self.replicated[_key(f.name, 0, 1)] = make_module(i, 0, 1)
+                self.replicated[module_key(f.name, 0, 1)] = make_module(i, 0, 1)
                 self._replicated_columns.append(i)
 
         # Slots are (feature, shard) pairs of routed features, numbered in send order: by
@@ -167,7 +167,7 @@ class ShardedEmbeddingCollection(nn.Module):
         for position, (owner, i, s) in enumerate(slots):
             to_send_order[order_of[(i, s)]] = position
             if owner == rank:
-                key = _key(plan.features[i].name, s, plan.features[i].num_shards)
+                key = module_key(plan.features[i].name, s, plan.features[i].num_shards)
                 self.owned[key] = make_module(i, s, plan.features[i].num_shards)
                 self._my_slots.append(key)
         self._routed = routed
@@ -373,10 +373,19 @@ class ShardedEmbeddingCollection(nn.Module):
         return total
 
 
-def _key(name: str, shard: int, num_shards: int) -> str:
-    """Module name of a shard in the state dict: the feature's name, plus the shard if split."""
+def module_key(name: str, shard: int, num_shards: int) -> str:
+    """Name of a shard's module under `owned`/`replicated`: the feature, plus the shard if split.
+
+    Args:
+        name: the feature's name.
+        shard: the shard index.
+        num_shards: the feature's number of shards.
+    """
     name = name.replace(".", "_")  # a module name may not contain dots
     return name if num_shards == 1 else f"{name}_shard{shard}of{num_shards}"
+
+
+_key = module_key  # the name jobs/train_loop.py imported first
 
 
 def _global_rank(group_rank: int, group: dist.ProcessGroup | None) -> int:

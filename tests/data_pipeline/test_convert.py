@@ -112,6 +112,10 @@ def test_rerun_skips_converted_inputs_and_shards_are_byte_identical(tmp_path):
     assert [e["skipped"] for e in third["inputs"]] == [False, True]
     assert sorted(p.name for p in (out / "day=0").iterdir()) == ["part-00000.parquet"]
     assert third["rows"] == 8
+    # Dropping an input leaves its day folder out of the manifest, and says so.
+    with pytest.warns(CriteoInputWarning, match=r"day=1 are from an earlier conversion"):
+        fourth = convert([a], out, rows_per_shard=8, use_ray=False, progress=False)
+    assert list(fourth["days"]) == ["0"]
 
 
 def test_an_interrupted_conversion_is_completed_by_the_rerun(tmp_path):
@@ -212,3 +216,16 @@ def test_a_non_criteo_file_fails_the_run_with_its_name(ray_cluster, tmp_path):
     words = tsv(tmp_path / "words.txt", ["hello world"] * 10)
     with pytest.raises(NotCriteoError, match=r"words\.txt: .*39 or 40 tab-separated fields"):
         convert([good, words], tmp_path / "out2", progress=False)
+
+
+def test_streamed_shards_are_the_bytes_write_table_atomic_gives(tmp_path):
+    # 140,000 rows: a shard of two row groups (131,072 + 8,928), written group by group.
+    block = "".join(make_line(i, label=i % 2) + "\n" for i in range(1000)).encode()
+    src = tmp_path / "day_0"
+    src.write_bytes(block * 140)
+    entry = convert_file(src, tmp_path / "out", 0, rows_per_shard=200_000)
+    shard = tmp_path / "out" / entry["files"][0]["path"]
+    assert pq.read_metadata(shard).num_row_groups == 2
+    reference = tmp_path / "reference.parquet"
+    shards.write_table_atomic(pq.read_table(shard), reference)
+    assert reference.read_bytes() == shard.read_bytes()

@@ -247,3 +247,22 @@ def test_real_sample_gzipped_equals_plain(real_data, tmp_path):
     source = real_data / "criteo_terabyte_day0_sample.tsv"
     packed = write(tmp_path, "day_0.gz", gzip.compress(source.read_bytes(), compresslevel=1))
     assert read_criteo(packed)[0].equals(read_criteo(source)[0])
+
+
+def test_corrupt_gzip_keeps_the_rows_before_the_damage(tmp_path):
+    data = bytearray(gzip.compress(
+        ("\n".join(make_line(i) for i in range(4000)) + "\n").encode(), compresslevel=1))
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(64)  # a run of zeros is not valid deflate data
+    with pytest.warns(CriteoInputWarning, match="gzip stream"):
+        table, stats, _ = read_criteo(write(tmp_path, "day_6.gz", bytes(data)))
+    assert 0 < stats.rows < 4000 and stats.truncated is not None
+    # Rows that decoded before the damage are kept in order; garbage after it is not parsed.
+    assert c1_values(table)[: stats.rows // 2] == list(range(stats.rows // 2))
+
+
+def test_a_fixed_layout_that_does_not_match_is_refused(tmp_path):
+    path = write(tmp_path, "day_0", "\n".join(make_line(i) for i in range(3)) + "\n")
+    with pytest.raises(NotCriteoError, match="none of its first 3 lines has 39 tab-separated"):
+        CriteoReader(path, labelled=False)
+    assert CriteoReader(path, labelled=True).labelled is True

@@ -24,6 +24,15 @@ from embeddings.metrics import (
 )
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: a second intra-op thread only spins on the two shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def roc_auc_score(labels: np.ndarray, scores: np.ndarray) -> float:
     # Imported here, not at the top: spawned workers import this module, and scikit-learn
     # would cost each of them a second of start-up on two shared cores.

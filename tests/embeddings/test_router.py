@@ -33,6 +33,15 @@ SPARSE_GRAD = [True, False, True, True, False, False]
 BATCH, STEPS, DENSE_LR, EMBEDDING_LR = 32, 4, 0.5, 20.0
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: a second intra-op thread only spins on the two shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class HashedTable(nn.Module):
     """A deterministic stand-in for a compression method: the hashing trick over raw ids."""
 

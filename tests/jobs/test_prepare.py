@@ -79,6 +79,17 @@ def test_a_file_that_is_not_criteo_fails_with_its_name(ray_cluster, tmp_path, ca
     assert not (tmp_path / "out" / shards.MANIFEST).exists()
 
 
+def test_rerun_without_ray_skips_what_is_converted(real_data, tmp_path, capsys):
+    args = ["--input", str(real_data / "criteo_kaggle_unlabeled_sample.tsv"), "--output",
+            str(tmp_path / "out"), "--rows-per-shard", "1500", "--no-ray", "--no-progress"]
+    assert main(args) == 0
+    first = sorted((tmp_path / "out" / "day=0").iterdir())
+    assert [pq.read_metadata(p).num_rows for p in first] == [1500, 1500, 1000]
+    assert "(converted)" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "already converted, skipped" in capsys.readouterr().out
+
+
 def shards_schema_version() -> int:
     from data_pipeline.schema import SCHEMA_VERSION
 

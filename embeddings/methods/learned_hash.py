@@ -1,0 +1,343 @@
+"""Learned hash functions (Ghaemmaghami et al., "Learning to Collide"): an id → row mapping
+learned from access frequency and a small embedding, so that the ids that share a row are
+ones that behave alike.
+
+A hash function makes arbitrary ids collide; a collision costs least when the two ids would
+have learned similar vectors anyway. So, from the data's frequency statistics and a small
+per-id embedding (trained in a short first phase, or read from a trained model): the most
+frequent ids get rows of their own, the rest are clustered by frequency-weighted k-means on
+the small embedding into the remaining rows, and ids never seen hash into those cluster rows.
+The mapping is two arrays (sorted ids, row per id) saved with the model; training and
+serving read it the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+
+from embeddings import budget
+from embeddings.hashing import hash_bucket
+from embeddings.methods.base import (
+    Combiner,
+    CompressedEmbedding,
+    FeatureStats,
+    Lookup,
+    Mapper,
+    MethodConfig,
+)
+
+# Distances are computed in chunks of at most this many (id, centroid) pairs.
+_PAIRS_PER_CHUNK = 1 << 24
+
+
+class LearnedHashMapper(Mapper):
+    """Mapped ids → their learned row; other ids → hash into the cluster rows.
+
+    Args:
+        rows: rows of the table.
+        own_rows: rows [0, own_rows) belong to one frequent id each; the rest are clusters.
+        seed: hash seed for ids without a learned row.
+        values: int64 [m] mapped ids, sorted ascending (None = none).
+        value_rows: int32 [m] the row of each mapped id.
+    """
+
+    kind = "learned_hash"
+
+    def __init__(
+        self,
+        rows: int,
+        own_rows: int,
+        seed: int = 0,
+        values: torch.Tensor | None = None,
+        value_rows: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0 <= own_rows <= rows:
+            raise ValueError(f"own_rows must be in [0, rows={rows}], got {own_rows}")
+        self.rows = rows
+        self.own_rows = own_rows
+        self.seed = seed
+        if values is None:
+            values = torch.zeros(0, dtype=torch.int64)
+            value_rows = torch.zeros(0, dtype=torch.int32)
+        self.register_buffer("values", values.to(torch.int64))
+        self.register_buffer("value_rows", value_rows.to(torch.int32))
+
+    def fallback(self, ids: torch.Tensor) -> torch.Tensor:
+        """Row of an id with no learned row: hashed into the cluster rows (all rows if none)."""
+        spare = self.rows - self.own_rows
+        if spare > 0:
+            return self.own_rows + hash_bucket(ids, spare, self.seed)
+        return hash_bucket(ids, self.rows, self.seed)
+
+    def forward(self, ids: torch.Tensor) -> Lookup:
+        rows = self.fallback(ids)
+        m = self.values.shape[0]
+        if m:
+            pos = torch.searchsorted(self.values, ids).clamp_(max=m - 1)
+            hit = self.values[pos] == ids
+            rows = torch.where(hit, self.value_rows[pos].to(torch.int64), rows)
+        return Lookup(rows[:, None])
+
+    def export(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        config = {"rows": self.rows, "own_rows": self.own_rows, "seed": self.seed}
+        return config, {"values": self.values, "value_rows": self.value_rows}
+
+    @classmethod
+    def from_export(
+        cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> LearnedHashMapper:
+        return cls(
+            config["rows"],
+            config["own_rows"],
+            config["seed"],
+            tensors["values"],
+            tensors["value_rows"],
+        )
+
+
+def weighted_kmeans(
+    points: torch.Tensor,
+    weights: torch.Tensor,
+    k: int,
+    iters: int = 20,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Cluster label in [0, k) of each point, by Lloyd's algorithm with weighted centroids.
+
+    Centroids start at k distinct points drawn with probability ∝ weight (Gumbel top-k, so
+    frequent ids are likely centres), and are weighted means of their points: frequent ids
+    pull their cluster towards them, so rare ids collide with frequent ids like them. A
+    cluster left empty is re-seeded at the point that costs most (weight × distance).
+
+    Args:
+        points: float [N, m].
+        weights: non-negative [N] (access counts).
+        k: clusters (k ≥ N gives every point its own).
+        iters: Lloyd iterations at most (stops early when no label changes).
+        seed: seed of the initial draw.
+    """
+    n = points.shape[0]
+    if k >= n:
+        return torch.arange(n, dtype=torch.int64)
+    x = points.to(torch.float32)
+    w = weights.to(torch.float32).clamp(min=0)
+    gen = torch.Generator().manual_seed(seed)
+    gumbel = -torch.log(-torch.log(torch.rand(n, generator=gen).clamp(1e-12, 1 - 1e-7)))
+    keys = torch.log(w.clamp(min=1e-30)) + gumbel
+    centroids = x[torch.topk(keys, k).indices].clone()
+    labels = torch.full((n,), -1, dtype=torch.int64)
+    for _ in range(max(1, iters)):
+        new, dist = _assign(x, centroids)
+        if torch.equal(new, labels):
+            break
+        labels = new
+        mass = torch.zeros(k).index_add_(0, labels, w)
+        sums = torch.zeros_like(centroids).index_add_(0, labels, x * w[:, None])
+        filled = mass > 0
+        centroids[filled] = sums[filled] / mass[filled, None]
+        empty = (~filled).nonzero().squeeze(1)
+        # Zero-weight members leave a cluster "empty" too: re-seed those as well.
+        counts = torch.bincount(labels, minlength=k)
+        if empty.numel():
+            cost = w * dist
+            cost[counts[labels] == 1] = -1  # never take a point that is alone in its cluster
+            take = torch.topk(cost, min(empty.numel(), n)).indices
+            centroids[empty[: take.numel()]] = x[take]
+    return labels
+
+
+def _assign(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid of each point and the squared distance to it (chunked)."""
+    c2 = (centroids * centroids).sum(1)
+    chunk = max(1, _PAIRS_PER_CHUNK // max(1, centroids.shape[0]))
+    labels, dists = [], []
+    for start in range(0, x.shape[0], chunk):
+        xs = x[start : start + chunk]
+        d = (xs * xs).sum(1, keepdim=True) - 2 * xs @ centroids.T + c2
+        best, arg = d.min(1)
+        labels.append(arg)
+        dists.append(best.clamp(min=0))
+    return torch.cat(labels), torch.cat(dists)
+
+
+def fit_learned_hash(
+    ids: np.ndarray,
+    counts: np.ndarray,
+    small_embeddings: np.ndarray | None,
+    rows: int,
+    hot_fraction: float,
+    *,
+    max_ids: int | None = None,
+    iters: int = 20,
+    seed: int = 0,
+) -> LearnedHashMapper:
+    """Learn the mapping of a `rows`-row table (the second phase of learned hashing).
+
+    Args:
+        ids: int64 [N] raw ids seen in the data (any order; ties in count keep this order).
+        counts: int64 [N] occurrences of each id.
+        small_embeddings: float [N, m] a small embedding per id, aligned with `ids`: from a
+            short first training phase or a trained model (see `small_embeddings_from`).
+            None clusters on log-frequency alone (ids of like popularity share rows).
+        rows: rows of the table.
+        hot_fraction: share of the rows given to the most frequent ids, one row each.
+        max_ids: map at most this many ids (the most frequent); the rarer ones hash like
+            unseen ids, which keeps the mapping arrays small. None = every id.
+        iters: k-means iterations at most.
+        seed: seed of the k-means start and of the hash for ids without a learned row.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    counts = np.asarray(counts, dtype=np.int64)
+    if ids.ndim != 1 or ids.shape != counts.shape:
+        raise ValueError(f"ids and counts must be 1-D of one length: {ids.shape}, {counts.shape}")
+    if small_embeddings is not None and np.asarray(small_embeddings).shape[0] != ids.shape[0]:
+        raise ValueError("small_embeddings must have one row per id")
+    if not 0 <= hot_fraction <= 1 or rows < 1:
+        raise ValueError(f"need rows ≥ 1 and hot_fraction in [0, 1]: {rows=} {hot_fraction=}")
+    if np.unique(ids).shape[0] != ids.shape[0]:
+        raise ValueError("ids must not repeat")
+    order = np.argsort(-counts, kind="stable")
+    if max_ids is not None:
+        order = order[:max_ids]
+    own = min(math.floor(rows * hot_fraction), order.shape[0])
+    labels = np.empty(order.shape[0], dtype=np.int64)
+    labels[:own] = np.arange(own)
+    rest = order[own:]
+    if rest.shape[0]:
+        if own == rows:
+            # No cluster rows left: the rest are not mapped and hash like unseen ids.
+            order, labels = order[:own], labels[:own]
+        else:
+            if small_embeddings is None:
+                points = np.log1p(counts[rest].astype(np.float64))[:, None]
+            else:
+                points = np.asarray(small_embeddings, dtype=np.float32)[rest]
+            cluster = weighted_kmeans(
+                torch.as_tensor(points, dtype=torch.float32),
+                torch.from_numpy(counts[rest].astype(np.float64)),
+                rows - own,
+                iters,
+                seed,
+            )
+            labels[own:] = own + cluster.numpy()
+    mapped = ids[order]
+    by_value = np.argsort(mapped, kind="stable")
+    return LearnedHashMapper(
+        rows,
+        own,
+        seed,
+        torch.from_numpy(mapped[by_value]),
+        torch.from_numpy(labels[by_value].astype(np.int32)),
+    )
+
+
+@torch.no_grad()
+def small_embeddings_from(
+    embedding: torch.nn.Module, ids: np.ndarray, dim: int | None = None, batch: int = 65536
+) -> np.ndarray:
+    """Vectors of `ids` read from a trained embedding module (forward in eval mode), reduced
+    to `dim` by PCA when given: the "read from a trained model" first phase."""
+    was_training = embedding.training
+    embedding.eval()
+    try:
+        x = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+        vectors = torch.cat([embedding(x[i : i + batch]) for i in range(0, len(x), batch)])
+    finally:
+        embedding.train(was_training)
+    vectors = vectors.to(torch.float64).cpu()
+    if dim is not None and dim < vectors.shape[1]:
+        centred = vectors - vectors.mean(0)
+        # Eigenvectors of the (width × width) covariance: deterministic, unlike pca_lowrank.
+        _, basis = torch.linalg.eigh(centred.T @ centred)
+        vectors = centred @ basis[:, -dim:].flip(1)
+    return vectors.to(torch.float32).numpy()
+
+
+class LearnedHashConfig(MethodConfig):
+    """Learned hashing: frequent ids own rows, the rest share rows with similar ids.
+
+    Needs the feature's frequency statistics (`stats` of `build`); the small embedding of the
+    first phase is passed to `build` as `small_embeddings` (without one, ids are grouped by
+    frequency alone).
+
+    Args:
+        ratio: compression ratio: ceil(n / ratio) rows.
+        rows: the number of rows, instead of a ratio.
+        hot_fraction: share of the rows that the most frequent ids own, one each.
+        mapped_per_row: map at most this many ids per row (the most frequent); rarer ids hash
+            into the cluster rows like unseen ones. None = map every id in the statistics.
+        iters: k-means iterations at most.
+        seed: seed of k-means and of the fallback hash.
+    """
+
+    method: Literal["learned_hash"] = "learned_hash"
+    ratio: float | None = Field(None, ge=1)
+    rows: int | None = Field(None, gt=0)
+    hot_fraction: float = Field(0.5, ge=0, le=1)
+    mapped_per_row: float | None = Field(4.0, gt=0)
+    iters: int = Field(20, ge=1)
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_size(self) -> LearnedHashConfig:
+        if self.ratio is not None and self.rows is not None:
+            raise ValueError("give either ratio or rows, not both")
+        return self
+
+    def check(self, num_embeddings: int, dim: int) -> None:
+        super().check(num_embeddings, dim)
+        if self.ratio is None and self.rows is None:
+            raise ValueError("learned_hash needs a size: set ratio or rows (or a collection ratio)")
+
+    def at_ratio(self, ratio: float) -> LearnedHashConfig:
+        return self.model_copy(update={"ratio": ratio, "rows": None})
+
+    def table_rows(self, num_embeddings: int) -> int:
+        if self.rows is not None:
+            return self.rows
+        assert self.ratio is not None
+        return budget.hash_rows(num_embeddings, self.ratio)
+
+    def build(
+        self,
+        num_embeddings: int,
+        dim: int,
+        stats: FeatureStats | None = None,
+        small_embeddings: np.ndarray | None = None,
+    ) -> CompressedEmbedding:
+        self.check(num_embeddings, dim)
+        if stats is None:
+            raise ValueError(
+                "learned_hash needs the feature's frequency statistics (stats): the mapping "
+                "is learned from them"
+            )
+        rows = self.table_rows(num_embeddings)
+        max_ids = None if self.mapped_per_row is None else math.ceil(self.mapped_per_row * rows)
+        if torch.empty(0).is_meta:
+            # Counting bytes only (a meta-device build): the arrays' sizes, not their content.
+            m = len(stats.values) if max_ids is None else min(len(stats.values), max_ids)
+            own = min(math.floor(rows * self.hot_fraction), m)
+            if own == rows:
+                m = own
+            mapper = LearnedHashMapper(
+                rows, own, self.seed, torch.empty(m, dtype=torch.int64),
+                torch.empty(m, dtype=torch.int32),
+            )
+        else:
+            mapper = fit_learned_hash(
+                stats.values.numpy(),
+                stats.counts.numpy(),
+                small_embeddings,
+                rows,
+                self.hot_fraction,
+                max_ids=max_ids,
+                iters=self.iters,
+                seed=self.seed,
+            )
+        return CompressedEmbedding(mapper, [rows], Combiner.SUM, dim, self.mlet_dim, self.sparse)

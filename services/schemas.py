@@ -1,0 +1,230 @@
+"""Request and response bodies of the scoring API: its documentation and its validation.
+
+A row is one Criteo record without its label, in either of two shapes (mixable in one
+request): arrays `{"dense": [13 × int|null], "categorical": [26 × hex|null]}`, or named
+fields `{"I1": …, "C26": …}` where an absent field means missing. The whole body is parsed
+and validated by pydantic-core in one pass (`parse_score_request`); the error list it gives
+is turned into messages that name the row and the field (`describe_errors`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Strict,
+    StringConstraints,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+)
+from typing_extensions import TypedDict
+
+from data_pipeline.schema import DENSE_COLUMNS, NUM_DENSE, NUM_SPARSE, SPARSE_COLUMNS
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+# A ceiling no configuration can raise: it bounds what one body can make the replica parse.
+# The deployment's own (smaller) maximum is `ScoringSettings.max_rows_per_request`.
+HARD_MAX_ROWS = 65_536
+
+DenseValue = Annotated[
+    Annotated[int, Strict(), Field(ge=INT32_MIN, le=INT32_MAX)] | None,
+    Field(description="integer feature (int32), or null when missing", examples=[5, None]),
+]
+# 1–8 hex digits like the TSV reader accepts (a 32-bit hash, leading zeros optional); "" and
+# null both mean missing, as an empty TSV field does.
+CategoricalValue = Annotated[
+    Annotated[str, StringConstraints(max_length=8, pattern=r"^[0-9a-fA-F]*$")] | None,
+    Field(description="categorical feature: up to 8 hex digits, or null / \"\" when missing",
+          examples=["05db9164", None]),
+]
+
+_ROW_CONFIG = ConfigDict(extra="forbid")
+
+
+class ArrayRow(TypedDict):
+    """A row as two arrays in Criteo's column order (I1..I13, then C1..C26)."""
+
+    __pydantic_config__ = _ROW_CONFIG  # type: ignore[misc]
+
+    dense: Annotated[list[DenseValue], Field(min_length=NUM_DENSE, max_length=NUM_DENSE)]
+    categorical: Annotated[
+        list[CategoricalValue], Field(min_length=NUM_SPARSE, max_length=NUM_SPARSE)
+    ]
+
+
+# A TypedDict rather than a model: rows arrive by the thousand, and a plain dict of the
+# fields present is both cheaper to build and what the vectoriser wants.
+NamedRow = TypedDict(  # type: ignore[misc]
+    "NamedRow",
+    {name: DenseValue for name in DENSE_COLUMNS}
+    | {name: CategoricalValue for name in SPARSE_COLUMNS},
+    total=False,
+)
+NamedRow.__doc__ = "A row as named fields I1..I13, C1..C26; an absent field is missing."
+NamedRow.__pydantic_config__ = _ROW_CONFIG  # type: ignore[attr-defined]
+
+
+def _row_shape(row: Any) -> str | None:
+    if isinstance(row, dict):
+        return "arrays" if ("dense" in row or "categorical" in row) else "named"
+    return None
+
+
+Row = Annotated[
+    Annotated[ArrayRow, Tag("arrays")] | Annotated[NamedRow, Tag("named")],
+    Discriminator(
+        _row_shape,
+        custom_error_type="row_shape",
+        custom_error_message=(
+            "a row is an object: {\"dense\": [13 values], \"categorical\": [26 values]} "
+            "or named fields I1..I13, C1..C26"
+        ),
+    ),
+]
+
+_EXAMPLE_ROW = {
+    "dense": [1, 1, 5, 0, 1382, 4, 15, 2, 181, 1, 2, None, 2],
+    "categorical": [
+        "68fd1e64", "80e26c9b", "fb936136", "7b4723c4", "25c83c98", "7e0ccccf", "de7995b8",
+        "1f89b562", "a73ee510", "a8cd5504", "b2cb9c98", "37c9c164", "2824a5f6", "1adce6ef",
+        "8ba8b39a", "891b62e7", "e5ba7672", "f54016b9", "21ddcdc9", "b1252a9d", "07b5194c",
+        None, "3a171ecb", "c5c50484", "e8b83407", "9727dd16",
+    ],
+}
+_EXAMPLE_NAMED = {"I1": 1, "I2": 1, "I3": 5, "C1": "68fd1e64", "C2": "80e26c9b", "C3": None}
+
+
+class ScoreRequest(BaseModel):
+    """A batch of rows to score; one probability comes back per row, in order."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"rows": [_EXAMPLE_ROW]}, {"rows": [_EXAMPLE_NAMED]}]},
+    )
+
+    rows: list[Row] = Field(
+        min_length=1,
+        max_length=HARD_MAX_ROWS,
+        description="rows to score (at least 1; at most the deployment's "
+        "max_rows_per_request, see GET /v1/model)",
+    )
+
+
+class ScoreResponse(BaseModel):
+    """Click probabilities, one per request row, and the model version that made them."""
+
+    version: str = Field(description="version of the model that scored every row",
+                         examples=["2024-06-01"])
+    probabilities: list[float] = Field(description="P(click) per row, in request order",
+                                       examples=[[0.0312, 0.2551]])
+
+
+class ErrorItem(BaseModel):
+    """One problem with a request, located as precisely as it can be."""
+
+    row: int | None = Field(description="0-based index into `rows`, when one row is at fault")
+    field: str | None = Field(description="Criteo column (I1..I13, C1..C26) or body field")
+    loc: str = Field(description="JSON path of the problem, e.g. rows[3].dense[5]")
+    msg: str
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    """Body of every 4xx answer: one line for people, the list for programs."""
+
+    detail: str = Field(examples=["rows[3].I6: Input should be less than or equal to 2147483647"])
+    errors: list[ErrorItem] = Field(default_factory=list)
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyResponse(BaseModel):
+    """Whether this replica can score, and with which model."""
+
+    ready: bool
+    version: str | None = Field(description="version being served (null before the first)")
+    reload_error: str | None = Field(
+        None, description="why the most recent model change was refused (the served model "
+        "is unchanged); null when the last change succeeded")
+
+
+_REQUEST = TypeAdapter(ScoreRequest)
+# Errors past this many are counted, not listed: a 4,096-row garbage body must not make a
+# megabyte-sized error answer.
+MAX_LISTED_ERRORS = 20
+
+
+def parse_score_request(body: bytes) -> ScoreRequest:
+    """Validate a raw JSON body in one pass (no json.loads first). Raises ValidationError."""
+    return _REQUEST.validate_json(body)
+
+
+def _column(loc: tuple[Any, ...]) -> str | None:
+    """The Criteo column an error location points at, if any."""
+    for i, part in enumerate(loc):
+        if part in ("dense", "categorical") and i + 1 < len(loc) and isinstance(loc[i + 1], int):
+            names = DENSE_COLUMNS if part == "dense" else SPARSE_COLUMNS
+            return names[loc[i + 1]] if loc[i + 1] < len(names) else None
+        if isinstance(part, str) and (part in DENSE_COLUMNS or part in SPARSE_COLUMNS):
+            return part
+    return None
+
+
+def _message(error: dict[str, Any], column: str | None) -> str:
+    kind = error["type"]
+    value = error.get("input")
+    if column in SPARSE_COLUMNS:
+        if kind == "string_too_long":
+            return f"more than 8 hex digits: {value!r}"
+        if kind == "string_pattern_mismatch":
+            return f"not a hex value: {value!r}"
+    if column in DENSE_COLUMNS and kind in ("int_type", "int_from_float"):
+        return f"not an integer or null: {value!r}"
+    if kind in ("too_short", "too_long") and error["loc"][-1:] in (("dense",), ("categorical",)):
+        want = NUM_DENSE if error["loc"][-1] == "dense" else NUM_SPARSE
+        got = len(value) if isinstance(value, list) else "?"
+        return f"{got} values, expected {want}"
+    if kind == "extra_forbidden" and isinstance(error["loc"][-1], str):
+        return f"unknown field {error['loc'][-1]!r} (rows have I1..I13 and C1..C26)"
+    return error["msg"]
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    # Drop the union tag ("arrays"/"named") that pydantic inserts after the row index.
+    parts = [p for p in loc if p not in ("arrays", "named")]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "body"
+
+
+def describe_errors(exc: ValidationError) -> ErrorResponse:
+    """A pydantic error list as messages that name the row and the field."""
+    items = []
+    errors = exc.errors(include_url=False)
+    for error in errors[:MAX_LISTED_ERRORS]:
+        loc = tuple(error["loc"])
+        row = loc[1] if len(loc) > 1 and loc[0] == "rows" and isinstance(loc[1], int) else None
+        column = _column(loc)
+        field = column or next((p for p in reversed(loc) if isinstance(p, str)
+                                and p not in ("arrays", "named")), None)
+        path = _path(loc)
+        if column and not path.endswith(column):
+            path = f"{path} ({column})"
+        if error["type"] == "json_invalid":
+            path, field = "body", None
+        items.append(ErrorItem(row=row, field=field, loc=path,
+                               msg=_message(error, column), type=error["type"]))
+    more = len(errors) - len(items)
+    head = f"{items[0].loc}: {items[0].msg}"
+    if len(errors) > 1:
+        head += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''}"
+        head += f", {more} not listed)" if more else ")"
+    return ErrorResponse(detail=head, errors=items)

@@ -1,0 +1,163 @@
+"""The embedding collection: built from one pydantic config, sized by a global ratio or byte
+budget with the CAFE artifact's maths, collapsing to a serving collection that scores alike."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from embeddings import budget
+from embeddings.collection import CollectionConfig, EmbeddingCollection, ServingCollection
+from embeddings.methods.base import FeatureStats
+from embeddings.methods.full import FullConfig
+from embeddings.methods.hashing_trick import HashConfig
+from embeddings.methods.qr import QRConfig
+from embeddings.optim import RowWiseAdagrad
+
+# Criteo Terabyte's 26 cardinalities scaled down 1000× (at least 3 values each).
+TERABYTE = (
+    39884406, 39043, 17289, 7420, 20263, 3, 7120, 1543, 63, 38532951, 2953546, 403346, 10,
+    2208, 11938, 155, 4, 976, 14, 39979771, 25641295, 39664984, 585935, 12972, 108, 36,
+)
+SCALED = [max(3, n // 1000) for n in TERABYTE]
+
+
+def _ids(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2**32, (n, 26), generator=g)
+
+
+def test_global_ratio_leaves_small_features_uncompressed_and_sizes_the_rest() -> None:
+    config = CollectionConfig(dim=16, cardinalities=SCALED, ratio=100, method={"method": "hash"})
+    col = EmbeddingCollection(config)
+    for name, n in config.sizes().items():
+        emb = col.method(name)
+        if n <= 2000 / 100:
+            assert col.method_configs[name] == FullConfig()
+            assert emb.tables[0].shape[0] == n
+        else:
+            assert emb.tables[0].shape[0] == budget.hash_rows(n, 100)
+    out = col(_ids(64))
+    assert out.shape == (64, 26, 16)
+    serving = col.collapse()
+    assert isinstance(serving, ServingCollection)
+    assert (serving(_ids(64)) - out).abs().max() <= 1e-5
+
+
+def test_byte_budget_is_met_with_the_smallest_ratio_that_fits() -> None:
+    full = EmbeddingCollection(CollectionConfig(dim=16, cardinalities=SCALED)).serving_bytes()
+    target = full // 50
+    config = CollectionConfig(
+        dim=16,
+        cardinalities=SCALED,
+        budget_bytes=target,
+        method={"method": "qr", "operation": "sum"},
+    )
+    col = EmbeddingCollection(config)
+    assert col.serving_bytes() <= target
+    assert col.serving_bytes() > 0.95 * target
+    assert col.ratio is not None and col.ratio > 1
+    looser = config.model_copy(update={"budget_bytes": None, "ratio": col.ratio * 0.98})
+    assert EmbeddingCollection(looser).serving_bytes() > target
+
+
+def test_training_budget_counts_mlet_width() -> None:
+    kw = {"dim": 8, "cardinalities": SCALED, "budget_bytes": 400_000}
+    mlet = {"method": "hash", "mlet_dim": 32}
+    serving = EmbeddingCollection(CollectionConfig(**kw, method=mlet))
+    training = EmbeddingCollection(CollectionConfig(**kw, method=mlet, budget_memory="training"))
+    assert serving.serving_bytes() <= 400_000 < serving.training_bytes()
+    assert training.training_bytes() <= 400_000
+    assert training.ratio > serving.ratio
+
+
+def test_per_feature_configs_with_stats_and_mixed_methods() -> None:
+    features = {
+        "C1": {"method": "qr", "collisions": 50, "operation": "concat"},
+        "C2": {"method": "hash", "ratio": 3, "mlet_dim": 32},
+    }
+    config = CollectionConfig(
+        dim=8, cardinalities=[5000, 3000, 40], features=features, method=FullConfig()
+    )
+    ids = _ids(2000)[:, :3]
+    stats = {"C3": FeatureStats.from_ids(ids[:, 2] % 40)}
+    col = EmbeddingCollection(config, stats)
+    assert isinstance(col.method_configs["C1"], QRConfig)
+    assert col.method("C2").projection is not None
+    assert col.method("C3").mapper.known == 40
+    opt = RowWiseAdagrad(col.parameters(), lr=0.1)
+    for _ in range(20):
+        loss = col(ids).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        col.after_step(opt)
+    assert len(col.table_parameters()) == 4 and len(col.dense_parameters()) == 1
+    serving = col.collapse()
+    assert (serving(ids) - col(ids)).abs().max() <= 1e-5
+    assert serving.serving_bytes() == col.serving_bytes()
+    assert "C2" in col.format_plan() and "hash+mlet32" in col.format_plan()
+
+
+def test_after_step_reaches_every_method() -> None:
+    col = EmbeddingCollection(CollectionConfig(dim=4, cardinalities=[10, 20]))
+    seen = []
+
+    class Recording(type(col.method("C1"))):
+        def after_step(self, optimizer=None) -> None:
+            seen.append(optimizer)
+
+    for emb in col.embeddings.values():
+        emb.__class__ = Recording
+    opt = RowWiseAdagrad(col.parameters())
+    col.after_step(opt)
+    assert seen == [opt, opt]
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        ({"features": {"C9": {"method": "hash", "ratio": 2}}}, "features.C9"),
+        ({"features": {"C1": {"method": "nope"}}}, "features.C1"),
+        ({"features": {"C2": {"method": "qr", "ratio": 2, "mlet_dim": 32}}}, "linear combiner"),
+        ({"method": {"method": "qr", "ratio": 2, "mlet_dim": 32}}, "method"),
+        ({"features": {"C1": {"method": "hash", "ratio": 2, "mlet_dim": 400}}}, "features.C1"),
+        ({"method": {"method": "hash"}}, "needs a size"),
+        ({"ratio": 10, "budget_bytes": 100}, "either ratio or budget_bytes"),
+        ({"ratio": 0.5}, "ratio"),
+        ({"names": ["a", "b"]}, "names"),
+        ({"features": {"C1": {"method": "hash", "ratio": 2, "bogus": 1}}}, "bogus"),
+    ],
+)
+def test_bad_configs_fail_with_an_error_naming_the_field(config: dict, field: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        CollectionConfig(dim=8, cardinalities=[5000, 3000, 40], **config)
+    assert field in str(info.value)
+
+
+def test_config_round_trips_through_json() -> None:
+    config = CollectionConfig(
+        dim=8,
+        cardinalities=[5000, 3000],
+        features={"C1": QRConfig(ratio=4, operation="sum", mlet_dim=16)},
+        method=HashConfig(ratio=3),
+    )
+    again = CollectionConfig.model_validate_json(config.model_dump_json())
+    assert again == config
+
+
+def test_mixed_precision_of_a_collection_fits_its_budget() -> None:
+    config = CollectionConfig(dim=16, cardinalities=SCALED[:4], ratio=20, method={"method": "hash"})
+    col = EmbeddingCollection(config)
+    serving = col.collapse()
+    ids = _ids(5000)[:, :4]
+    stats = {name: FeatureStats.from_ids(ids[:, j]) for j, name in enumerate(col.names)}
+    all_int4 = col.serving_bytes("int4")
+    target = (all_int4 + col.serving_bytes("int8")) // 2
+    mixed, report = serving.quantize_mixed(stats, target)
+    assert report.bytes == mixed.serving_bytes() <= target
+    assert report.bytes > all_int4
+    err_mixed = (mixed(ids) - serving(ids)).pow(2).mean()
+    err_int4 = (serving.quantize("int4")(ids) - serving(ids)).pow(2).mean()
+    assert err_mixed < err_int4 / 4

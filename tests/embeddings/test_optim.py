@@ -1,0 +1,117 @@
+"""The table optimizers touch only the rows a batch used, follow their update rules exactly,
+and keep row-shaped state that can move with a row."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import TypeAdapter, ValidationError
+
+from embeddings.methods.hashing_trick import HashConfig
+from embeddings.optim import (
+    AdamConfig,
+    LazyAdam,
+    RowWiseAdagrad,
+    SparseOptimizerConfig,
+    copy_state_rows,
+)
+
+
+def _sparse_step(opt_cls, ids: torch.Tensor, **kw):
+    torch.manual_seed(0)
+    table = torch.nn.Parameter(torch.randn(50, 4))
+    before = table.detach().clone()
+    opt = opt_cls([table], **kw)
+    out = torch.nn.functional.embedding(ids, table, sparse=True)
+    (out * torch.arange(1.0, 5.0)).sum().backward()
+    assert table.grad.is_sparse
+    opt.step()
+    return table, before, opt
+
+
+@pytest.mark.parametrize("opt_cls", [RowWiseAdagrad, LazyAdam])
+def test_only_used_rows_change(opt_cls) -> None:
+    ids = torch.tensor([3, 7, 3, 3, 41])
+    table, before, opt = _sparse_step(opt_cls, ids, lr=0.1)
+    used = torch.zeros(50, dtype=torch.bool)
+    used[ids] = True
+    assert torch.equal(table.detach()[~used], before[~used])
+    assert bool((table.detach()[used] != before[used]).all())
+    for value in opt.state[table].values():
+        assert value.shape[0] == 50  # row-shaped
+        flat = value.reshape(50, -1)
+        assert bool((flat[~used] == 0).all()) and bool((flat[used] != 0).any())
+
+
+def test_rowwise_adagrad_follows_fbgemm_rule() -> None:
+    ids = torch.tensor([3, 7, 3, 3, 41])
+    table, before, opt = _sparse_step(RowWiseAdagrad, ids, lr=0.1, eps=1e-8)
+    g = torch.zeros(50, 4)
+    g.index_add_(0, ids, torch.arange(1.0, 5.0).expand(5, 4))  # repeated ids sum
+    acc = g.pow(2).mean(1)
+    expected = before - 0.1 * g / (acc.sqrt() + 1e-8)[:, None]
+    assert torch.allclose(table.detach(), expected, atol=1e-6)
+    assert torch.allclose(opt.state[table]["sum"], acc)
+
+
+def test_rowwise_adagrad_dense_gradients_use_the_same_rule() -> None:
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(6, 3))
+    before = p.detach().clone()
+    (p * torch.arange(18.0).view(6, 3)).sum().backward()
+    RowWiseAdagrad([p], lr=0.5).step()
+    g = torch.arange(18.0).view(6, 3)
+    expected = before - 0.5 * g / (g.pow(2).mean(1).sqrt() + 1e-8)[:, None]
+    assert torch.allclose(p.detach(), expected, atol=1e-6)
+
+
+def test_lazy_adam_equals_adam_when_every_row_is_used() -> None:
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(8, 4))
+    b = torch.nn.Parameter(a.detach().clone())
+    lazy, dense = LazyAdam([a], lr=0.05), torch.optim.Adam([b], lr=0.05)
+    ids = torch.arange(8).repeat(3)
+    for step in range(5):
+        target = torch.randn(24, 4, generator=torch.Generator().manual_seed(step))
+        for p, opt, sparse in ((a, lazy, True), (b, dense, False)):
+            opt.zero_grad()
+            out = torch.nn.functional.embedding(ids, p, sparse=sparse)
+            (out - target).pow(2).sum().backward()
+            opt.step()
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_training_a_sparse_method_touches_only_its_used_rows() -> None:
+    emb = HashConfig(rows=1000, mlet_dim=32).build(10_000, 8)
+    before = emb.tables[0].detach().clone()
+    opt = RowWiseAdagrad(emb.parameters(), lr=0.1)
+    ids = torch.tensor([5, 17, 5, 9999])
+    emb(ids).sum().backward()
+    opt.step()
+    used = torch.zeros(1000, dtype=torch.bool)
+    used[emb.mapper(ids).rows[:, 0]] = True
+    changed = (emb.tables[0].detach() != before).any(1)
+    assert torch.equal(changed, used)
+
+
+@pytest.mark.parametrize("opt_cls", [RowWiseAdagrad, LazyAdam])
+def test_copy_state_rows_moves_a_rows_state_to_another_table(opt_cls) -> None:
+    cold = torch.nn.Parameter(torch.randn(20, 4))
+    hot = torch.nn.Parameter(torch.randn(5, 4))
+    opt = opt_cls([cold, hot], lr=0.1)
+    torch.nn.functional.embedding(torch.tensor([2, 3]), cold, sparse=True).sum().backward()
+    opt.step()
+    copy_state_rows(opt, cold, torch.tensor([3]), hot, torch.tensor([1]))
+    for key, value in opt.state[cold].items():
+        assert torch.equal(opt.state[hot][key][1], value[3])
+        assert bool((opt.state[hot][key][0] == 0).all())
+
+
+def test_optimizer_configs_are_a_discriminated_union() -> None:
+    adapter = TypeAdapter(SparseOptimizerConfig)
+    config = adapter.validate_python({"name": "adam", "lr": 0.01})
+    assert isinstance(config, AdamConfig)
+    p = torch.nn.Parameter(torch.zeros(3, 2))
+    assert isinstance(config.build([p]), LazyAdam)
+    with pytest.raises(ValidationError, match="lr"):
+        adapter.validate_python({"name": "rowwise_adagrad", "lr": -1})

@@ -1,0 +1,63 @@
+"""Helpers of the serving tests: small exported models and offline reference scores.
+
+The models are built the way the train job builds its export — a compressed embedding
+collection collapsed to its serving form, a dlrm-small dense model, `export_model` — only
+with random weights, so no training is needed. The offline reference scores go through the
+TSV reader and `transform_table`, the path evaluation takes, never the service's code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_pipeline.criteo import read_criteo
+from data_pipeline.schema import TERABYTE_CARDINALITIES
+from data_pipeline.transforms import transform_table
+from embeddings.collection import CollectionConfig, EmbeddingCollection
+from embeddings.models import model_preset
+from embeddings.serving import ServingModel, export_model, load_model
+
+UNLABELLED = "criteo_kaggle_unlabeled_sample.tsv"
+TOKEN = "test-token-5f1c"
+
+
+def build_test_model(seed: int) -> ServingModel:
+    """A random dlrm-small over hashed embeddings at 1/1000 of Terabyte's cardinalities."""
+    torch.manual_seed(seed)
+    cards = [max(c // 1000, 3) for c in TERABYTE_CARDINALITIES]
+    config = CollectionConfig(dim=16, cardinalities=cards, method={"method": "hash"}, ratio=10)
+    serving = EmbeddingCollection(config).collapse()
+    spec = model_preset("dlrm-small")
+    return ServingModel(spec, spec.build(), serving.names, list(serving.embeddings.values()))
+
+
+def export_test_model(directory: Path, seed: int, version: str | None = None) -> Path:
+    metadata = {"version": version} if version else {}
+    return export_model(build_test_model(seed), directory, metadata)
+
+
+def offline_probabilities(model_dir: Path, tsv: Path) -> np.ndarray:
+    """P(click) for every row of a TSV: reader → transform_table → load_model → sigmoid."""
+    table, _, rejects = read_criteo(tsv)
+    assert not rejects
+    inputs = transform_table(table)
+    model, _ = load_model(model_dir)
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(inputs["dense"]), torch.from_numpy(inputs["sparse"]))
+    return torch.sigmoid(logits).numpy()
+
+
+def raw_tsv_rows(tsv: Path) -> list[dict[str, list]]:
+    """Request rows straight from the TSV text (a parser independent of the service's)."""
+    rows = []
+    for line in tsv.read_text().splitlines():
+        fields = line.split("\t")
+        fields = fields[-39:]  # drop a label column if there is one
+        rows.append({
+            "dense": [int(v) if v else None for v in fields[:13]],
+            "categorical": [v or None for v in fields[13:]],
+        })
+    return rows
