@@ -25,6 +25,7 @@ Folders starting with ``_`` are ignored by pyarrow and Ray Data dataset discover
 from __future__ import annotations
 
 import functools
+import json
 import os
 import queue
 import re
@@ -117,8 +118,6 @@ def _params(rows_per_shard: int, labelled: bool | None) -> dict[str, Any]:
 
 
 def _load_marker(path: Path) -> dict[str, Any] | None:
-    import json
-
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -240,6 +239,7 @@ class _ShardWriter:
                 if writer is None:
                     final = shards.shard_path(self._output_dir, self._day, part)
                     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+                    final.parent.mkdir(parents=True, exist_ok=True)
                     writer = pq.ParquetWriter(tmp, self._schema, compression="zstd",
                                               write_statistics=True)
                     rows = 0
@@ -493,6 +493,8 @@ def convert(
     output_dir.mkdir(parents=True, exist_ok=True)
     # From here on the folder is being changed: no manifest until it is consistent again.
     (output_dir / shards.MANIFEST).unlink(missing_ok=True)
+    for leftover in output_dir.glob(f".{shards.MANIFEST}.tmp-*"):
+        leftover.unlink()
     kwargs = {"rows_per_shard": rows_per_shard, "labelled": layout, "block_size": block_size}
     total = sum(p.path.stat().st_size for p in plans)
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="prepare",

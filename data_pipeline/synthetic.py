@@ -67,6 +67,8 @@ LATENT_TABLE_ROWS = 1 << 16
 # the continuous power law, which the discrete law approaches there.
 ALIAS_HEAD_ROWS = 1 << 16
 DENSE_QUANTILES = 1 << 13
+# Latent values are multiples of 1/LATENT_STEPS (int8, ±127): ~4 sigma of range.
+LATENT_STEPS = 32
 CALIBRATION_ROWS = 200_000
 TSV_FORMAT, PARQUET_FORMAT = "tsv", "parquet"
 SYNTHETIC_JSON = "synthetic.json"
@@ -216,24 +218,28 @@ def _scramble32(item, key):
 
 @njit(inline="always")
 def _latent(feature_key, item, v):
-    # An item's latent vector (into v) and first-order weight, hashed from (feature, item).
+    # An item's latent vector (into v) and first-order weight, hashed from (feature, item)
+    # and quantised to int8 steps of 1/LATENT_STEPS: integer sums are exact (the same bits
+    # on every machine, whatever the vector width) and the table fits in a core's cache.
     base = feature_key + _U(item) * _GOLDEN
-    nsq = np.float32(0.0)
+    nsq = np.int32(0)
     for q in range(v.shape[0]):
-        x = np.float32(_gauss(_mix(base + _U(q + 1) * _M2)))
+        x = np.int8(min(max(round(_gauss(_mix(base + _U(q + 1) * _M2)) * LATENT_STEPS),
+                            -127.0), 127.0))
         v[q] = x
-        nsq += x * x
-    return np.float32(_gauss(_mix(base))), nsq
+        nsq += np.int32(x) * np.int32(x)
+    w = np.int8(min(max(round(_gauss(_mix(base)) * LATENT_STEPS), -127.0), 127.0))
+    return w, nsq
 
 
 @njit(cache=True, nogil=True)
 def _latent_table(feature_keys, rows, offsets, k):
     # Tabulated latents: vectors (flat, k per item), first-order weights and squared norms.
     total = offsets[-1]
-    vec = np.empty(total * k, dtype=np.float32)
-    w = np.empty(total, dtype=np.float32)
-    nsq = np.empty(total, dtype=np.float32)
-    v = np.empty(k, dtype=np.float32)
+    vec = np.empty(total * k, dtype=np.int8)
+    w = np.empty(total, dtype=np.int8)
+    nsq = np.empty(total, dtype=np.int32)
+    v = np.empty(k, dtype=np.int8)
     for f in range(feature_keys.shape[0]):
         for i in range(rows[f]):
             r = offsets[f] + i
@@ -270,15 +276,16 @@ def _alias_table(probs):
             nl -= 1
             small[ns] = g
             ns += 1
-    threshold = np.empty(n, np.uint64)
+    # One uint64 per entry, alias index above the 32-bit keep threshold: one load per draw.
+    packed = np.empty(n, np.uint64)
     for i in range(n):
-        threshold[i] = _U(min(keep[i], 1.0) * 4294967296.0)
-    return threshold, alias
+        packed[i] = (_U(alias[i]) << _S32) | _U(min(keep[i] * 4294967296.0, 4294967295.0))
+    return packed
 
 
 @njit(cache=True, nogil=True)
 def _fill_rows(
-    day_key, row0, card, shift, al_thr, al_idx, al_off, al_len, head, tail_a, tail_b, tail_e,
+    day_key, row0, card, shift, alias, al_off, al_len, head, tail_a, tail_b, tail_e,
     value_keys, lat_keys, lat_rows, lat_offsets, lat_v, lat_w, lat_n, d_thr, q_val, q_t,
     d_beta, d_center, d_proj, a_lin, a_pair, bias, val_start, test_start,
     label, dense, dense_ok, cat, cat_ok, lin_out, pair_out, hist,
@@ -293,22 +300,26 @@ def _fill_rows(
     uk = _U(k)
     tile = 1024
     rk = np.empty(tile, np.uint64)
-    sv = np.zeros(tile * k, np.float32)
+    sv = np.zeros(tile * k, np.int32)  # categorical sums in latent steps: exact integers
+    sq = np.zeros(tile, np.int32)
+    lin_c = np.zeros(tile, np.int32)
     dv = np.zeros(tile * k, np.float32)
-    sq = np.zeros(tile, np.float32)
     lin = np.zeros(tile, np.float32)
-    tmp = np.empty(k, np.float32)
+    tmp = np.empty(k, np.int8)
+    step = np.float32(1.0 / LATENT_STEPS)
+    step2 = np.float32(1.0 / (LATENT_STEPS * LATENT_STEPS))
     n_bins = hist.shape[2]
     bin_scale = n_bins / (_HIST_HI - _HIST_LO)
     q_n = _U(q_val.shape[1])
-    one, zero = np.float32(1.0), np.float32(0.0)
+    zero = np.float32(0.0)
     for t0 in range(0, n, tile):
         m = min(tile, n - t0)
         for i in range(m):
             rk[i] = _mix(day_key + _U(row0 + t0 + i) * _GOLDEN)
-        sv[:] = 0.0
+        sv[:] = 0
+        sq[:] = 0
+        lin_c[:] = 0
         dv[:] = 0.0
-        sq[:] = 0.0
         lin[:] = 0.0
         for f in range(card.shape[0]):
             stream = _U(f + 1) * _GOLDEN
@@ -323,8 +334,8 @@ def _fill_rows(
             for i in range(m):
                 h = _mix(rk[i] + stream)
                 j = ((h & _M32) * size) >> _S32
-                alt = _U(al_idx[off + j])
-                j = np.int64(j if (h >> _S32) < al_thr[off + j] else alt)
+                e = alias[off + j]
+                j = np.int64(j if (h >> _S32) < (e & _M32) else e >> _S32)
                 present = j < h_f  # outcome h_f is the tail, h_f + 1 missing
                 if j == h_f:  # the tail beyond the tabulated head: power-law inverse CDF
                     u = _uniform(_mix(rk[i] + stream + _M2))
@@ -339,22 +350,22 @@ def _fill_rows(
                 r = _U(t0 + i)
                 cat[f, r] = np.int64(_scramble32(item, key)) if present else 0
                 cat_ok[f, r] = present
-                wgt = one if present else zero
+                wgt = np.int32(1) if present else np.int32(0)
                 ui = _U(i)
                 if item < lat_hi:
                     lr = _U(lat_lo + item)
                     base = lr * uk
                     for q in range(k):
                         uq = _U(q)
-                        sv[ui * uk + uq] += lat_v[base + uq] * wgt
+                        sv[ui * uk + uq] += np.int32(lat_v[base + uq]) * wgt
                     sq[ui] += lat_n[lr] * wgt
-                    lin[ui] += lat_w[lr] * wgt
+                    lin_c[ui] += np.int32(lat_w[lr]) * wgt
                 else:  # beyond the table (Terabyte-sized features): hash it now
                     w_i, n_i = _latent(lat_keys[f], item, tmp)
                     for q in range(k):
-                        sv[ui * uk + _U(q)] += tmp[q] * wgt
+                        sv[ui * uk + _U(q)] += np.int32(tmp[q]) * wgt
                     sq[ui] += n_i * wgt
-                    lin[ui] += w_i * wgt
+                    lin_c[ui] += np.int32(w_i) * wgt
         for jd in range(q_val.shape[0]):
             stream = _U(card.shape[0] + jd + 1) * _GOLDEN
             th_miss, th_zero, th_neg = d_thr[jd, 0], d_thr[jd, 1], d_thr[jd, 2]
@@ -381,18 +392,19 @@ def _fill_rows(
         for i in range(m):
             # FM identity: all pairs of categorical latents, plus each against the dense
             # projection (DLRM's dense-sparse interaction).
-            ss = zero
+            ss = np.int64(0)
             sd = zero
             ui = _U(i)
             for q in range(k):
-                a = sv[ui * uk + _U(q)]
+                a = np.int64(sv[ui * uk + _U(q)])
                 ss += a * a
-                sd += a * dv[ui * uk + _U(q)]
-            pair = np.float32(0.5) * (ss - sq[ui]) + sd
+                sd += np.float32(a) * dv[ui * uk + _U(q)]
+            pair = np.float32(ss - sq[ui]) * (np.float32(0.5) * step2) + sd * step
+            lin_i = lin[ui] + np.float32(lin_c[ui]) * step
             r = _U(t0 + i)
-            lin_out[r] = lin[ui]
+            lin_out[r] = lin_i
             pair_out[r] = pair
-            logit = bias + a_lin * lin[ui] + a_pair * pair
+            logit = bias + a_lin * lin_i + a_pair * pair
             p = 1.0 / (1.0 + math.exp(-logit))
             y = _uniform(_mix(rk[i] + stream)) < p
             label[r] = 1 if y else 0
@@ -476,8 +488,7 @@ class _Model:
     """The tables every part needs; a pure function of the teacher fields of the config."""
 
     cardinalities: np.ndarray
-    al_thr: np.ndarray  # alias tables over (head ranks, tail, missing), concatenated
-    al_idx: np.ndarray
+    alias: np.ndarray  # alias tables over (head ranks, tail, missing), concatenated
     al_off: np.ndarray
     al_len: np.ndarray
     head: np.ndarray  # tabulated ranks per feature; outcome `head` = tail, `head + 1` = missing
@@ -511,7 +522,7 @@ def _power_integral(lo: float, hi: float, s: float) -> float:
 
 
 def _popularity_tables(card: np.ndarray, s: float) -> tuple[np.ndarray, ...]:
-    thr, idx, off, length, head = [], [], [0], [], []
+    tables, off, length, head = [], [0], [], []
     tail_a, tail_b, tail_e = [], [], []
     for n, miss in zip(card.tolist(), CAT_MISSING_RATES, strict=True):
         h = min(n, ALIAS_HEAD_ROWS)
@@ -520,9 +531,7 @@ def _popularity_tables(card: np.ndarray, s: float) -> tuple[np.ndarray, ...]:
         tail = _power_integral(h + 0.5, n + 0.5, s) if n > h else 0.0
         z = weights.sum() + tail
         probs = np.concatenate([weights * ((1 - miss) / z), [tail * (1 - miss) / z, miss]])
-        t, a = _alias_table(probs)
-        thr.append(t)
-        idx.append(a)
+        tables.append(_alias_table(probs))
         length.append(len(probs))
         off.append(off[-1] + len(probs))
         head.append(h)
@@ -535,7 +544,7 @@ def _popularity_tables(card: np.ndarray, s: float) -> tuple[np.ndarray, ...]:
             tail_a.append(lo ** (1.0 - s))
             tail_b.append(hi ** (1.0 - s) - lo ** (1.0 - s))
             tail_e.append(1.0 / (1.0 - s))
-    return (np.concatenate(thr), np.concatenate(idx), np.array(off[:-1], np.int64),
+    return (np.concatenate(tables), np.array(off[:-1], np.int64),
             np.array(length, np.int64), np.array(head, np.int64), np.array(tail_a),
             np.array(tail_b), np.array(tail_e))
 
@@ -560,7 +569,7 @@ def _dense_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _base_model(teacher: tuple) -> _Model:
     scale, seed, _, s, k, _, _ = teacher
     card = np.array(scaled_cardinalities(scale), dtype=np.int64)
-    al_thr, al_idx, al_off, al_len, head, tail_a, tail_b, tail_e = _popularity_tables(card, s)
+    alias, al_off, al_len, head, tail_a, tail_b, tail_e = _popularity_tables(card, s)
     value_keys = np.array([_key(seed, 1, f) for f in range(NUM_SPARSE)], dtype=np.uint64)
     lat_keys = np.array([_key(seed, 2, f) for f in range(NUM_SPARSE)], dtype=np.uint64)
     lat_rows = np.minimum(card, LATENT_TABLE_ROWS)
@@ -569,7 +578,7 @@ def _base_model(teacher: tuple) -> _Model:
     d_thr, q_val, q_t = _dense_tables()
     rng = np.random.default_rng([seed, 3])
     return _Model(
-        cardinalities=card, al_thr=al_thr, al_idx=al_idx, al_off=al_off, al_len=al_len,
+        cardinalities=card, alias=alias, al_off=al_off, al_len=al_len,
         head=head, tail_a=tail_a, tail_b=tail_b, tail_e=tail_e, value_keys=value_keys,
         lat_keys=lat_keys, lat_rows=lat_rows, lat_offsets=lat_offsets,
         lat_v=lat_v, lat_w=lat_w, lat_n=lat_n,
@@ -618,7 +627,7 @@ def _fill(model: _Model, cal: Calibration, day_key: np.uint64, shift: np.ndarray
     r = _scratch_rows(n) if reuse else _new_rows(n)
     m = model
     _fill_rows(
-        day_key, np.int64(row0), m.cardinalities, shift, m.al_thr, m.al_idx, m.al_off, m.al_len,
+        day_key, np.int64(row0), m.cardinalities, shift, m.alias, m.al_off, m.al_len,
         m.head, m.tail_a, m.tail_b, m.tail_e, m.value_keys, m.lat_keys, m.lat_rows,
         m.lat_offsets, m.lat_v, m.lat_w, m.lat_n, m.d_thr, m.q_val, m.q_t, m.d_beta,
         np.asarray(cal.dense_center, np.float64), m.d_proj, cal.a_lin, cal.a_pair, cal.bias,

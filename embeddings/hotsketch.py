@@ -351,41 +351,48 @@ def _route_kernel(
     medium_threshold: float,
     spread_rows: int,
 ):
-    """Split a batch by where it reads: (positions of hot ids, their hot rows, positions of
-    the others, (hash // buckets) % spread_rows of each, positions of the medium ones)."""
+    """Lay a batch out hot ids first, then the others; see `HotSketch.route`."""
     n = ids.shape[0]
     n_buckets = keys.shape[0]
-    at_hot = np.empty(n, np.int64)
-    hot_rows = np.empty(n, np.int64)
-    at_hash = np.empty(n, np.int64)
-    spread = np.empty(n, np.int64)
-    at_medium = np.empty(n, np.int64)
+    found = np.empty(n, np.int64)  # hot row, -1 cold, -2 medium
+    n_hot = 0
+    for i in range(n):
+        b = hashes[i] % n_buckets
+        found[i] = -1
+        for k in range(keys.shape[1]):
+            sc = scores[b, k]
+            if sc > 0 and keys[b, k] == ids[i]:
+                if rows[b, k] > 0:
+                    found[i] = rows[b, k] - 1
+                    n_hot += 1
+                elif sc >= medium_threshold:
+                    found[i] = -2
+                break
+    order = np.empty(n, np.int64)
+    inverse = np.empty(n, np.int64)
+    hot_rows = np.empty(n_hot, np.int64)
+    spread = np.empty(n - n_hot, np.int64)
+    medium_pos = np.empty(n - n_hot, np.int64)
+    medium_at = np.empty(n - n_hot, np.int64)
     nh = 0
     nc = 0
     nm = 0
     for i in range(n):
-        h = hashes[i]
-        b = h % n_buckets
-        row = -1
-        medium = False
-        for k in range(keys.shape[1]):
-            sc = scores[b, k]
-            if sc > 0 and keys[b, k] == ids[i]:
-                row = rows[b, k] - 1
-                medium = row < 0 and sc >= medium_threshold
-                break
-        if row >= 0:
-            at_hot[nh] = i
-            hot_rows[nh] = row
+        if found[i] >= 0:
+            pos = nh
+            hot_rows[nh] = found[i]
             nh += 1
         else:
-            at_hash[nc] = i
-            spread[nc] = (h // n_buckets) % spread_rows
+            pos = n_hot + nc
+            spread[nc] = (hashes[i] // n_buckets) % spread_rows
             nc += 1
-            if medium:
-                at_medium[nm] = i
+            if found[i] == -2:
+                medium_pos[nm] = pos
+                medium_at[nm] = i
                 nm += 1
-    return at_hot[:nh], hot_rows[:nh], at_hash[:nc], spread[:nc], at_medium[:nm]
+        order[pos] = i
+        inverse[i] = pos
+    return order, inverse, hot_rows, spread, medium_pos[:nm], medium_at[:nm]
 
 
 class HotSketch:
@@ -548,11 +555,15 @@ class HotSketch:
     def route(
         self, ids: np.ndarray, hashes: np.ndarray, spread_rows: int
     ) -> tuple[np.ndarray, ...]:
-        """One pass over a batch for the training lookup: (positions of hot ids, their hot
-        rows, positions of the other ids, a second index `(hash // buckets) % spread_rows`
-        for each of those, positions of the medium ones). The quotient by the bucket count
-        is the part of the hash the bucket did not use, so it spreads ids independently of
-        their bucket, with no second hash to compute."""
+        """One pass over a batch for the training lookup, laying it out hot ids first.
+
+        Returns (order, inverse, hot_rows, spread, medium_pos, medium_at): batch position of
+        each laid-out slot, and the slot of each batch position; the hot row of each hot id
+        (they fill the first len(hot_rows) slots); for each other id, in slot order,
+        `(hash // buckets) % spread_rows` (the part of the hash the bucket did not use: a
+        second index independent of the bucket, with no second hash to compute); the slots
+        and the batch positions of the medium ids.
+        """
         return _route_kernel(
             self.keys, self.scores, self.rows, hashes, ids,
             self.medium_fraction * self.threshold, spread_rows,

@@ -168,6 +168,20 @@ class LazyAdam(torch.optim.Optimizer):
         return loss
 
 
+def optimizer_state_bytes(
+    optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor] | None = None
+) -> int:
+    """Exact bytes of the optimizer's tensor state, for `params` or for every parameter
+    (training memory beyond `training_bytes`, which excludes the optimizer)."""
+    keys = list(optimizer.state) if params is None else list(params)
+    return sum(
+        v.numel() * v.element_size()
+        for p in keys
+        for v in optimizer.state.get(p, {}).values()
+        if isinstance(v, torch.Tensor)
+    )
+
+
 @torch.no_grad()
 def copy_state_rows(
     optimizer: torch.optim.Optimizer,

@@ -138,7 +138,7 @@ def export_model(
     """Write model.json + weights.safetensors; the JSON last, so it always has its weights."""
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    clash = sorted(set(metadata or {}) & _COMPUTED_KEYS)
+    clash = sorted(set(metadata or {}) & COMPUTED_KEYS)
     if clash:
         # A stale "weights_sha256" or "format" copied from another model.json would make
         # the new directory fail its own checksum, or lie about its contents.
@@ -172,7 +172,8 @@ def export_model(
     return path
 
 
-_COMPUTED_KEYS = frozenset({
+# What export_model writes itself; any other key of model.json is the caller's metadata.
+COMPUTED_KEYS = frozenset({
     "format", "schema_version", "features", "num_dense", "embedding_dim", "model",
     "embeddings", "serving_bytes", "weights_sha256",
 })

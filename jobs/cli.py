@@ -10,6 +10,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("jobs.synth", "generate synthetic Criteo data with a planted teacher model"),
     "prepare": ("jobs.prepare", "convert Criteo TSV (plain or .gz) into Parquet shards"),
+    "train": ("jobs.train", "train on Ray Train with compressed embeddings, then export"),
     "demo": ("jobs.demo", "run the whole product end to end on embedded defaults"),
 }
 
@@ -36,7 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         parser.error(f"unknown command {name!r}; choose from {', '.join(COMMANDS)}")
     module = importlib.import_module(COMMANDS[name][0])
-    module.build_parser().prog = f"embpress {name}"
     return int(module.main(rest) or 0)
 
 

@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from data_pipeline.stats import load_feature_stats
 from pydantic import TypeAdapter
 from torch import nn
 
 from data_pipeline.datasets import iter_worker_batches
 from data_pipeline.partition import dataset_of, eval_pieces, train_pieces
+from data_pipeline.stats import load_feature_stats
 from embeddings.collection import AnyMethodConfig
 from embeddings.hashing import hash64
 from embeddings.methods.base import FeatureStats, MethodConfig
@@ -334,7 +334,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             progress.step_in_epoch += 1
             progress.samples += config.data.batch_size
             if audit:
-                progress.fingerprint = (progress.fingerprint + row_fingerprint(sparse)) % FINGERPRINT_MOD
+                progress.fingerprint += row_fingerprint(sparse)
+                progress.fingerprint %= FINGERPRINT_MOD
             if progress.step % sched.log_every == 0:
                 global_loss = _mean_over_workers(loss.detach(), ctx)
                 loss_curve.append(global_loss)

@@ -20,8 +20,8 @@ Why it is shaped this way:
   the feature transform run over the whole request with numpy (`services.features`).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Serve's class-based FastAPI views read the
+# route signatures at runtime, and a string "Request" would turn into a query parameter.
 import asyncio
 import email.message
 import hmac
@@ -89,7 +89,7 @@ class ScoringSettings(BaseModel):
     batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
-    def _batch_holds_a_request(self) -> ScoringSettings:
+    def _batch_holds_a_request(self) -> "ScoringSettings":
         if self.max_batch_rows < self.max_rows_per_request:
             raise ValueError(
                 f"max_batch_rows ({self.max_batch_rows}) must be at least "
@@ -152,7 +152,7 @@ class BearerAuth:
             self._reload()  # a missing secret file must stop the replica, not disable auth
 
     @classmethod
-    def from_env(cls) -> BearerAuth:
+    def from_env(cls) -> "BearerAuth":
         return cls(os.environ.get(TOKEN_ENV) or None, os.environ.get(TOKEN_FILE_ENV) or None)
 
     @property
@@ -209,6 +209,8 @@ class ModelInfo(BaseModel):
     version: str
     model_dir: str
     loaded_at: float = Field(description="Unix time the model was loaded")
+    replica: str = Field(description="the Serve replica that answered (changes only when "
+                         "a replica is replaced, not when its model is swapped)")
     reload_error: str | None = Field(
         description="why the latest model change was refused (this model kept serving)")
     settings: dict[str, Any]
@@ -309,6 +311,10 @@ class ScoringDeployment:
         self.settings: ScoringSettings | None = None
         self.reload_error: str | None = None
         self._reconfiguring = asyncio.Lock()
+        try:
+            self.replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # built outside Serve
+            self.replica = f"pid-{os.getpid()}"
         logger.info("scoring replica: %d torch thread(s), auth %s", threads,
                     "on" if self.auth.enabled else "off")
 
@@ -437,7 +443,8 @@ class ScoringDeployment:
         if loaded is None or settings is None:
             return _error(503, "no model loaded yet; see GET /readyz")
         info = ModelInfo(version=loaded.version, model_dir=loaded.model_dir,
-                         loaded_at=loaded.loaded_at, reload_error=self.reload_error,
+                         loaded_at=loaded.loaded_at, replica=self.replica,
+                         reload_error=self.reload_error,
                          settings=settings.model_dump(), model=loaded.document)
         return Response(info.model_dump_json(), media_type="application/json")
 

@@ -10,12 +10,14 @@ array, so the serving form needs no sketch and scores exactly like the trained o
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from pydantic import Field
+from torch.autograd.function import once_differentiable
 
 from embeddings import budget
 from embeddings.hashing import hash64, hash_bucket
@@ -228,6 +230,7 @@ class CafeEmbedding(CompressedEmbedding):
         rows = [max(1, hot_rows), hash_rows, hash_rows]
         super().__init__(mapper, rows, Combiner.SUM, dim, mlet_dim, sparse)
         self.mapper: CafeMapper
+        # (ids, sketch hashes, gradient norms) of each training batch since the last step.
         self._pending: list[tuple[np.ndarray, np.ndarray, torch.Tensor]] = []
 
     @property
@@ -238,54 +241,23 @@ class CafeEmbedding(CompressedEmbedding):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         cpu = ids.detach().to("cpu", torch.int64).contiguous()
         hashes = self.mapper.hash(cpu).numpy()
-        out = self._gather(cpu, hashes, ids.device)
-        if self.projection is not None:
-            out = out @ self.projection
-        if self.training and torch.is_grad_enabled() and out.requires_grad:
-            out.register_hook(self._importance_hook(cpu.numpy(), hashes))
-        return out
-
-    def _gather(self, ids: torch.Tensor, hashes: np.ndarray, device: torch.device) -> torch.Tensor:
-        """The Lookup's weighted sum, reading only the rows an id uses.
-
-        Same numbers as `gather` over `mapper(ids)` (a weight-0 read adds an exact zero),
-        but each table is read only at the ids that use it: a third of the reads, and sparse
-        gradients that hold only rows that were read (a row-wise Adam would otherwise step
-        hot row 0 and hash2 row 0 with their momentum on every batch).
-        """
-        hot_t, hash1_t, hash2_t = self.tables
-        route = self.sketch.route(ids.numpy(), hashes, self.mapper.hash_rows)
-        at_hot, hot_rows, at_hash, hash1_rows, at_medium = (torch.from_numpy(a) for a in route)
-        hash2_rows = self.mapper.hash2_rows(ids[at_medium])
-        if device.type != "cpu":
-            at_hot, hot_rows, at_hash, hash1_rows, at_medium, hash2_rows = (
-                t.to(device, non_blocking=True)
-                for t in (at_hot, hot_rows, at_hash, hash1_rows, at_medium, hash2_rows)
-            )
-        return _Assemble.apply(
-            ids.shape[0],
-            at_hot,
-            self._read(hot_t, hot_rows),
-            at_hash,
-            self._read(hash1_t, hash1_rows),
-            at_medium,
-            self._read(hash2_t, hash2_rows),
+        route = self.sketch.route(cpu.numpy(), hashes, self.mapper.hash_rows)
+        order, inverse, hot_rows, hash1_rows, medium_pos, medium_at = (
+            torch.from_numpy(a) for a in route
         )
-
-    def _read(self, table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        if not rows.numel():
-            # Not read at all: no gradient (an empty sparse one trips row-wise optimizers).
-            return table.detach()[:0]
-        return torch.nn.functional.embedding(rows, table, sparse=self.sparse)
-
-    def _importance_hook(
-        self, ids: np.ndarray, hashes: np.ndarray
-    ) -> Callable[[torch.Tensor], None]:
-        def hook(grad: torch.Tensor) -> None:
-            # Only the norm is kept; the sketch is updated after the optimizer step.
-            self._pending.append((ids, hashes, grad.detach().norm(dim=1)))
-
-        return hook
+        hash2_rows = self.mapper.hash2_rows(cpu[medium_at])
+        plan = _Plan(
+            *(
+                t.to(ids.device, non_blocking=True)
+                for t in (order, inverse, hot_rows, hash1_rows, medium_pos, hash2_rows)
+            ),
+            sparse=self.sparse,
+            # Gradient norms feed the sketch only from training steps.
+            sink=self._pending if self.training else None,
+            key=(cpu.numpy(), hashes),
+        )
+        out = _CafeLookup.apply(plan, *self.tables)
+        return out @ self.projection if self.projection is not None else out
 
     def extra_state_bytes(self) -> int:
         return self.sketch.nbytes()
@@ -319,56 +291,103 @@ class CafeEmbedding(CompressedEmbedding):
             return
         hot_t, hash1_t, hash2_t = self.tables
         device = hot_t.device
+        ids = torch.from_numpy(events.ids)
+        rows = torch.from_numpy(events.rows.astype(np.int64)).to(device)
+        h1 = self.mapper.hash1_rows(self.mapper.hash(ids)).to(device)
+        medium = torch.from_numpy(events.medium)
+        # The hash2 row a medium id reads beside its hash1 row (zero for the others).
+        second = None
+        if bool(medium.any()):
+            second = hot_t.new_zeros(len(events), hot_t.shape[1])
+            h2 = self.mapper.hash2_rows(ids[medium]).to(device)
+            second[medium.to(device)] = hash2_t.index_select(0, h2)
         kinds = events.kind
-        cuts = np.flatnonzero(np.diff(kinds)) + 1
-        for run in np.split(np.arange(len(events)), cuts):
-            ids = torch.from_numpy(events.ids[run])
-            rows = torch.from_numpy(events.rows[run].astype(np.int64)).to(device)
-            h1 = self.mapper.hash1_rows(self.mapper.hash(ids)).to(device)
-            second = torch.zeros_like(hot_t[rows])
-            medium = events.medium[run]
-            if medium.any():
-                h2 = self.mapper.hash2_rows(ids[torch.from_numpy(medium)]).to(device)
-                second[torch.from_numpy(medium).to(device)] = hash2_t[h2]
-            if kinds[run[0]] == PROMOTE:
-                hot_t[rows] = hash1_t[h1] + second
-                _move_state(optimizer, hash1_t, h1, hot_t, rows)
+        bounds = [0, *(np.flatnonzero(np.diff(kinds)) + 1).tolist(), len(events)]
+        for a, b in itertools.pairwise(bounds):
+            r, h = rows[a:b], h1[a:b]
+            extra = second[a:b] if second is not None else 0
+            if kinds[a] == PROMOTE:
+                hot_t[r] = hash1_t.index_select(0, h) + extra
+                _move_state(optimizer, hash1_t, h, hot_t, r)
             else:
-                hash1_t[h1] = hot_t[rows] - second
-                _move_state(optimizer, hot_t, rows, hash1_t, h1)
+                hash1_t[h] = hot_t.index_select(0, r) - extra
+                _move_state(optimizer, hot_t, r, hash1_t, h)
 
 
-class _Assemble(torch.autograd.Function):
-    """out[at_hot] = hot vectors, out[at_hash] = hash1 vectors, out[at_medium] += hash2 ones.
+@dataclass
+class _Plan:
+    """Where one batch reads, laid out hot ids first (see `HotSketch.route`)."""
 
-    The index sets partition the batch (medium ⊂ hash), so plain writes suffice; index_add
-    would do the same but its CPU kernel is pathologically slow when threads are contended.
+    order: torch.Tensor
+    inverse: torch.Tensor
+    hot_rows: torch.Tensor
+    hash1_rows: torch.Tensor
+    medium_pos: torch.Tensor
+    hash2_rows: torch.Tensor
+    sparse: bool
+    sink: list[tuple[np.ndarray, np.ndarray, torch.Tensor]] | None
+    key: tuple[np.ndarray, np.ndarray]
+
+
+class _CafeLookup(torch.autograd.Function):
+    """Read each id's rows and sum them, in one autograd node.
+
+    Forward gathers the hot rows and then the hash1 rows into one buffer (hot ids first),
+    adds the hash2 rows of medium ids, and permutes the buffer into batch order: plain
+    gathers, several times cheaper than scattering each table's rows into place. Backward
+    is the same permutation reversed; each table gets a sparse (or dense) gradient over the
+    rows it was read at, no others, and the per-id gradient norm (the HotSketch importance:
+    the gradient of what the id read, k wide under MLET) goes to the plan's sink.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
-        n: int,
-        at_hot: torch.Tensor,
-        hot: torch.Tensor,
-        at_hash: torch.Tensor,
-        hash1: torch.Tensor,
-        at_medium: torch.Tensor,
-        hash2: torch.Tensor,
+        plan: _Plan,
+        hot_t: torch.Tensor,
+        hash1_t: torch.Tensor,
+        hash2_t: torch.Tensor,
     ) -> torch.Tensor:
-        out = hash1.new_empty(n, hash1.shape[1])
-        out[at_hot] = hot
-        out[at_hash] = hash1
-        if at_medium.numel():
-            out[at_medium] += hash2
-        ctx.save_for_backward(at_hot, at_hash, at_medium)
-        return out
+        n_hot = plan.hot_rows.shape[0]
+        buf = hash1_t.new_empty(plan.order.shape[0], hash1_t.shape[1])
+        torch.index_select(hot_t, 0, plan.hot_rows, out=buf[:n_hot])
+        torch.index_select(hash1_t, 0, plan.hash1_rows, out=buf[n_hot:])
+        if plan.medium_pos.numel():
+            buf[plan.medium_pos] += hash2_t.index_select(0, plan.hash2_rows)
+        ctx.plan = plan
+        ctx.shapes = (hot_t.shape, hash1_t.shape, hash2_t.shape)
+        return buf.index_select(0, plan.inverse)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        at_hot, at_hash, at_medium = ctx.saved_tensors
-        pick = grad.index_select  # several times faster than grad[index] on CPU
-        return None, None, pick(0, at_hot), None, pick(0, at_hash), None, pick(0, at_medium)
+        plan: _Plan = ctx.plan
+        if plan.sink is not None:
+            plan.sink.append((*plan.key, grad.norm(dim=1)))
+        n_hot = plan.hot_rows.shape[0]
+        laid_out = grad.index_select(0, plan.order)
+        parts = (
+            (plan.hot_rows, laid_out[:n_hot]),
+            (plan.hash1_rows, laid_out[n_hot:]),
+            (plan.hash2_rows, laid_out.index_select(0, plan.medium_pos)),
+        )
+        grads: list[torch.Tensor | None] = [None]
+        for (rows, values), shape, needed in zip(
+            parts, ctx.shapes, ctx.needs_input_grad[1:], strict=True
+        ):
+            if not needed or not rows.numel():
+                # Not read: no gradient at all (an empty sparse one trips row-wise optimizers).
+                grads.append(None)
+            elif plan.sparse:
+                # What F.embedding(sparse=True) returns: uncoalesced COO over the rows read.
+                grads.append(
+                    torch.sparse_coo_tensor(
+                        rows.unsqueeze(0), values, shape, check_invariants=False
+                    )
+                )
+            else:
+                grads.append(values.new_zeros(shape).index_add_(0, rows, values))
+        return tuple(grads)
 
 
 def _move_state(

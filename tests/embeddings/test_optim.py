@@ -14,6 +14,7 @@ from embeddings.optim import (
     RowWiseAdagrad,
     SparseOptimizerConfig,
     copy_state_rows,
+    optimizer_state_bytes,
 )
 
 
@@ -37,6 +38,8 @@ def test_only_used_rows_change(opt_cls) -> None:
     used[ids] = True
     assert torch.equal(table.detach()[~used], before[~used])
     assert bool((table.detach()[used] != before[used]).all())
+    per_row = {RowWiseAdagrad: 4, LazyAdam: 4 + 2 * 4 * 4}[opt_cls]
+    assert optimizer_state_bytes(opt) == optimizer_state_bytes(opt, [table]) == 50 * per_row
     for value in opt.state[table].values():
         assert value.shape[0] == 50  # row-shaped
         flat = value.reshape(50, -1)

@@ -31,7 +31,12 @@ def build_test_model(seed: int) -> ServingModel:
     config = CollectionConfig(dim=16, cardinalities=cards, method={"method": "hash"}, ratio=10)
     serving = EmbeddingCollection(config).collapse()
     spec = model_preset("dlrm-small")
-    return ServingModel(spec, spec.build(), serving.names, list(serving.embeddings.values()))
+    dense = spec.build()
+    with torch.no_grad():
+        # A fresh DLRM scores everything near 0.5; a steeper logit spreads the scores over
+        # (0, 1), so agreeing to 1e-5 says something.
+        dense.top[-1].weight.mul_(40)
+    return ServingModel(spec, dense, serving.names, list(serving.embeddings.values()))
 
 
 def export_test_model(directory: Path, seed: int, version: str | None = None) -> Path:

@@ -1,0 +1,308 @@
+"""Benchmark: scoring latency and throughput of the Serve deployment against the bare model.
+
+Issue 6's goals: 1-row requests at p50 ≤ 5 ms and p99 ≤ 15 ms on the recommended path, and
+256-row requests at ≥ 0.5 of the bare model's rows/s. Both Serve paths are measured — the
+HTTP proxy (:8000 style) and direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1, the replica's
+own port) — each in a fresh Ray started by a child process (the flag only counts when Ray
+starts), at concurrency 1, 8 and 32 with 1-row and 256-row requests. The bare model's
+forward on the same rows, with the replica's thread count, is measured in the same run so
+that machine load weighs on both alike. The client is a minimal asyncio HTTP/1.1 keep-alive
+client sending pre-encoded bodies, so the numbers are the server's, not a JSON encoder's.
+
+Run: `python jobs/benchmarks/serve_latency.py [--seconds 4] [--paths proxy,direct]`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+REAL_DATA = Path(os.environ.get("EMBPRESS_REAL_DATA",
+                                Path(__file__).resolve().parents[3] / "shared" / "data"))
+UNLABELLED = "criteo_kaggle_unlabeled_sample.tsv"
+CONCURRENCY = (1, 8, 32)
+SIZES = (1, 256)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def load_rows(count: int = 4000) -> tuple[list[dict[str, list]], str]:
+    """Request rows: the real unlabelled Criteo sample, or Criteo-shaped random rows."""
+    path = REAL_DATA / UNLABELLED
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines()[:count]:
+            f = line.split("\t")[-39:]
+            rows.append({"dense": [int(v) if v else None for v in f[:13]],
+                         "categorical": [v or None for v in f[13:]]})
+        return rows, f"{len(rows)} real rows of {UNLABELLED}"
+    rng = np.random.default_rng(0)
+    for _ in range(count):
+        rows.append({
+            "dense": [int(v) if rng.random() > 0.2 else None for v in rng.exponential(20, 13)],
+            "categorical": [f"{int(v):08x}" if rng.random() > 0.1 else None
+                            for v in rng.integers(0, 2**32, 26)],
+        })
+    return rows, f"{count} synthetic Criteo-shaped rows (real sample not found)"
+
+
+def build_model(directory: Path) -> Path:
+    """A random dlrm-small over hashed embeddings at 1/100 of Terabyte's cardinalities."""
+    from data_pipeline.schema import TERABYTE_CARDINALITIES
+    from embeddings.collection import CollectionConfig, EmbeddingCollection
+    from embeddings.models import model_preset
+    from embeddings.serving import ServingModel, export_model
+
+    torch.manual_seed(0)
+    cards = [max(c // 100, 3) for c in TERABYTE_CARDINALITIES]
+    config = CollectionConfig(dim=16, cardinalities=cards, method={"method": "hash"}, ratio=10)
+    serving = EmbeddingCollection(config).collapse()
+    spec = model_preset("dlrm-small")
+    model = ServingModel(spec, spec.build(), serving.names, list(serving.embeddings.values()))
+    return export_model(model, directory, {"version": "bench"})
+
+
+def _bodies(rows: list[dict], size: int, count: int) -> list[bytes]:
+    starts = [(i * 97) % (len(rows) - size + 1) for i in range(count)]
+    return [json.dumps({"rows": rows[s:s + size]}).encode() for s in starts]
+
+
+# ---------------------------------------------------------------- the bare model
+
+
+def bare_model(model_dir: Path, rows: list[dict], seconds: float) -> dict[int, dict[str, float]]:
+    """Forward-pass latency and rows/s on the same rows, one thread like the replica."""
+    from embeddings.serving import load_model
+    from services.features import model_inputs
+
+    torch.set_num_threads(1)
+    model, _ = load_model(model_dir)
+    out = {}
+    for size in SIZES:
+        batches = []
+        for i in range(0, len(rows) - size + 1, max(size, 7)):
+            dense, sparse = model_inputs(rows[i:i + size])
+            batches.append((torch.from_numpy(dense), torch.from_numpy(sparse)))
+        times = []
+        with torch.inference_mode():
+            for d, s in batches[:20]:
+                model(d, s)
+            end = time.perf_counter() + seconds
+            k = 0
+            while time.perf_counter() < end:
+                d, s = batches[k % len(batches)]
+                t = time.perf_counter()
+                model(d, s)
+                times.append(time.perf_counter() - t)
+                k += 1
+        lat = np.array(times)
+        out[size] = {"p50_ms": 1e3 * float(np.percentile(lat, 50)),
+                     "p99_ms": 1e3 * float(np.percentile(lat, 99)),
+                     "rows_per_s": size * len(lat) / float(lat.sum())}
+    return out
+
+
+# ---------------------------------------------------------------- the HTTP client
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = {k.strip().lower(): v.strip()
+               for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+    if "content-length" in headers:
+        return status, await reader.readexactly(int(headers["content-length"]))
+    body = b""
+    while True:  # chunked
+        size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+        chunk = await reader.readexactly(size + 2)
+        if size == 0:
+            return status, body
+        body += chunk[:-2]
+
+
+async def _connection(host: str, port: int, requests: list[bytes], warm_until: float,
+                      end: float, latencies: list[float], errors: list[str]) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    i = 0
+    try:
+        while (now := time.perf_counter()) < end:
+            writer.write(requests[i % len(requests)])
+            i += 1
+            status, body = await _read_response(reader)
+            done = time.perf_counter()
+            if status != 200:
+                errors.append(f"{status}: {body[:200]!r}")
+            elif now >= warm_until:
+                latencies.append(done - now)
+    finally:
+        writer.close()
+
+
+def _requests(host: str, port: int, bodies: list[bytes]) -> list[bytes]:
+    return [(f"POST /v1/score HTTP/1.1\r\nHost: {host}:{port}\r\n"
+             f"Content-Type: application/json\r\nContent-Length: {len(b)}\r\n\r\n").encode() + b
+            for b in bodies]
+
+
+def load(url: str, bodies: list[bytes], concurrency: int, seconds: float,
+         warmup: float = 1.0) -> dict[str, Any]:
+    host, port = url.removeprefix("http://").rstrip("/").split(":")
+    requests = _requests(host, int(port), bodies)
+    latencies: list[float] = []
+    errors: list[str] = []
+
+    async def run() -> None:
+        start = time.perf_counter()
+        await asyncio.gather(*[
+            _connection(host, int(port), requests[k:] + requests[:k], start + warmup,
+                        start + warmup + seconds, latencies, errors)
+            for k in range(concurrency)])
+
+    asyncio.run(run())
+    lat = np.array(latencies)
+    return {"requests": len(lat), "errors": len(errors), "first_error": errors[:1],
+            "p50_ms": 1e3 * float(np.percentile(lat, 50)),
+            "p99_ms": 1e3 * float(np.percentile(lat, 99)),
+            "requests_per_s": len(lat) / seconds}
+
+
+# ---------------------------------------------------------------- one Serve path (child)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_path(path: str, model_dir: Path, seconds: float) -> dict[str, Any]:
+    """Start Ray + Serve for one path, load it, verify answers; runs in a child process."""
+    import httpx
+
+    from jobs.serve import build_parser, start_service
+    from services.features import model_inputs
+
+    argv = ["--model", str(model_dir), "--port", str(_free_port())]
+    if path == "direct":
+        argv += ["--direct-ingress", "--direct-port", str(_free_port())]
+    t0 = time.perf_counter()
+    urls, _ = start_service(build_parser().parse_args(argv))
+    startup = time.perf_counter() - t0
+    url = urls["direct"][0] if path == "direct" else urls["proxy"][0]
+    if path == "direct" and not urls["direct"]:
+        raise RuntimeError("direct ingress asked for, but the replica has no port of its own")
+    rows, _ = load_rows()
+    # Measure a service that is right: one answer checked against the model in this process.
+    from embeddings.serving import load_model
+
+    model, _ = load_model(model_dir)
+    dense, sparse = model_inputs(rows[:256])
+    with torch.inference_mode():
+        expected = torch.sigmoid(model(torch.from_numpy(dense), torch.from_numpy(sparse)))
+    answer = httpx.post(f"{url}/v1/score", json={"rows": rows[:256]}, timeout=30).json()
+    error = float(np.abs(np.array(answer["probabilities"]) - expected.numpy()).max())
+    if error > 1e-5:
+        raise RuntimeError(f"the service's scores differ from the model's by {error}")
+    results = {}
+    for size in SIZES:
+        bodies = _bodies(rows, size, 64 if size == 1 else 16)
+        for concurrency in CONCURRENCY:
+            r = load(url, bodies, concurrency, seconds)
+            r["rows_per_s"] = r["requests_per_s"] * size
+            results[f"{size}x{concurrency}"] = r
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+    return {"url": url, "startup_s": startup, "check_max_error": error, "results": results}
+
+
+# ---------------------------------------------------------------- report
+
+
+def _child(path: str, model_dir: Path, seconds: float) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        command = [sys.executable, __file__, "--child", path, "--model", str(model_dir),
+                   "--seconds", str(seconds), "--out", out.name]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            raise RuntimeError(f"{path} run failed:\n{done.stderr[-3000:]}")
+        return json.loads(Path(out.name).read_text())
+
+
+def report(bare: dict[int, dict[str, float]], paths: dict[str, dict[str, Any]]) -> None:
+    print(f"\n{'path':<8} {'rows':>5} {'conc':>5} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'req/s':>8} {'rows/s':>10} {'vs bare':>8} {'errors':>6}")
+    for size in SIZES:
+        b = bare[size]
+        print(f"{'bare':<8} {size:>5} {1:>5} {b['p50_ms']:>8.2f} {b['p99_ms']:>8.2f} "
+              f"{b['rows_per_s'] / size:>8,.0f} {b['rows_per_s']:>10,.0f} {1:>8.2f} {'':>6}")
+        for name, run in paths.items():
+            for concurrency in CONCURRENCY:
+                r = run["results"][f"{size}x{concurrency}"]
+                print(f"{name:<8} {size:>5} {concurrency:>5} {r['p50_ms']:>8.2f} "
+                      f"{r['p99_ms']:>8.2f} {r['requests_per_s']:>8,.0f} {r['rows_per_s']:>10,.0f} "
+                      f"{r['rows_per_s'] / b['rows_per_s']:>8.2f} {r['errors']:>6}")
+    print()
+    for name, run in paths.items():
+        one = run["results"]["1x1"]
+        best = max(run["results"][f"256x{c}"]["rows_per_s"] for c in CONCURRENCY)
+        ratio = best / bare[256]["rows_per_s"]
+        print(f"{name}: {run['url']}, Serve start {run['startup_s']:.1f} s; goals: 1-row p50 "
+              f"{one['p50_ms']:.2f} ms (≤ 5: {'met' if one['p50_ms'] <= 5 else 'MISSED'}), p99 "
+              f"{one['p99_ms']:.2f} ms (≤ 15: {'met' if one['p99_ms'] <= 15 else 'MISSED'}); "
+              f"256-row best {best:,.0f} rows/s = {ratio:.2f} of bare (≥ 0.5: "
+              f"{'met' if ratio >= 0.5 else 'MISSED'})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, help="exported model dir (default: a random "
+                                                   "dlrm-small at 1/100 Terabyte sizes)")
+    parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per cell")
+    parser.add_argument("--paths", default="proxy,direct", help="proxy, direct or both")
+    parser.add_argument("--child", choices=("proxy", "direct"), help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        result = run_path(args.child, args.model, args.seconds)
+        Path(args.out).write_text(json.dumps(result))
+        return 0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model or build_model(Path(tmp) / "model")
+        rows, source = load_rows()
+        print(f"rows: {source}; model: {model_dir}; {os.cpu_count()} CPUs; "
+              f"{args.seconds:g} s per cell after 1 s of warm-up")
+        bare = bare_model(model_dir, rows, args.seconds)
+        paths = {}
+        for path in args.paths.split(","):
+            print(f"measuring the {path} path…", flush=True)
+            paths[path] = _child(path, model_dir, args.seconds)
+        report(bare, paths)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
