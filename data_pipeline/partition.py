@@ -9,6 +9,7 @@ consumed. Each worker still reads its range through Ray Data (read tasks on the 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -99,6 +100,7 @@ def dataset_of(pieces: Sequence[Piece]) -> ray.data.Dataset:
     # A training loop reads many small datasets; their progress bars would drown its own.
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     ds = ray.data.read_datasource(_datasource_class()(list(pieces)))
     return ds.map_batches(_pack, batch_format="pyarrow", batch_size=None,
                           udf_modifying_row_count=False)

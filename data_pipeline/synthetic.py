@@ -67,7 +67,9 @@ LATENT_TABLE_ROWS = 1 << 16
 # the continuous power law, which the discrete law approaches there.
 ALIAS_HEAD_ROWS = 1 << 16
 DENSE_QUANTILES = 1 << 13
-# Latent values are multiples of 1/LATENT_STEPS (int8, ±127): ~4 sigma of range.
+# Teacher latent vectors: LATENT_DIM values, multiples of 1/LATENT_STEPS (int8, ±127: ~4
+# sigma of range). Eight values make one 64-bit word (see `_latent`).
+LATENT_DIM = 8
 LATENT_STEPS = 32
 CALIBRATION_ROWS = 200_000
 TSV_FORMAT, PARQUET_FORMAT = "tsv", "parquet"
@@ -122,7 +124,6 @@ class SynthConfig:
         seed: everything is a function of it; same seed, same bytes.
         positive_rate: target fraction of label 1 (Kaggle: ~0.25).
         zipf_exponent: popularity exponent s (P(rank r) ~ r^-s) of every categorical feature.
-        latent_dim: size of the teacher's latent vectors.
         logit_std: spread of the teacher's logit; sets how predictable labels are (teacher AUC).
         pair_share: share of the logit's standard deviation carried by pairwise interactions
             (the rest by first-order terms); what a linear model cannot learn.
@@ -136,7 +137,6 @@ class SynthConfig:
     seed: int = 0
     positive_rate: float = 0.25
     zipf_exponent: float = 1.05
-    latent_dim: int = 8
     logit_std: float = 1.4
     pair_share: float = 0.8
     part_rows: int = DEFAULT_PART_ROWS
@@ -154,8 +154,8 @@ class SynthConfig:
             raise ValueError(f"positive_rate must be in (0, 1), got {self.positive_rate}")
         if not 0 <= self.pair_share <= 1:
             raise ValueError(f"pair_share must be in [0, 1], got {self.pair_share}")
-        if self.zipf_exponent <= 0 or self.latent_dim < 1 or self.logit_std <= 0:
-            raise ValueError("zipf_exponent, latent_dim and logit_std must be positive")
+        if self.zipf_exponent <= 0 or self.logit_std <= 0:
+            raise ValueError("zipf_exponent and logit_std must be positive")
         if self.part_rows < 1:
             raise ValueError(f"part_rows must be ≥ 1, got {self.part_rows}")
         if not 0 <= self.seed < 2**63:
@@ -217,35 +217,40 @@ def _scramble32(item, key):
 
 
 @njit(inline="always")
-def _latent(feature_key, item, v):
-    # An item's latent vector (into v) and first-order weight, hashed from (feature, item)
-    # and quantised to int8 steps of 1/LATENT_STEPS: integer sums are exact (the same bits
-    # on every machine, whatever the vector width) and the table fits in a core's cache.
+def _quantised_gauss(h):
+    return np.int64(min(max(round(_gauss(h) * LATENT_STEPS), -127.0), 127.0))
+
+
+@njit(inline="always")
+def _latent(feature_key, item):
+    """An item's teacher parameters, hashed from (feature, item), in two words.
+
+    Latent values are int8 multiples of 1/LATENT_STEPS. Word 1 holds the 8 latent values,
+    byte q = value q + 128; word 2 the squared norm (low 32 bits) and the first-order weight
+    + 128 (high bits). Biased bytes let a row's sums run as plain 64-bit additions with the
+    bytes spread into 16-bit lanes (26 features × 255 < 2^16: no lane overflows), and integer
+    sums are exact: the same bits on every machine, whatever its vector width.
+    """
     base = feature_key + _U(item) * _GOLDEN
-    nsq = np.int32(0)
-    for q in range(v.shape[0]):
-        x = np.int8(min(max(round(_gauss(_mix(base + _U(q + 1) * _M2)) * LATENT_STEPS),
-                            -127.0), 127.0))
-        v[q] = x
-        nsq += np.int32(x) * np.int32(x)
-    w = np.int8(min(max(round(_gauss(_mix(base)) * LATENT_STEPS), -127.0), 127.0))
-    return w, nsq
+    packed = _U(0)
+    nsq = _U(0)
+    for q in range(LATENT_DIM):
+        x = _quantised_gauss(_mix(base + _U(q + 1) * _M2))
+        packed |= _U(x + 128) << _U(8 * q)
+        nsq += _U(x * x)
+    w = _quantised_gauss(_mix(base))
+    return packed, nsq | (_U(w + 128) << _S32)
 
 
 @njit(cache=True, nogil=True)
-def _latent_table(feature_keys, rows, offsets, k):
-    # Tabulated latents: vectors (flat, k per item), first-order weights and squared norms.
+def _latent_table(feature_keys, rows, offsets):
     total = offsets[-1]
-    vec = np.empty(total * k, dtype=np.int8)
-    w = np.empty(total, dtype=np.int8)
-    nsq = np.empty(total, dtype=np.int32)
-    v = np.empty(k, dtype=np.int8)
+    vec = np.empty(total, dtype=np.uint64)
+    norm_w = np.empty(total, dtype=np.uint64)
     for f in range(feature_keys.shape[0]):
         for i in range(rows[f]):
-            r = offsets[f] + i
-            w[r], nsq[r] = _latent(feature_keys[f], i, v)
-            vec[r * k:(r + 1) * k] = v
-    return vec, w, nsq
+            vec[offsets[f] + i], norm_w[offsets[f] + i] = _latent(feature_keys[f], i)
+    return vec, norm_w
 
 
 @njit(cache=True, nogil=True)
@@ -286,7 +291,7 @@ def _alias_table(probs):
 @njit(cache=True, nogil=True)
 def _fill_rows(
     day_key, row0, card, shift, alias, al_off, al_len, head, tail_a, tail_b, tail_e,
-    value_keys, lat_keys, lat_rows, lat_offsets, lat_v, lat_w, lat_n, d_thr, q_val, q_t,
+    value_keys, lat_keys, lat_rows, lat_offsets, lat_v, lat_nw, d_thr, q_val, q_t,
     d_beta, d_center, d_proj, a_lin, a_pair, bias, val_start, test_start,
     label, dense, dense_ok, cat, cat_ok, lin_out, pair_out, hist,
 ):
@@ -300,12 +305,14 @@ def _fill_rows(
     uk = _U(k)
     tile = 1024
     rk = np.empty(tile, np.uint64)
-    sv = np.zeros(tile * k, np.int32)  # categorical sums in latent steps: exact integers
-    sq = np.zeros(tile, np.int32)
-    lin_c = np.zeros(tile, np.int32)
+    # Per-row sums of the categorical parameters, in the lanes of `_latent`'s words.
+    acc_even = np.zeros(tile, np.uint64)  # latent values 0, 2, 4, 6
+    acc_odd = np.zeros(tile, np.uint64)  # latent values 1, 3, 5, 7
+    acc_nw = np.zeros(tile, np.uint64)
+    present_n = np.zeros(tile, np.int64)
     dv = np.zeros(tile * k, np.float32)
     lin = np.zeros(tile, np.float32)
-    tmp = np.empty(k, np.int8)
+    lanes = _U(0x00FF00FF00FF00FF)
     step = np.float32(1.0 / LATENT_STEPS)
     step2 = np.float32(1.0 / (LATENT_STEPS * LATENT_STEPS))
     n_bins = hist.shape[2]
@@ -316,9 +323,10 @@ def _fill_rows(
         m = min(tile, n - t0)
         for i in range(m):
             rk[i] = _mix(day_key + _U(row0 + t0 + i) * _GOLDEN)
-        sv[:] = 0
-        sq[:] = 0
-        lin_c[:] = 0
+        acc_even[:] = 0
+        acc_odd[:] = 0
+        acc_nw[:] = 0
+        present_n[:] = 0
         dv[:] = 0.0
         lin[:] = 0.0
         for f in range(card.shape[0]):
@@ -350,22 +358,17 @@ def _fill_rows(
                 r = _U(t0 + i)
                 cat[f, r] = np.int64(_scramble32(item, key)) if present else 0
                 cat_ok[f, r] = present
-                wgt = np.int32(1) if present else np.int32(0)
-                ui = _U(i)
                 if item < lat_hi:
                     lr = _U(lat_lo + item)
-                    base = lr * uk
-                    for q in range(k):
-                        uq = _U(q)
-                        sv[ui * uk + uq] += np.int32(lat_v[base + uq]) * wgt
-                    sq[ui] += lat_n[lr] * wgt
-                    lin_c[ui] += np.int32(lat_w[lr]) * wgt
+                    vec, nw = lat_v[lr], lat_nw[lr]
                 else:  # beyond the table (Terabyte-sized features): hash it now
-                    w_i, n_i = _latent(lat_keys[f], item, tmp)
-                    for q in range(k):
-                        sv[ui * uk + _U(q)] += np.int32(tmp[q]) * wgt
-                    sq[ui] += n_i * wgt
-                    lin_c[ui] += np.int32(w_i) * wgt
+                    vec, nw = _latent(lat_keys[f], item)
+                vec = vec if present else _U(0)
+                ui = _U(i)
+                acc_even[ui] += vec & lanes
+                acc_odd[ui] += (vec >> _U(8)) & lanes
+                acc_nw[ui] += nw if present else _U(0)
+                present_n[ui] += 1 if present else 0
         for jd in range(q_val.shape[0]):
             stream = _U(card.shape[0] + jd + 1) * _GOLDEN
             th_miss, th_zero, th_neg = d_thr[jd, 0], d_thr[jd, 1], d_thr[jd, 2]
@@ -395,12 +398,16 @@ def _fill_rows(
             ss = np.int64(0)
             sd = zero
             ui = _U(i)
+            bias128 = 128 * present_n[ui]
             for q in range(k):
-                a = np.int64(sv[ui * uk + _U(q)])
+                word = acc_even[ui] if q % 2 == 0 else acc_odd[ui]
+                a = np.int64((word >> _U(16 * (q // 2))) & _U(0xFFFF)) - bias128
                 ss += a * a
                 sd += np.float32(a) * dv[ui * uk + _U(q)]
-            pair = np.float32(ss - sq[ui]) * (np.float32(0.5) * step2) + sd * step
-            lin_i = lin[ui] + np.float32(lin_c[ui]) * step
+            nsq = np.int64(acc_nw[ui] & _M32)
+            w_sum = np.int64(acc_nw[ui] >> _S32) - bias128
+            pair = np.float32(ss - nsq) * (np.float32(0.5) * step2) + sd * step
+            lin_i = lin[ui] + np.float32(w_sum) * step
             r = _U(t0 + i)
             lin_out[r] = lin_i
             pair_out[r] = pair
@@ -500,8 +507,7 @@ class _Model:
     lat_rows: np.ndarray
     lat_offsets: np.ndarray
     lat_v: np.ndarray
-    lat_w: np.ndarray
-    lat_n: np.ndarray
+    lat_nw: np.ndarray
     d_thr: np.ndarray
     q_val: np.ndarray
     q_t: np.ndarray
@@ -512,7 +518,7 @@ class _Model:
 def _teacher_fields(config: SynthConfig) -> tuple:
     # The fields that change the teacher; rows/days/part_rows do not, so calibration is shared.
     return (config.scale, config.seed, config.positive_rate, config.zipf_exponent,
-            config.latent_dim, config.logit_std, config.pair_share)
+            config.logit_std, config.pair_share)
 
 
 def _power_integral(lo: float, hi: float, s: float) -> float:
@@ -567,23 +573,23 @@ def _dense_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=4)
 def _base_model(teacher: tuple) -> _Model:
-    scale, seed, _, s, k, _, _ = teacher
+    scale, seed, _, s, _, _ = teacher
     card = np.array(scaled_cardinalities(scale), dtype=np.int64)
     alias, al_off, al_len, head, tail_a, tail_b, tail_e = _popularity_tables(card, s)
     value_keys = np.array([_key(seed, 1, f) for f in range(NUM_SPARSE)], dtype=np.uint64)
     lat_keys = np.array([_key(seed, 2, f) for f in range(NUM_SPARSE)], dtype=np.uint64)
     lat_rows = np.minimum(card, LATENT_TABLE_ROWS)
     lat_offsets = np.concatenate([[0], np.cumsum(lat_rows)]).astype(np.int64)
-    lat_v, lat_w, lat_n = _latent_table(lat_keys, lat_rows, lat_offsets, k)
+    lat_v, lat_nw = _latent_table(lat_keys, lat_rows, lat_offsets)
     d_thr, q_val, q_t = _dense_tables()
     rng = np.random.default_rng([seed, 3])
     return _Model(
         cardinalities=card, alias=alias, al_off=al_off, al_len=al_len,
         head=head, tail_a=tail_a, tail_b=tail_b, tail_e=tail_e, value_keys=value_keys,
         lat_keys=lat_keys, lat_rows=lat_rows, lat_offsets=lat_offsets,
-        lat_v=lat_v, lat_w=lat_w, lat_n=lat_n,
+        lat_v=lat_v, lat_nw=lat_nw,
         d_thr=d_thr, q_val=q_val, q_t=q_t, d_beta=rng.normal(0.0, 1.0, NUM_DENSE),
-        d_proj=rng.normal(0.0, 1.0, (NUM_DENSE, k)).astype(np.float32),
+        d_proj=rng.normal(0.0, 1.0, (NUM_DENSE, LATENT_DIM)).astype(np.float32),
     )
 
 
@@ -629,7 +635,7 @@ def _fill(model: _Model, cal: Calibration, day_key: np.uint64, shift: np.ndarray
     _fill_rows(
         day_key, np.int64(row0), m.cardinalities, shift, m.alias, m.al_off, m.al_len,
         m.head, m.tail_a, m.tail_b, m.tail_e, m.value_keys, m.lat_keys, m.lat_rows,
-        m.lat_offsets, m.lat_v, m.lat_w, m.lat_n, m.d_thr, m.q_val, m.q_t, m.d_beta,
+        m.lat_offsets, m.lat_v, m.lat_nw, m.d_thr, m.q_val, m.q_t, m.d_beta,
         np.asarray(cal.dense_center, np.float64), m.d_proj, cal.a_lin, cal.a_pair, cal.bias,
         np.int64(val_start), np.int64(test_start),
         r.label, r.dense, r.dense_ok, r.cat, r.cat_ok, r.lin, r.pair, r.hist,
@@ -644,7 +650,7 @@ def _sigmoid_mean(z: np.ndarray, b: float) -> float:
 @functools.lru_cache(maxsize=4)
 def _calibrate(teacher: tuple) -> Calibration:
     model = _base_model(teacher)
-    _, seed, rate, _, _, logit_std, pair_share = teacher
+    _, seed, rate, _, logit_std, pair_share = teacher
     key = _key(seed, 4)
     no_shift = np.zeros(NUM_SPARSE, np.int64)
     n = CALIBRATION_ROWS

@@ -45,22 +45,48 @@ _THRESHOLD, _MASS = 0, 1
 _NSTACK, _FRESH, _NABOVE, _RERANK_AT = 0, 1, 2, 3
 
 
+# Columns of the event log the kernels write (one int64 row per event).
+_KIND, _ID, _ROW, _MEDIUM, _HASH, _TAG = range(6)
+
+
 @dataclass
 class SketchEvents:
     """Hot-row changes made by one update, in the order they happened.
 
-    kind: int8 PROMOTE / DEMOTE; ids: int64; rows: int32 hot row taken or given back;
-    medium: bool, whether the id reads two hash rows on the hashed side of the move (just
-    before a promotion, just after a demotion).
+    kind: PROMOTE / DEMOTE; ids; rows: the hot row taken or given back; medium: whether the
+    id reads two hash rows on the hashed side of the move (just before a promotion, just
+    after a demotion); hashes: the id's sketch hash and tags: the tag it was inserted with,
+    both -1 where the event did not come from inserting the id (re-rank, decay).
     """
 
-    kind: np.ndarray
-    ids: np.ndarray
-    rows: np.ndarray
-    medium: np.ndarray
+    log: np.ndarray
+
+    @property
+    def kind(self) -> np.ndarray:
+        return self.log[:, _KIND]
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.log[:, _ID]
+
+    @property
+    def rows(self) -> np.ndarray:
+        return self.log[:, _ROW]
+
+    @property
+    def medium(self) -> np.ndarray:
+        return self.log[:, _MEDIUM].astype(np.bool_)
+
+    @property
+    def hashes(self) -> np.ndarray:
+        return self.log[:, _HASH]
+
+    @property
+    def tags(self) -> np.ndarray:
+        return self.log[:, _TAG]
 
     def __len__(self) -> int:
-        return int(self.kind.shape[0])
+        return int(self.log.shape[0])
 
 
 @nb.njit(cache=True, inline="always")
@@ -75,11 +101,13 @@ def _uniform(rng: np.ndarray) -> float:
 
 
 @nb.njit(cache=True, inline="always")
-def _log(ev_kind, ev_id, ev_row, ev_med, n, kind, key, row, medium):
-    ev_kind[n] = kind
-    ev_id[n] = key
-    ev_row[n] = row
-    ev_med[n] = medium
+def _log(ev, n, kind, key, row, medium, hashed, tag):
+    ev[n, _KIND] = kind
+    ev[n, _ID] = key
+    ev[n, _ROW] = row
+    ev[n, _MEDIUM] = medium
+    ev[n, _HASH] = hashed
+    ev[n, _TAG] = tag
     return n + 1
 
 
@@ -120,11 +148,9 @@ def _insert_kernel(
     hashes: np.ndarray,
     ids: np.ndarray,
     values: np.ndarray,
+    tags: np.ndarray,
     start: int,
-    ev_kind: np.ndarray,
-    ev_id: np.ndarray,
-    ev_row: np.ndarray,
-    ev_med: np.ndarray,
+    ev: np.ndarray,
     base_threshold: float,
     medium_fraction: float,
     decay: float,
@@ -141,7 +167,7 @@ def _insert_kernel(
     the state (ids above threshold, mass since decay), so resuming repeats nothing.
     """
     n_slots = keys.shape[1]
-    cap = ev_kind.shape[0]
+    cap = ev.shape[0]
     n_ev = 0
     margin = math.ceil(0.2 * hot_rows)
     floor_at = math.ceil(1.2 * hot_rows)
@@ -152,7 +178,7 @@ def _insert_kernel(
                 return i, n_ev, False
             n_ev = _rerank(
                 keys, scores, rows, free, fstate, istate, base_threshold, medium_fraction,
-                hot_rows, ev_kind, ev_id, ev_row, ev_med, n_ev,
+                hot_rows, ev, n_ev,
             )
             # Ties at the new threshold may leave more than 1.2 × hot rows above it; wait for
             # a fifth of the hot rows' worth of new arrivals rather than re-rank every id.
@@ -162,7 +188,7 @@ def _insert_kernel(
                 return i, n_ev, False
             n_ev = _decay(
                 keys, scores, rows, free, fstate, istate, base_threshold, medium_fraction,
-                decay, adaptive, ev_kind, ev_id, ev_row, ev_med, n_ev,
+                decay, adaptive, ev, n_ev,
             )
         if i == n:
             break
@@ -214,7 +240,7 @@ def _insert_kernel(
             r = _take_row(free, istate)
             rows[b, j] = r + 1
             n_ev = _log(
-                ev_kind, ev_id, ev_row, ev_med, n_ev, PROMOTE, x, r, old >= medium_fraction * thr
+                ev, n_ev, PROMOTE, x, r, old >= medium_fraction * thr, hashes[i], tags[i]
             )
     return n, n_ev, True
 
@@ -222,7 +248,7 @@ def _insert_kernel(
 @nb.njit(cache=True)
 def _decay(
     keys, scores, rows, free, fstate, istate, base_threshold, medium_fraction, decay, adaptive,
-    ev_kind, ev_id, ev_row, ev_med, n_ev,
+    ev, n_ev,
 ):
     fstate[_MASS] = 0.0
     # The adaptive threshold is a score, so it decays with them; the configured one is fixed.
@@ -236,8 +262,8 @@ def _decay(
                 if rows[b, k] > 0 and scores[b, k] < thr:
                     _give_row(free, istate, rows[b, k] - 1)
                     n_ev = _log(
-                        ev_kind, ev_id, ev_row, ev_med, n_ev, DEMOTE, keys[b, k],
-                        rows[b, k] - 1, scores[b, k] >= medium_fraction * thr,
+                        ev, n_ev, DEMOTE, keys[b, k], rows[b, k] - 1,
+                        scores[b, k] >= medium_fraction * thr, -1, -1,
                     )
                     rows[b, k] = 0
     istate[_NABOVE] = _count_above(scores, thr)
@@ -247,7 +273,7 @@ def _decay(
 @nb.njit(cache=True)
 def _rerank(
     keys, scores, rows, free, fstate, istate, base_threshold, medium_fraction, hot_rows,
-    ev_kind, ev_id, ev_row, ev_med, n_ev,
+    ev, n_ev,
 ):
     n_b, n_slots = keys.shape
     flat = scores.ravel()
@@ -262,8 +288,8 @@ def _rerank(
             if rows[b, k] > 0 and scores[b, k] < thr:
                 _give_row(free, istate, rows[b, k] - 1)
                 n_ev = _log(
-                    ev_kind, ev_id, ev_row, ev_med, n_ev, DEMOTE, keys[b, k], rows[b, k] - 1,
-                    scores[b, k] >= medium_fraction * thr,
+                    ev, n_ev, DEMOTE, keys[b, k], rows[b, k] - 1,
+                    scores[b, k] >= medium_fraction * thr, -1, -1,
                 )
                 rows[b, k] = 0
     # Ties at the new threshold can exceed the free rows: the highest scores go first.
@@ -278,15 +304,16 @@ def _rerank(
         r = _take_row(free, istate)
         rows[b, k] = r + 1
         # Above the old threshold too (it only rises here), so it read two hash rows.
-        n_ev = _log(ev_kind, ev_id, ev_row, ev_med, n_ev, PROMOTE, keys[b, k], r, True)
+        n_ev = _log(ev, n_ev, PROMOTE, keys[b, k], r, True, -1, -1)
     istate[_NABOVE] = _count_above(scores, thr)
     return n_ev
 
 
 @nb.njit(cache=True)
-def _aggregate_kernel(ids: np.ndarray, hashes: np.ndarray, values: np.ndarray):
-    """Sum the values of duplicate ids (first-occurrence order), by open addressing on the
-    id's hash: linear in the batch, where sorting (torch.unique) costs several times more."""
+def _aggregate_kernel(ids: np.ndarray, hashes: np.ndarray, values: np.ndarray, tags: np.ndarray):
+    """Sum the values of duplicate ids (first-occurrence order; an id keeps its first hash
+    and tag), by open addressing on the id's hash: linear in the batch, where sorting
+    (torch.unique) costs several times more."""
     n = ids.shape[0]
     size = 16
     while size < 2 * n:
@@ -296,6 +323,7 @@ def _aggregate_kernel(ids: np.ndarray, hashes: np.ndarray, values: np.ndarray):
     out_ids = np.empty(n, np.int64)
     out_hash = np.empty(n, np.int64)
     out_val = np.zeros(n, np.float32)
+    out_tag = np.empty(n, np.int64)
     m = 0
     for i in range(n):
         # High bits: the low ones already chose the sketch bucket.
@@ -307,13 +335,14 @@ def _aggregate_kernel(ids: np.ndarray, hashes: np.ndarray, values: np.ndarray):
                 out_ids[m] = ids[i]
                 out_hash[m] = hashes[i]
                 out_val[m] = values[i]
+                out_tag[m] = tags[i]
                 m += 1
                 break
             if out_ids[slot] == ids[i]:
                 out_val[slot] += values[i]
                 break
             p = (p + 1) & mask
-    return out_ids[:m], out_hash[:m], out_val[:m]
+    return out_ids[:m], out_hash[:m], out_val[:m], out_tag[:m]
 
 
 @nb.njit(cache=True)
@@ -351,48 +380,78 @@ def _route_kernel(
     medium_threshold: float,
     spread_rows: int,
 ):
-    """Lay a batch out hot ids first, then the others; see `HotSketch.route`."""
+    """See `HotSketch.route`."""
     n = ids.shape[0]
     n_buckets = keys.shape[0]
-    found = np.empty(n, np.int64)  # hot row, -1 cold, -2 medium
-    n_hot = 0
+    # Each id reads one primary row: its hot row, or its spread (hash1) row. Distinct
+    # (table, row) pairs get slots in first-come order through a small open-addressing map.
+    size = 16
+    while size < 2 * n:
+        size *= 2
+    table = np.full(size, -1, np.int64)
+    slot_key = np.empty(n, np.int64)  # 2 × row + 1 for a hot row, 2 × row for a hash1 row
+    slot = np.empty(n, np.int64)
+    medium_at = np.empty(n, np.int64)
+    n_slots = 0
+    n_hot_slots = 0
+    nm = 0
     for i in range(n):
-        b = hashes[i] % n_buckets
-        found[i] = -1
+        h = hashes[i]
+        b = h % n_buckets
+        key = 2 * ((h // n_buckets) % spread_rows)
         for k in range(keys.shape[1]):
             sc = scores[b, k]
             if sc > 0 and keys[b, k] == ids[i]:
                 if rows[b, k] > 0:
-                    found[i] = rows[b, k] - 1
-                    n_hot += 1
+                    key = 2 * (rows[b, k] - 1) + 1
                 elif sc >= medium_threshold:
-                    found[i] = -2
+                    medium_at[nm] = i
+                    nm += 1
                 break
-    order = np.empty(n, np.int64)
-    inverse = np.empty(n, np.int64)
-    hot_rows = np.empty(n_hot, np.int64)
-    spread = np.empty(n - n_hot, np.int64)
-    medium_pos = np.empty(n - n_hot, np.int64)
-    medium_at = np.empty(n - n_hot, np.int64)
-    nh = 0
-    nc = 0
-    nm = 0
-    for i in range(n):
-        if found[i] >= 0:
-            pos = nh
-            hot_rows[nh] = found[i]
-            nh += 1
+        p = (np.uint64(key) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)
+        p = np.int64(p) & (size - 1)
+        while True:
+            t = table[p]
+            if t < 0:
+                table[p] = n_slots
+                slot_key[n_slots] = key
+                n_hot_slots += key & 1
+                slot[i] = n_slots
+                n_slots += 1
+                break
+            if slot_key[t] == key:
+                slot[i] = t
+                break
+            p = (p + 1) & (size - 1)
+    # Sorted rows per table (hot first): the slots then form coalesced sparse gradients.
+    hot_unique = np.empty(n_hot_slots, np.int64)
+    hash_unique = np.empty(n_slots - n_hot_slots, np.int64)
+    hot_from = np.empty(n_hot_slots, np.int64)
+    hash_from = np.empty(n_slots - n_hot_slots, np.int64)
+    a = 0
+    c = 0
+    for j in range(n_slots):
+        if slot_key[j] & 1:
+            hot_unique[a] = slot_key[j] >> 1
+            hot_from[a] = j
+            a += 1
         else:
-            pos = n_hot + nc
-            spread[nc] = (hashes[i] // n_buckets) % spread_rows
-            nc += 1
-            if found[i] == -2:
-                medium_pos[nm] = pos
-                medium_at[nm] = i
-                nm += 1
-        order[pos] = i
-        inverse[i] = pos
-    return order, inverse, hot_rows, spread, medium_pos[:nm], medium_at[:nm]
+            hash_unique[c] = slot_key[j] >> 1
+            hash_from[c] = j
+            c += 1
+    rank = np.empty(n_slots, np.int64)
+    by_row = np.argsort(hot_unique)
+    for r in range(n_hot_slots):
+        rank[hot_from[by_row[r]]] = r
+    hot_unique = hot_unique[by_row]
+    by_row = np.argsort(hash_unique)
+    for r in range(n_slots - n_hot_slots):
+        rank[hash_from[by_row[r]]] = n_hot_slots + r
+    hash_unique = hash_unique[by_row]
+    inverse = np.empty(n, np.int64)
+    for i in range(n):
+        inverse[i] = rank[slot[i]]
+    return hot_unique, hash_unique, inverse, medium_at[:nm]
 
 
 class HotSketch:
@@ -499,7 +558,8 @@ class HotSketch:
         """Insert ids with their scores in order, one at a time (no aggregation)."""
         ids = ids.detach().to("cpu", torch.int64).contiguous()
         values = scores.detach().to("cpu", torch.float32).contiguous().numpy()
-        return self._insert(ids.numpy(), self.hash(ids) if hashes is None else hashes, values)
+        hashes = self.hash(ids) if hashes is None else hashes
+        return self._insert(ids.numpy(), hashes, values, np.full(len(ids), -1, np.int64))
 
     def update(
         self, ids: torch.Tensor, scores: torch.Tensor, hashes: np.ndarray | None = None
@@ -508,38 +568,39 @@ class HotSketch:
         ids = ids.detach().to("cpu", torch.int64).reshape(-1).contiguous()
         values = scores.detach().to("cpu", torch.float32).reshape(-1).contiguous().numpy()
         hashes = self.hash(ids) if hashes is None else hashes
-        return self._insert(*_aggregate_kernel(ids.numpy(), hashes, values))
+        return self.update_arrays(ids.numpy(), hashes, values)
 
     def update_arrays(
-        self, ids: np.ndarray, hashes: np.ndarray, values: np.ndarray
+        self,
+        ids: np.ndarray,
+        hashes: np.ndarray,
+        values: np.ndarray,
+        tags: np.ndarray | None = None,
     ) -> SketchEvents:
         """`update` over numpy arrays (int64 ids and hashes, float32 scores): the training
-        step's path, with no tensor conversions."""
-        return self._insert(*_aggregate_kernel(ids, hashes, values))
+        step's path, with no tensor conversions. `tags` (int64, one per id) come back on the
+        events of the ids they were inserted with: a caller's precomputed per-id data."""
+        tags = np.full(len(ids), -1, np.int64) if tags is None else tags
+        return self._insert(*_aggregate_kernel(ids, hashes, values, tags))
 
-    def _insert(self, keys: np.ndarray, hashes: np.ndarray, values: np.ndarray) -> SketchEvents:
-        parts: list[tuple[np.ndarray, ...]] = []
+    def _insert(
+        self, keys: np.ndarray, hashes: np.ndarray, values: np.ndarray, tags: np.ndarray
+    ) -> SketchEvents:
+        parts: list[np.ndarray] = []
         cap, start = keys.shape[0] + 64, 0
         while True:
-            buf = (
-                np.empty(cap, np.int8),
-                np.empty(cap, np.int64),
-                np.empty(cap, np.int32),
-                np.empty(cap, np.bool_),
-            )
+            log = np.empty((cap, 6), np.int64)
             start, n_ev, done = _insert_kernel(
                 self.keys, self.scores, self.rows, self.free, self.fstate, self.istate,
-                self.rng, hashes, keys, values, start, *buf, self.base_threshold,
+                self.rng, hashes, keys, values, tags, start, log, self.base_threshold,
                 self.medium_fraction, self.decay, self.decay_mass, self.adaptive, self.hot_rows,
             )
-            parts.append(tuple(a[:n_ev] for a in buf))
+            parts.append(log[:n_ev])
             if done:
                 break
             # Stopped for room: a re-rank or decay can log up to two events per hot row.
             cap = max(2 * cap, 2 * self.hot_rows + 64)
-        if len(parts) == 1:
-            return SketchEvents(*parts[0])
-        return SketchEvents(*(np.concatenate(col) for col in zip(*parts, strict=True)))
+        return SketchEvents(parts[0] if len(parts) == 1 else np.concatenate(parts))
 
     def classify(
         self, ids: torch.Tensor, hashes: np.ndarray | None = None
@@ -555,14 +616,14 @@ class HotSketch:
     def route(
         self, ids: np.ndarray, hashes: np.ndarray, spread_rows: int
     ) -> tuple[np.ndarray, ...]:
-        """One pass over a batch for the training lookup, laying it out hot ids first.
+        """One pass over a batch for the training lookup.
 
-        Returns (order, inverse, hot_rows, spread, medium_pos, medium_at): batch position of
-        each laid-out slot, and the slot of each batch position; the hot row of each hot id
-        (they fill the first len(hot_rows) slots); for each other id, in slot order,
+        Every id reads one primary row: its hot row, or else its spread row
         `(hash // buckets) % spread_rows` (the part of the hash the bucket did not use: a
-        second index independent of the bucket, with no second hash to compute); the slots
-        and the batch positions of the medium ids.
+        second index independent of the bucket, with no second hash to compute). Returns
+        (hot_rows, spread_rows_read, inverse, medium_at): the distinct hot rows read, sorted;
+        the distinct spread rows read, sorted; for each id, the index of its primary row in
+        the concatenation of those two lists; the batch positions of the medium ids.
         """
         return _route_kernel(
             self.keys, self.scores, self.rows, hashes, ids,

@@ -23,7 +23,7 @@ from torch import nn
 
 from embeddings.methods.base import ServingEmbedding
 from embeddings.models import ModelConfig
-from embeddings.serving_io import _embedding_from_state, _embedding_state, _unshared
+from embeddings.serving_io import embedding_from_state, embedding_state, unshared_tensors
 from embeddings.sharding.planner import shard_of
 
 SCHEMA_VERSION = 1
@@ -107,21 +107,21 @@ def _feature_state(emb: FeatureEmbedding, prefix: str) -> tuple[dict[str, Any], 
     if isinstance(emb, SplitServingEmbedding):
         parts, tensors = [], {}
         for s, part in enumerate(emb.parts):
-            cfg, ts = _embedding_state(part, f"{prefix}part{s}.")
+            cfg, ts = embedding_state(part, f"{prefix}part{s}.")
             parts.append(cfg)
             tensors.update(ts)
         return {"type": "split", "dim": emb.dim, "parts": parts}, tensors
-    return _embedding_state(emb, prefix)
+    return embedding_state(emb, prefix)
 
 
 def _feature_from_state(config: dict[str, Any], tensors: dict, prefix: str) -> FeatureEmbedding:
     if config.get("type") == "split":
         parts = [
-            _embedding_from_state(c, tensors, f"{prefix}part{s}.")
+            embedding_from_state(c, tensors, f"{prefix}part{s}.")
             for s, c in enumerate(config["parts"])
         ]
         return SplitServingEmbedding(parts, config["dim"])
-    return _embedding_from_state(config, tensors, prefix)
+    return embedding_from_state(config, tensors, prefix)
 
 
 def _sha256(path: Path) -> str:
@@ -149,7 +149,7 @@ def export_model(
         features[name], ts = _feature_state(emb, f"embeddings.{name}.")
         tensors.update(ts)
     weights_tmp = path / f".{WEIGHTS_FILE}.tmp"
-    save_file(_unshared(tensors), str(weights_tmp), metadata={"format": FORMAT})
+    save_file(unshared_tensors(tensors), str(weights_tmp), metadata={"format": FORMAT})
     os.replace(weights_tmp, path / WEIGHTS_FILE)
     document = {
         "format": FORMAT,

@@ -147,8 +147,3 @@ def load_serving(directory: str | Path) -> ServingEmbedding | ServingCollection:
     tensors = load_file(str(path / WEIGHTS_FILE))
     return serving_from_state(document["embeddings"], tensors)
 
-
-# Earlier names, imported by the model exporter and the training loop.
-_embedding_state = embedding_state
-_embedding_from_state = embedding_from_state
-_unshared = unshared_tensors

@@ -22,6 +22,11 @@ from typing import Any
 APP_NAME = "embpress"
 DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
 DIRECT_PORT_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"
+DIRECT_PORT_MAX_ENV = "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"
+# Serve keeps a direct-ingress replica draining 30 s by default so that load balancers notice
+# it going; a local server has none, and Ctrl-C should not take half a minute.
+DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
+LOCAL_DRAIN_S = "2"
 
 DESCRIPTION = """\
 Serve an exported embpress model (model.json + weights.safetensors, written by
@@ -111,7 +116,12 @@ def start_service(args: argparse.Namespace) -> tuple[dict[str, list[str]], bool]
         # Read by the Serve controller and replicas when they start: must be in the
         # environment Ray starts them with, i.e. before ray.init.
         os.environ[DIRECT_INGRESS_ENV] = "1"
+        # Serve hands replicas ports from MIN to MAX (default 30000-31000): both move with
+        # --direct-port, or a port above 31000 would leave no range at all.
         os.environ[DIRECT_PORT_ENV] = str(args.direct_port)
+        os.environ[DIRECT_PORT_MAX_ENV] = str(args.direct_port + 1000)
+        if not joining:
+            os.environ.setdefault(DRAIN_ENV, LOCAL_DRAIN_S)
     import ray
     from ray import serve
 
@@ -147,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{document['embedding_dim']}, {document['serving_bytes']['embeddings']:,} "
                   "bytes of embeddings")
             return 0
+        if not 1 <= args.port <= 65535 or not 1 <= args.direct_port <= 64535:
+            raise ServeStartError("--port must be in 1-65535 and --direct-port in 1-64535")
         check_port(args.host, args.port, "proxy")
         if args.direct_ingress:
             check_port(args.host, args.direct_port, "direct-ingress")

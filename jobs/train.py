@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.stats import load_feature_stats
-
 from data_pipeline.shards import read_manifest
+from data_pipeline.stats import load_feature_stats
 from embeddings.collection import CollectionConfig
+from embeddings.methods.base import FeatureStats
 from embeddings.sharding.planner import FeatureSize, ShardingPlan, plan_sharding
 from jobs.config import ConfigError, load_config
 from jobs.train_config import TrainConfig
@@ -25,6 +25,8 @@ from jobs.train_loop import RunSpec, train_loop_per_worker
 
 # Methods whose mapper adapts while training (their copies would drift apart if replicated).
 ADAPTIVE_METHODS = frozenset({"cafe"})
+# Methods that cannot even be sized without the feature's frequency statistics.
+STATS_REQUIRED_METHODS = frozenset({"learned_hash"})
 BAND_MIN_VALUES = 1000
 
 
@@ -43,9 +45,12 @@ def plan_run(config: TrainConfig, verbose: bool = True) -> RunSpec:
     names = collection.feature_names
     methods, ratio = collection.resolve()
     sizes = collection.sizes()
+    needs_stats = [n for n in names if methods[n].method in STATS_REQUIRED_METHODS]
+    stats = load_feature_stats(config.data.path) if needs_stats else None
     features = []
     for name in names:
-        nbytes = methods[name].planned_bytes(sizes[name], collection.dim).training
+        feature_stats = FeatureStats(*stats.counts(name)) if name in needs_stats else None
+        nbytes = methods[name].planned_bytes(sizes[name], collection.dim, feature_stats).training
         features.append(FeatureSize(name=name, bytes=nbytes,
                                     stateless=methods[name].method not in ADAPTIVE_METHODS))
     workers = max(1, config.scaling.plan_for_workers or config.scaling.num_workers)
@@ -86,12 +91,19 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         ray.init()
         return
     repo = str(Path(__file__).resolve().parents[1])
-    ray.init(num_cpus=num_cpus or os.cpu_count() or 2, include_dashboard=False,
+    # The dashboard stays on: Ray Train's placement-group cleaner needs its state API.
+    ray.init(num_cpus=num_cpus or os.cpu_count() or 2, include_dashboard=True,
              runtime_env={"env_vars": {"PYTHONPATH": repo}})
 
 
-def run(config: TrainConfig, audit: bool = False, verbose: bool = True) -> Any:
-    """Train as configured; returns the Ray Train result (metrics of rank 0, checkpoint)."""
+def run(
+    config: TrainConfig, audit: bool = False, verbose: bool = True,
+    callbacks: list[Any] | None = None,
+) -> Any:
+    """Train as configured; returns the Ray Train result (metrics of rank 0, checkpoint).
+
+    `callbacks` are Ray Train user callbacks (a Tune trial passes its TuneReportCallback).
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -112,6 +124,7 @@ def run(config: TrainConfig, audit: bool = False, verbose: bool = True) -> Any:
             storage_path=str(config.run.storage_path.resolve()),
             failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
     )
     return trainer.fit()

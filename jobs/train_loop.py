@@ -30,7 +30,7 @@ from embeddings.methods.base import FeatureStats, MethodConfig
 from embeddings.metrics import EvalAccumulator
 from embeddings.optim import LazyAdam, RowWiseAdagrad
 from embeddings.serving import ServingModel, SplitServingEmbedding, export_model
-from embeddings.serving_io import _embedding_from_state, _embedding_state
+from embeddings.serving_io import embedding_from_state, embedding_state
 from embeddings.sharding.planner import ShardingPlan, shard_of
 from embeddings.sharding.router import ShardedEmbeddingCollection, module_key
 from jobs.train_config import TrainConfig
@@ -246,10 +246,10 @@ def _gather_serving(spec: RunSpec, ctx: _Context, embeddings: ShardedEmbeddingCo
     """Collapse this worker's shards; rank 0 receives everyone's (None elsewhere)."""
     local = {}
     for key, module in embeddings.owned.items():
-        local[key] = _embedding_state(module.collapse(), "")
+        local[key] = embedding_state(module.collapse(), "")
     if ctx.rank == 0:
         for key, module in embeddings.replicated.items():
-            local[key] = _embedding_state(module.collapse(), "")
+            local[key] = embedding_state(module.collapse(), "")
     if ctx.distributed:
         parts: list[Any] = [None] * ctx.world
         dist.all_gather_object(parts, local)
@@ -263,12 +263,12 @@ def _gather_serving(spec: RunSpec, ctx: _Context, embeddings: ShardedEmbeddingCo
     for f in plan.features:
         if f.num_shards == 1:
             cfg, ts = states[module_key(f.name, 0, 1)]
-            out.append(_embedding_from_state(cfg, ts, ""))
+            out.append(embedding_from_state(cfg, ts, ""))
         else:
             shards = []
             for s in range(f.num_shards):
                 cfg, ts = states[module_key(f.name, s, f.num_shards)]
-                shards.append(_embedding_from_state(cfg, ts, ""))
+                shards.append(embedding_from_state(cfg, ts, ""))
             out.append(SplitServingEmbedding(shards, embeddings.embedding_dim))
     return out
 

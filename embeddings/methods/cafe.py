@@ -230,8 +230,9 @@ class CafeEmbedding(CompressedEmbedding):
         rows = [max(1, hot_rows), hash_rows, hash_rows]
         super().__init__(mapper, rows, Combiner.SUM, dim, mlet_dim, sparse)
         self.mapper: CafeMapper
-        # (ids, sketch hashes, gradient norms) of each training batch since the last step.
-        self._pending: list[tuple[np.ndarray, np.ndarray, torch.Tensor]] = []
+        # (ids, sketch hashes, hash2 rows of medium ids, gradient norms) of each training
+        # batch since the last step.
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]] = []
 
     @property
     def sketch(self) -> HotSketch:
@@ -242,19 +243,21 @@ class CafeEmbedding(CompressedEmbedding):
         cpu = ids.detach().to("cpu", torch.int64).contiguous()
         hashes = self.mapper.hash(cpu).numpy()
         route = self.sketch.route(cpu.numpy(), hashes, self.mapper.hash_rows)
-        order, inverse, hot_rows, hash1_rows, medium_pos, medium_at = (
-            torch.from_numpy(a) for a in route
-        )
+        hot_rows, hash1_rows, inverse, medium_at = (torch.from_numpy(a) for a in route)
         hash2_rows = self.mapper.hash2_rows(cpu[medium_at])
+        # Each medium id's hash2 row rides along to the sketch update, so a promotion
+        # needs no hash to find the row it starts from.
+        tags = np.full(len(cpu), -1, np.int64)
+        tags[medium_at.numpy()] = hash2_rows.numpy()
         plan = _Plan(
             *(
                 t.to(ids.device, non_blocking=True)
-                for t in (order, inverse, hot_rows, hash1_rows, medium_pos, hash2_rows)
+                for t in (hot_rows, hash1_rows, inverse, medium_at, hash2_rows)
             ),
             sparse=self.sparse,
             # Gradient norms feed the sketch only from training steps.
             sink=self._pending if self.training else None,
-            key=(cpu.numpy(), hashes),
+            key=(cpu.numpy(), hashes, tags),
         )
         out = _CafeLookup.apply(plan, *self.tables)
         return out @ self.projection if self.projection is not None else out
@@ -266,13 +269,13 @@ class CafeEmbedding(CompressedEmbedding):
     def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Feed the batch's gradient norms to the sketch, then move the rows it re-assigned."""
         pending, self._pending = self._pending, []
-        for ids, hashes, norms in pending:
-            norms = norms.to("cpu", torch.float32)
-            mean = float(norms.mean())
+        for ids, hashes, tags, norms in pending:
+            values = norms.to("cpu", torch.float32).numpy()
+            mean = values.mean()
             if not mean > 0:
                 continue
             # Importance is relative within a batch (mean 1), as in the artifact.
-            events = self.sketch.update_arrays(ids, hashes, (norms / mean).numpy())
+            events = self.sketch.update_arrays(ids, hashes, values / mean, tags)
             if len(events):
                 self.migrate(events, optimizer)
 
@@ -291,53 +294,63 @@ class CafeEmbedding(CompressedEmbedding):
             return
         hot_t, hash1_t, hash2_t = self.tables
         device = hot_t.device
-        ids = torch.from_numpy(events.ids)
-        rows = torch.from_numpy(events.rows.astype(np.int64)).to(device)
-        h1 = self.mapper.hash1_rows(self.mapper.hash(ids)).to(device)
-        medium = torch.from_numpy(events.medium)
-        # The hash2 row a medium id reads beside its hash1 row (zero for the others).
-        second = None
-        if bool(medium.any()):
-            second = hot_t.new_zeros(len(events), hot_t.shape[1])
-            h2 = self.mapper.hash2_rows(ids[medium]).to(device)
-            second[medium.to(device)] = hash2_t.index_select(0, h2)
+        # Hashes and hash2 rows come with events from inserting the id; compute the others.
+        hashes, h2, medium = events.hashes.copy(), events.tags.copy(), events.medium
+        unknown = hashes < 0
+        if unknown.any():
+            hashes[unknown] = self.mapper.hash(torch.from_numpy(events.ids[unknown])).numpy()
+        unknown = medium & (h2 < 0)
+        if unknown.any():
+            h2[unknown] = self.mapper.hash2_rows(torch.from_numpy(events.ids[unknown])).numpy()
+        h1 = self.mapper.hash1_rows(torch.from_numpy(hashes)).to(device)
+        rows = torch.from_numpy(events.rows).to(device)
+        # The hash2 vector each medium id reads beside its hash1 row.
+        medium_at = torch.from_numpy(np.flatnonzero(medium)).to(device)
+        second = hash2_t.index_select(0, torch.from_numpy(h2[medium]).to(device))
         kinds = events.kind
         bounds = [0, *(np.flatnonzero(np.diff(kinds)) + 1).tolist(), len(events)]
         for a, b in itertools.pairwise(bounds):
             r, h = rows[a:b], h1[a:b]
-            extra = second[a:b] if second is not None else 0
             if kinds[a] == PROMOTE:
-                hot_t[r] = hash1_t.index_select(0, h) + extra
+                vectors = hash1_t.index_select(0, h)
+            else:
+                vectors = hot_t.index_select(0, r)
+            if second.shape[0]:
+                inside = (medium_at >= a) & (medium_at < b)
+                sign = 1.0 if kinds[a] == PROMOTE else -1.0
+                vectors.index_add_(0, medium_at[inside] - a, second[inside], alpha=sign)
+            if kinds[a] == PROMOTE:
+                hot_t.index_copy_(0, r, vectors)
                 _move_state(optimizer, hash1_t, h, hot_t, r)
             else:
-                hash1_t[h] = hot_t.index_select(0, r) - extra
+                hash1_t.index_copy_(0, h, vectors)
                 _move_state(optimizer, hot_t, r, hash1_t, h)
 
 
 @dataclass
 class _Plan:
-    """Where one batch reads, laid out hot ids first (see `HotSketch.route`)."""
+    """Where one batch reads (see `HotSketch.route`)."""
 
-    order: torch.Tensor
-    inverse: torch.Tensor
     hot_rows: torch.Tensor
     hash1_rows: torch.Tensor
-    medium_pos: torch.Tensor
+    inverse: torch.Tensor
+    medium_at: torch.Tensor
     hash2_rows: torch.Tensor
     sparse: bool
-    sink: list[tuple[np.ndarray, np.ndarray, torch.Tensor]] | None
-    key: tuple[np.ndarray, np.ndarray]
+    sink: list[tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]] | None
+    key: tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 class _CafeLookup(torch.autograd.Function):
     """Read each id's rows and sum them, in one autograd node.
 
-    Forward gathers the hot rows and then the hash1 rows into one buffer (hot ids first),
-    adds the hash2 rows of medium ids, and permutes the buffer into batch order: plain
-    gathers, several times cheaper than scattering each table's rows into place. Backward
-    is the same permutation reversed; each table gets a sparse (or dense) gradient over the
-    rows it was read at, no others, and the per-id gradient norm (the HotSketch importance:
-    the gradient of what the id read, k wide under MLET) goes to the plan's sink.
+    Forward reads each distinct primary row once (hot rows, then hash1 rows) into a small
+    buffer, expands it to batch order with one gather, and adds the hash2 rows of medium
+    ids. Backward sums the gradient per distinct row with one index_add, so the hot and
+    hash1 tables get coalesced sparse gradients (sorted distinct rows; the optimizer's
+    coalesce then costs nothing) over exactly the rows read, and hash2 the medium ids'
+    rows. The per-id gradient norm (the HotSketch importance: the gradient of what the id
+    read, k wide under MLET) goes to the plan's sink.
     """
 
     @staticmethod
@@ -349,14 +362,15 @@ class _CafeLookup(torch.autograd.Function):
         hash2_t: torch.Tensor,
     ) -> torch.Tensor:
         n_hot = plan.hot_rows.shape[0]
-        buf = hash1_t.new_empty(plan.order.shape[0], hash1_t.shape[1])
-        torch.index_select(hot_t, 0, plan.hot_rows, out=buf[:n_hot])
-        torch.index_select(hash1_t, 0, plan.hash1_rows, out=buf[n_hot:])
-        if plan.medium_pos.numel():
-            buf[plan.medium_pos] += hash2_t.index_select(0, plan.hash2_rows)
+        rows = hash1_t.new_empty(n_hot + plan.hash1_rows.shape[0], hash1_t.shape[1])
+        torch.index_select(hot_t, 0, plan.hot_rows, out=rows[:n_hot])
+        torch.index_select(hash1_t, 0, plan.hash1_rows, out=rows[n_hot:])
+        out = rows.index_select(0, plan.inverse)
+        if plan.medium_at.numel():
+            out[plan.medium_at] += hash2_t.index_select(0, plan.hash2_rows)
         ctx.plan = plan
         ctx.shapes = (hot_t.shape, hash1_t.shape, hash2_t.shape)
-        return buf.index_select(0, plan.inverse)
+        return out
 
     @staticmethod
     @once_differentiable
@@ -365,24 +379,28 @@ class _CafeLookup(torch.autograd.Function):
         if plan.sink is not None:
             plan.sink.append((*plan.key, grad.norm(dim=1)))
         n_hot = plan.hot_rows.shape[0]
-        laid_out = grad.index_select(0, plan.order)
+        per_row = grad.new_zeros(n_hot + plan.hash1_rows.shape[0], grad.shape[1])
+        per_row.index_add_(0, plan.inverse, grad)
         parts = (
-            (plan.hot_rows, laid_out[:n_hot]),
-            (plan.hash1_rows, laid_out[n_hot:]),
-            (plan.hash2_rows, laid_out.index_select(0, plan.medium_pos)),
+            (plan.hot_rows, per_row[:n_hot], True),
+            (plan.hash1_rows, per_row[n_hot:], True),
+            (plan.hash2_rows, grad.index_select(0, plan.medium_at), False),
         )
         grads: list[torch.Tensor | None] = [None]
-        for (rows, values), shape, needed in zip(
+        for (rows, values, coalesced), shape, needed in zip(
             parts, ctx.shapes, ctx.needs_input_grad[1:], strict=True
         ):
             if not needed or not rows.numel():
                 # Not read: no gradient at all (an empty sparse one trips row-wise optimizers).
                 grads.append(None)
             elif plan.sparse:
-                # What F.embedding(sparse=True) returns: uncoalesced COO over the rows read.
                 grads.append(
                     torch.sparse_coo_tensor(
-                        rows.unsqueeze(0), values, shape, check_invariants=False
+                        rows.unsqueeze(0),
+                        values,
+                        shape,
+                        check_invariants=False,
+                        is_coalesced=coalesced,
                     )
                 )
             else:

@@ -191,7 +191,9 @@ class MixedServingTable(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def encode(cls, table: torch.Tensor, tier_of_row: torch.Tensor, formats: list[str]) -> Any:
+    def encode(
+        cls, table: torch.Tensor, tier_of_row: torch.Tensor, formats: list[str]
+    ) -> MixedServingTable:
         """Row r stored in formats[tier_of_row[r]]; formats[0] is the base format."""
         tier_of_row = tier_of_row.to(torch.int64)
         base = ServingTable.encode(table[tier_of_row == 0], formats[0])
@@ -203,25 +205,18 @@ class MixedServingTable(nn.Module):
                 ids.append(rows)
         return cls(base, tiers, ids)
 
-    def _locate(self, rows: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], Any]:
+    def lookup(self, rows: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(rows.shape[0], self.width)
         rows32 = rows.to(torch.int32)
         promoted_below = torch.zeros_like(rows)
         in_base = torch.ones_like(rows, dtype=torch.bool)
-        hits = []
-        for ids in self.tier_ids:
+        for table, ids in zip(self.tiers, self.tier_ids, strict=True):
             pos = torch.searchsorted(ids, rows32)
             hit = ids[pos.clamp(max=len(ids) - 1)] == rows32
+            out[hit] = table.lookup(pos[hit])
             promoted_below += pos
             in_base &= ~hit
-            hits.append((hit, pos))
-        return hits, (in_base, rows - promoted_below)
-
-    def lookup(self, rows: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(rows.shape[0], self.width)
-        hits, (in_base, slot) = self._locate(rows)
-        for table, (hit, pos) in zip(self.tiers, hits, strict=True):
-            out[hit] = table.lookup(pos[hit])
-        out[in_base] = self.base.lookup(slot[in_base])
+        out[in_base] = self.base.lookup((rows - promoted_below)[in_base])
         return out
 
     def dequantize(self) -> torch.Tensor:

@@ -58,9 +58,15 @@ def _worker_loop(config: dict) -> None:
     for _ in range(config["epochs"]):
         t0 = time.perf_counter()
         rows = 0
+        first = None
         for batch in iter_worker_batches(shard, config["batch_size"]):
+            if first is None:
+                first = time.perf_counter()
+                first_rows = len(batch["label"])
             rows += len(batch["label"])
-        results.append({"rows": rows, "seconds": time.perf_counter() - t0})
+        end = time.perf_counter()
+        results.append({"rows": rows, "seconds": end - t0, "first_batch_s": first - t0,
+                        "steady_rows_per_s": (rows - first_rows) / (end - first)})
     with tempfile.TemporaryDirectory() as d:
         Path(d, "epochs.json").write_text(json.dumps(results))
         # Train V2 keeps reported metrics only together with a checkpoint.
@@ -89,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=3_000_000,
                         help="rows generated over 3 days; 2/3 are the train split read")
     parser.add_argument("--batch-size", type=int, default=4096)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args(argv)
 
     import ray
@@ -112,18 +118,21 @@ def main(argv: list[str] | None = None) -> int:
     bare = max(bare, bare_after)  # the fairer (faster) bare figure
     print(f"\nData pipeline throughput: train split of {rows:,} rows, {os.cpu_count()} CPUs, "
           f"worker batch {args.batch_size}")
-    print(f"{'path':<44} {'rows/s':>12} {'vs bare':>8}")
-    print(f"{'bare pyarrow → torch (1st, cold)':<44} {bare_first:>12,.0f} "
+    print(f"{'path':<52} {'rows/s':>12} {'vs bare':>8}")
+    print(f"{'bare pyarrow → torch (first pass, cold)':<52} {bare_first:>12,.0f} "
           f"{bare_first / bare:>8.2f}")
-    print(f"{'bare pyarrow → torch (best)':<44} {bare:>12,.0f} {1.0:>8.2f}")
+    print(f"{'bare pyarrow → torch (best pass)':<52} {bare:>12,.0f} {1.0:>8.2f}")
     for i, e in enumerate(epochs, 1):
-        rate = e["rows"] / e["seconds"]
-        print(f"{f'Ray Train worker (0.5 CPU), epoch {i}':<44} {rate:>12,.0f} "
-              f"{rate / bare:>8.2f}")
         assert e["rows"] == rows, (e["rows"], rows)
+        rate = e["rows"] / e["seconds"]
+        label = f"Ray Train worker, epoch {i} (1st batch after {e['first_batch_s']:.1f} s)"
+        print(f"{label:<52} {rate:>12,.0f} {rate / bare:>8.2f}")
+        label = f"Ray Train worker, epoch {i}, after the 1st batch"
+        print(f"{label:<52} {e['steady_rows_per_s']:>12,.0f} "
+              f"{e['steady_rows_per_s'] / bare:>8.2f}")
     best = max(e["rows"] / e["seconds"] for e in epochs)
-    print(f"goal ≥ 0.50 of bare: {'met' if best / bare >= 0.5 else 'NOT met'} "
-          f"({best / bare:.2f})")
+    print(f"goal ≥ 0.50 of bare (best whole epoch): "
+          f"{'met' if best / bare >= 0.5 else 'NOT met'} ({best / bare:.2f})")
     return 0
 
 

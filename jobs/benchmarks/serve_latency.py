@@ -188,10 +188,16 @@ def load(url: str, bodies: list[bytes], concurrency: int, seconds: float,
 # ---------------------------------------------------------------- one Serve path (child)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _free_port(first: int = 0) -> int:
+    """A port nobody holds: any (first=0), or the first free one from `first` on."""
+    for port in range(first, first + 1000) if first else [0]:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise RuntimeError(f"no free port in {first}-{first + 999}")
 
 
 def run_path(path: str, model_dir: Path, seconds: float) -> dict[str, Any]:
@@ -203,7 +209,7 @@ def run_path(path: str, model_dir: Path, seconds: float) -> dict[str, Any]:
 
     argv = ["--model", str(model_dir), "--port", str(_free_port())]
     if path == "direct":
-        argv += ["--direct-ingress", "--direct-port", str(_free_port())]
+        argv += ["--direct-ingress", "--direct-port", str(_free_port(30000))]
     t0 = time.perf_counter()
     urls, _ = start_service(build_parser().parse_args(argv))
     startup = time.perf_counter() - t0

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from data_pipeline.datasets import iter_local_batches
-from embeddings.collection import CollectionConfig, EmbeddingCollection
+from embeddings.collection import EmbeddingCollection
 from embeddings.optim import RowWiseAdagrad
 from jobs import synth
 from jobs.train import cardinalities_of, ensure_ray, run

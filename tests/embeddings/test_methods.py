@@ -57,7 +57,7 @@ OWN_CONFIGS: dict[str, MethodConfig] = {
 }
 
 
-def _train(config: MethodConfig, stats: FeatureStats | None, steps: int = 300):
+def _train(config: MethodConfig, stats: FeatureStats | None, steps: int = 200):
     torch.manual_seed(0)
     values, stream = zipf_stream(steps, 128)
     emb = config.build(N_VALUES, DIM, stats)
@@ -225,13 +225,20 @@ def test_mlet_output_starts_at_an_ordinary_scale() -> None:
 
 def test_every_registered_method_honours_the_contract() -> None:
     """Methods registered by other modules (CAFE, learned hash) build at a ratio, train,
-    collapse exactly and count bytes exactly, like the ones above."""
+    collapse exactly and count bytes exactly, like the ones above, bare and under MLET
+    when their combiner is linear."""
     stats = FeatureStats.from_ids(zipf_stream(300, 128)[1].flatten())
     for name, cls in sorted(METHODS.items()):
-        config = cls.model_validate({"method": name}).at_ratio(4)
-        emb, values, _, _, _ = _train(config, stats, steps=100)
-        serving = emb.collapse()
-        with torch.no_grad():
-            for ids in (values, _unseen()):
-                assert (serving(ids) - emb(ids)).abs().max().item() <= 1e-5, name
-        assert serving.serving_bytes() == emb.serving_bytes(), name
+        base = cls.model_validate({"method": name}).at_ratio(4)
+        variants = [base]
+        if base.combiner() is not Combiner.PRODUCT:
+            variants.append(with_mlet(base, 2 * DIM))
+        for config in variants:
+            emb, values, _, _, _ = _train(config, stats, steps=80)
+            serving = emb.collapse()
+            with torch.no_grad():
+                for ids in (values, _unseen()):
+                    assert (serving(ids) - emb(ids)).abs().max().item() <= 1e-5, config
+            assert serving.serving_bytes() == emb.serving_bytes(), config
+            held = tensor_bytes(emb.parameters()) + tensor_bytes(emb.buffers())
+            assert emb.training_bytes() == held + emb.extra_state_bytes(), config
