@@ -89,7 +89,7 @@ class SketchEvents:
         return int(self.log.shape[0])
 
 
-@nb.njit(cache=True, inline="always")
+@nb.njit(cache=True)
 def _uniform(rng: np.ndarray) -> float:
     # SplitMix64 stream kept in the sketch so admission coins are reproducible and resumable.
     rng[0] += np.uint64(0x9E3779B97F4A7C15)
@@ -100,7 +100,7 @@ def _uniform(rng: np.ndarray) -> float:
     return float(z >> np.uint64(11)) * (1.0 / 9007199254740992.0)
 
 
-@nb.njit(cache=True, inline="always")
+@nb.njit(cache=True)
 def _log(ev, n, kind, key, row, medium, hashed, tag):
     ev[n, _KIND] = kind
     ev[n, _ID] = key
@@ -111,7 +111,7 @@ def _log(ev, n, kind, key, row, medium, hashed, tag):
     return n + 1
 
 
-@nb.njit(cache=True, inline="always")
+@nb.njit(cache=True)
 def _take_row(free, istate):
     if istate[_NSTACK] > 0:
         istate[_NSTACK] -= 1
@@ -120,7 +120,7 @@ def _take_row(free, istate):
     return istate[_FRESH] - 1
 
 
-@nb.njit(cache=True, inline="always")
+@nb.njit(cache=True)
 def _give_row(free, istate, row):
     free[istate[_NSTACK]] = row
     istate[_NSTACK] += 1
@@ -177,8 +177,17 @@ def _insert_kernel(
             if cap - n_ev < 2 * hot_rows:
                 return i, n_ev, False
             n_ev = _rerank(
-                keys, scores, rows, free, fstate, istate, base_threshold, medium_fraction,
-                hot_rows, ev, n_ev,
+                keys,
+                scores,
+                rows,
+                free,
+                fstate,
+                istate,
+                base_threshold,
+                medium_fraction,
+                hot_rows,
+                ev,
+                n_ev,
             )
             # Ties at the new threshold may leave more than 1.2 × hot rows above it; wait for
             # a fifth of the hot rows' worth of new arrivals rather than re-rank every id.
@@ -187,8 +196,18 @@ def _insert_kernel(
             if cap - n_ev < hot_rows:
                 return i, n_ev, False
             n_ev = _decay(
-                keys, scores, rows, free, fstate, istate, base_threshold, medium_fraction,
-                decay, adaptive, ev, n_ev,
+                keys,
+                scores,
+                rows,
+                free,
+                fstate,
+                istate,
+                base_threshold,
+                medium_fraction,
+                decay,
+                adaptive,
+                ev,
+                n_ev,
             )
         if i == n:
             break
@@ -239,16 +258,24 @@ def _insert_kernel(
         if new >= thr and rows[b, j] == 0 and istate[_NSTACK] + hot_rows - istate[_FRESH] > 0:
             r = _take_row(free, istate)
             rows[b, j] = r + 1
-            n_ev = _log(
-                ev, n_ev, PROMOTE, x, r, old >= medium_fraction * thr, hashes[i], tags[i]
-            )
+            n_ev = _log(ev, n_ev, PROMOTE, x, r, old >= medium_fraction * thr, hashes[i], tags[i])
     return n, n_ev, True
 
 
 @nb.njit(cache=True)
 def _decay(
-    keys, scores, rows, free, fstate, istate, base_threshold, medium_fraction, decay, adaptive,
-    ev, n_ev,
+    keys,
+    scores,
+    rows,
+    free,
+    fstate,
+    istate,
+    base_threshold,
+    medium_fraction,
+    decay,
+    adaptive,
+    ev,
+    n_ev,
 ):
     fstate[_MASS] = 0.0
     # The adaptive threshold is a score, so it decays with them; the configured one is fixed.
@@ -262,8 +289,14 @@ def _decay(
                 if rows[b, k] > 0 and scores[b, k] < thr:
                     _give_row(free, istate, rows[b, k] - 1)
                     n_ev = _log(
-                        ev, n_ev, DEMOTE, keys[b, k], rows[b, k] - 1,
-                        scores[b, k] >= medium_fraction * thr, -1, -1,
+                        ev,
+                        n_ev,
+                        DEMOTE,
+                        keys[b, k],
+                        rows[b, k] - 1,
+                        scores[b, k] >= medium_fraction * thr,
+                        -1,
+                        -1,
                     )
                     rows[b, k] = 0
     istate[_NABOVE] = _count_above(scores, thr)
@@ -272,39 +305,58 @@ def _decay(
 
 @nb.njit(cache=True)
 def _rerank(
-    keys, scores, rows, free, fstate, istate, base_threshold, medium_fraction, hot_rows,
-    ev, n_ev,
+    keys,
+    scores,
+    rows,
+    free,
+    fstate,
+    istate,
+    base_threshold,
+    medium_fraction,
+    hot_rows,
+    ev,
+    n_ev,
 ):
     n_b, n_slots = keys.shape
-    flat = scores.ravel()
-    occupied = flat[flat > 0]
-    if occupied.shape[0] <= hot_rows:
+    occupied = np.empty(n_b * n_slots, np.float32)
+    m = 0
+    for b in range(n_b):
+        for k in range(n_slots):
+            if scores[b, k] > 0:
+                occupied[m] = scores[b, k]
+                m += 1
+    if m <= hot_rows:
         return n_ev
-    kth = np.partition(-occupied, hot_rows - 1)[hot_rows - 1]
-    thr = max(base_threshold, float(-kth))
+    thr = max(base_threshold, float(np.sort(occupied[:m])[m - hot_rows]))
     fstate[_THRESHOLD] = thr
     for b in range(n_b):
         for k in range(n_slots):
             if rows[b, k] > 0 and scores[b, k] < thr:
                 _give_row(free, istate, rows[b, k] - 1)
                 n_ev = _log(
-                    ev, n_ev, DEMOTE, keys[b, k], rows[b, k] - 1,
-                    scores[b, k] >= medium_fraction * thr, -1, -1,
+                    ev,
+                    n_ev,
+                    DEMOTE,
+                    keys[b, k],
+                    rows[b, k] - 1,
+                    scores[b, k] >= medium_fraction * thr,
+                    -1,
+                    -1,
                 )
                 rows[b, k] = 0
-    # Ties at the new threshold can exceed the free rows: the highest scores go first.
-    cand = np.nonzero((flat >= thr) & (flat > 0) & (rows.ravel() == 0))[0]
-    order = np.argsort(-flat[cand], kind="mergesort")
-    for q in range(order.shape[0]):
-        if istate[_NSTACK] + hot_rows - istate[_FRESH] == 0:
-            break
-        c = cand[order[q]]
-        b = c // n_slots
-        k = c % n_slots
-        r = _take_row(free, istate)
-        rows[b, k] = r + 1
-        # Above the old threshold too (it only rises here), so it read two hash rows.
-        n_ev = _log(ev, n_ev, PROMOTE, keys[b, k], r, True, -1, -1)
+    # Fewer than hot_rows slots score above the new threshold, so those all get rows; ties
+    # at it take what is left, in slot order.
+    for tied in (False, True):
+        for b in range(n_b):
+            for k in range(n_slots):
+                if istate[_NSTACK] + hot_rows - istate[_FRESH] == 0:
+                    break
+                above = scores[b, k] == thr if tied else scores[b, k] > thr
+                if rows[b, k] == 0 and scores[b, k] > 0 and above:
+                    r = _take_row(free, istate)
+                    rows[b, k] = r + 1
+                    # Above the old threshold too (it only rises here): it read two hash rows.
+                    n_ev = _log(ev, n_ev, PROMOTE, keys[b, k], r, True, -1, -1)
     istate[_NABOVE] = _count_above(scores, thr)
     return n_ev
 
@@ -591,9 +643,25 @@ class HotSketch:
         while True:
             log = np.empty((cap, 6), np.int64)
             start, n_ev, done = _insert_kernel(
-                self.keys, self.scores, self.rows, self.free, self.fstate, self.istate,
-                self.rng, hashes, keys, values, tags, start, log, self.base_threshold,
-                self.medium_fraction, self.decay, self.decay_mass, self.adaptive, self.hot_rows,
+                self.keys,
+                self.scores,
+                self.rows,
+                self.free,
+                self.fstate,
+                self.istate,
+                self.rng,
+                hashes,
+                keys,
+                values,
+                tags,
+                start,
+                log,
+                self.base_threshold,
+                self.medium_fraction,
+                self.decay,
+                self.decay_mass,
+                self.adaptive,
+                self.hot_rows,
             )
             parts.append(log[:n_ev])
             if done:
@@ -608,8 +676,12 @@ class HotSketch:
         """(hot row or -1, medium flag) for each id, as the sketch stands now."""
         ids = ids.detach().to("cpu", torch.int64).contiguous()
         hot, medium = _classify_kernel(
-            self.keys, self.scores, self.rows, self.hash(ids) if hashes is None else hashes,
-            ids.numpy(), self.medium_fraction * self.threshold,
+            self.keys,
+            self.scores,
+            self.rows,
+            self.hash(ids) if hashes is None else hashes,
+            ids.numpy(),
+            self.medium_fraction * self.threshold,
         )
         return torch.from_numpy(hot), torch.from_numpy(medium)
 
@@ -626,8 +698,13 @@ class HotSketch:
         the concatenation of those two lists; the batch positions of the medium ids.
         """
         return _route_kernel(
-            self.keys, self.scores, self.rows, hashes, ids,
-            self.medium_fraction * self.threshold, spread_rows,
+            self.keys,
+            self.scores,
+            self.rows,
+            hashes,
+            ids,
+            self.medium_fraction * self.threshold,
+            spread_rows,
         )
 
     def _not_cold(self) -> np.ndarray:

@@ -31,7 +31,9 @@ def _grad_rows(p: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         # Repeated ids leave repeated entries; coalesce sums them so each row updates once.
         grad = grad.coalesce()
         rows = grad.indices()[0]
-        return rows, grad.values().reshape(rows.shape[0], -1)
+        # reshape(0, -1) is ambiguous for an empty gradient (no id reached this table).
+        width = _rows_view(p).shape[1] if p.dim() >= 1 else 1
+        return rows, grad.values().reshape(rows.shape[0], width)
     return None, grad.reshape(grad.shape[0], -1) if grad.dim() >= 1 else grad.reshape(1, 1)
 
 

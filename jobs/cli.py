@@ -11,6 +11,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("jobs.synth", "generate synthetic Criteo data with a planted teacher model"),
     "prepare": ("jobs.prepare", "convert Criteo TSV (plain or .gz) into Parquet shards"),
     "train": ("jobs.train", "train on Ray Train with compressed embeddings, then export"),
+    "tune": ("jobs.tune", "search compression settings on Ray Tune: the AUC/bytes Pareto front"),
     "demo": ("jobs.demo", "run the whole product end to end on embedded defaults"),
 }
 

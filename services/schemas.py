@@ -97,6 +97,15 @@ _EXAMPLE_ROW = {
     ],
 }
 _EXAMPLE_NAMED = {"I1": 1, "I2": 1, "I3": 5, "C1": "68fd1e64", "C2": "80e26c9b", "C3": None}
+# Shown in the /docs page's example picker for POST /v1/score.
+REQUEST_EXAMPLES = {
+    "arrays": {"summary": "one row as two arrays (I1..I13, C1..C26)",
+               "value": {"rows": [_EXAMPLE_ROW]}},
+    "named": {"summary": "one row as named fields (absent fields are missing)",
+              "value": {"rows": [_EXAMPLE_NAMED]}},
+    "mixed": {"summary": "both shapes in one batch",
+              "value": {"rows": [_EXAMPLE_ROW, _EXAMPLE_NAMED]}},
+}
 
 
 class ScoreRequest(BaseModel):
@@ -156,13 +165,41 @@ class ReadyResponse(BaseModel):
 
 
 _REQUEST = TypeAdapter(ScoreRequest)
+
+
+class _ArrayFirstRequest(BaseModel):
+    """ScoreRequest's twin that tries each row as arrays, then as named fields.
+
+    It accepts exactly the same bodies (a valid array row has "dense", which named rows
+    forbid) but skips the per-row discriminator call, a third of the parse time of a body
+    of array rows. Its errors list both shapes' complaints, so a failure is re-parsed by
+    ScoreRequest for messages that name the row's own shape.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    rows: Annotated[
+        list[Annotated[ArrayRow | NamedRow, Field(union_mode="left_to_right")]],
+        Field(min_length=1, max_length=HARD_MAX_ROWS),
+    ]
+
+
+_ARRAY_FIRST = TypeAdapter(_ArrayFirstRequest)
 # Errors past this many are counted, not listed: a 4,096-row garbage body must not make a
 # megabyte-sized error answer.
 MAX_LISTED_ERRORS = 20
 
 
-def parse_score_request(body: bytes) -> ScoreRequest:
-    """Validate a raw JSON body in one pass (no json.loads first). Raises ValidationError."""
+def parse_score_request(body: bytes) -> ScoreRequest | _ArrayFirstRequest:
+    """Validate a raw JSON body in one pass (no json.loads first). Raises ValidationError.
+
+    Either model has `.rows`: a list of dicts, {"dense", "categorical"} or named fields.
+    """
+    if b'"dense"' in body[:512]:
+        try:
+            return _ARRAY_FIRST.validate_json(body)
+        except ValidationError:
+            pass  # parse again below, for the precise messages
     return _REQUEST.validate_json(body)
 
 

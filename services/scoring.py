@@ -6,6 +6,8 @@ Why it is shaped this way:
   `serve deploy` of a new model directory swaps the model inside the running replica: no new
   process, no new port, no dropped request. The new model is loaded and warmed up beside the
   old one and replaces it in one assignment; every answer names the version that made it.
+  (`serve.run` from Python gives every deploy a new code version, so there Serve replaces
+  the replicas instead, one by one; measured here, that too dropped no request.)
 * A broken new directory (missing, truncated, failing its checksum, unloadable) never takes
   the served model down. Measured on Ray Serve 2.60: when `reconfigure` raises during an
   update, Serve stops that very replica and, with one replica, answers 503 to everything until
@@ -45,6 +47,7 @@ from embeddings.serving import ModelFileError, ServingModel, load_model
 from services.features import model_inputs
 from services.schemas import (
     HARD_MAX_ROWS,
+    REQUEST_EXAMPLES,
     ErrorItem,
     ErrorResponse,
     HealthResponse,
@@ -196,6 +199,8 @@ def _error(status: int, detail: str, errors: list[ErrorItem] | None = None,
 def _is_json(content_type: str | None) -> bool:
     if not content_type:
         return False
+    if content_type == "application/json":  # nearly every request: skip the parsing below
+        return True
     message = email.message.Message()
     message["content-type"] = content_type
     kind = message.get_content_type()
@@ -372,7 +377,8 @@ class ScoringDeployment:
             "requestBody": {
                 "required": True,
                 "content": {"application/json": {
-                    "schema": {"$ref": "#/components/schemas/ScoreRequest"}}},
+                    "schema": {"$ref": "#/components/schemas/ScoreRequest"},
+                    "examples": REQUEST_EXAMPLES}},
             },
             "security": _SECURED,
         },
@@ -387,15 +393,25 @@ class ScoringDeployment:
             return _error(415, "Content-Type must be application/json, got "
                                f"{request.headers.get('content-type')!r}")
         max_bytes = settings.max_rows_per_request * BYTES_PER_ROW
+        too_big = _error(413, f"body over this deployment's limit of {max_bytes:,} bytes "
+                              f"({settings.max_rows_per_request:,} rows per request)")
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_bytes:
-            return _error(413, f"body of {int(declared):,} bytes is over this deployment's "
-                               f"limit of {max_bytes:,} ({settings.max_rows_per_request:,} "
-                               "rows)")
-        body = await request.body()
+            return too_big
+        if declared.isdigit():
+            body = await request.body()
+        else:
+            # Chunked upload of unknown size: stop reading once it is over the limit
+            # instead of holding whatever a client cares to send.
+            parts, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    return too_big
+                parts.append(chunk)
+            body = b"".join(parts)
         if len(body) > max_bytes:
-            return _error(413, f"body of {len(body):,} bytes is over this deployment's limit "
-                               f"of {max_bytes:,} ({settings.max_rows_per_request:,} rows)")
+            return too_big
         try:
             parsed = parse_score_request(body)
         except ValidationError as exc:

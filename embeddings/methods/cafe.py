@@ -267,11 +267,15 @@ class CafeEmbedding(CompressedEmbedding):
 
     @torch.no_grad()
     def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Feed the batch's gradient norms to the sketch, then move the rows it re-assigned."""
+        """Feed the batch's gradient norms to the sketch, then move the rows it re-assigned.
+
+        Must follow every optimizer step of a training batch (the collection, the sharding
+        router and the training loop call it): until then the batch's norms are held here.
+        """
         pending, self._pending = self._pending, []
         for ids, hashes, tags, norms in pending:
             values = norms.to("cpu", torch.float32).numpy()
-            mean = values.mean()
+            mean = values.mean() if values.size else 0.0
             if not mean > 0:
                 continue
             # Importance is relative within a batch (mean 1), as in the artifact.
@@ -323,6 +327,7 @@ class CafeEmbedding(CompressedEmbedding):
                 hot_t.index_copy_(0, r, vectors)
                 _move_state(optimizer, hash1_t, h, hot_t, r)
             else:
+                # Two ids demoted onto one hash1 row: the later one's vector is kept there.
                 hash1_t.index_copy_(0, h, vectors)
                 _move_state(optimizer, hot_t, r, hash1_t, h)
 
@@ -498,4 +503,3 @@ class CafeConfig(MethodConfig):
             decay=self.decay,
             seed=self.seed,
         )
-

@@ -326,7 +326,10 @@ class LearnedHashConfig(MethodConfig):
             if own == rows:
                 m = own
             mapper = LearnedHashMapper(
-                rows, own, self.seed, torch.empty(m, dtype=torch.int64),
+                rows,
+                own,
+                self.seed,
+                torch.empty(m, dtype=torch.int64),
                 torch.empty(m, dtype=torch.int32),
             )
         else:

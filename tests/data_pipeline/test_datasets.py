@@ -108,6 +108,22 @@ def test_a_dataset_without_manifest_is_refused(tmp_path):
         split_pieces(tmp_path, "train")
 
 
+def test_the_files_a_manifest_lists_are_the_data(tmp_path):
+    table = _day_table(0)
+    for part in range(3):  # part 2 is left over from an earlier run: not listed
+        path = shard_path(tmp_path, 0, part)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table.slice(100 * part, 100), path)
+    files = [{"path": f"day=0/part-0000{p}.parquet"} for p in (0, 1)]
+    write_json_atomic({"days": {"0": {"files": files}}}, tmp_path / "manifest.json")
+    assert [(f.day, f.part, f.rows) for f in datasets.discover_shards(tmp_path)] == [
+        (0, 0, 100), (0, 1, 100)]
+    assert split_sizes(tmp_path) == {"train": 171, "validation": 14, "test": 15}
+    shard_path(tmp_path, 0, 1).unlink()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        datasets.discover_shards(tmp_path)
+
+
 def test_local_batches_are_the_transformed_rows(dataset):
     ref = transform_table(_expected("validation"))
     batches = list(iter_local_batches(dataset, "validation", 96, block_rows=128))

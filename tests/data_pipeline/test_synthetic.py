@@ -106,7 +106,7 @@ def test_scramble_is_a_bijection_and_cardinality_is_respected():
         assert distinct <= n
         if n <= 64:
             assert distinct == n  # every value of a small feature shows up
-    items = np.arange(100_000, dtype=np.uint64)
+    items = np.arange(30_000, dtype=np.uint64)
     values = np.array([synthetic._scramble32(int(i), synthetic._key(9, 1)) for i in items])
     assert len(np.unique(values)) == len(items)
 
@@ -199,10 +199,10 @@ def test_tsv_is_criteo_text_with_the_same_rows(tmp_path):
 
 
 def test_generation_with_ray_tasks_gives_the_same_bytes(ray_cluster, tmp_path):
-    config = SynthConfig(rows=40_000, days=3, seed=21, part_rows=8_000)
+    config = SynthConfig(rows=30_000, days=2, seed=21, part_rows=10_000)
     generate(config, tmp_path / "ray", use_ray=True)
     generate(config, tmp_path / "local", use_ray=False)
-    assert len(_files(tmp_path / "ray")) == 6
+    assert len(_files(tmp_path / "ray")) == 4
     assert _files(tmp_path / "ray") == _files(tmp_path / "local")
     assert _manifest(tmp_path / "ray") == _manifest(tmp_path / "local")
 

@@ -99,6 +99,17 @@ def test_promotion_starts_from_the_current_vector_and_takes_the_hash_rows_state(
     assert opt.state[emb.tables[0]]["sum"][row] == 100.0 + h1
 
 
+def test_promotion_during_training_keeps_the_vector_the_id_read():
+    emb = CafeEmbedding(4, 50, 8, threshold=10, adaptive=False, sparse=True)
+    force(emb, [5], [3.0])  # medium
+    ids = torch.full((8,), 5)
+    before = emb(ids).detach()
+    emb(ids).sum().backward()  # no optimizer step: only the sketch moves
+    emb.after_step(None)  # eight equal gradients, importance 1 each: 3 + 8 ≥ 10
+    assert emb.sketch.hot_ids().tolist() == [5]
+    torch.testing.assert_close(emb(ids).detach(), before, rtol=0, atol=1e-6)
+
+
 def test_demotion_copies_the_hot_row_back_and_its_state_never_a_zero_row():
     emb = CafeEmbedding(1, 50, 8, threshold=5, adaptive=False, decay_period=10, sparse=True)
     opt = LazyAdam(list(emb.tables), lr=0.1)
@@ -146,9 +157,7 @@ def train(emb: CafeEmbedding, steps: int, values: np.ndarray, seed: int = 0) -> 
 @pytest.mark.parametrize("mlet_dim", [None, 32])
 def test_serving_form_equals_training_form_for_seen_and_unseen_ids(mlet_dim):
     values = np.random.default_rng(1).integers(-(2**62), 2**62, size=3000)
-    emb = RecordingCafe(
-        60, 120, 8, threshold=4, mlet_dim=mlet_dim, sparse=True, decay_period=1.0
-    )
+    emb = RecordingCafe(60, 120, 8, threshold=4, mlet_dim=mlet_dim, sparse=True, decay_period=1.0)
     train(emb, 300, values)
     assert PROMOTE in emb.kinds and DEMOTE in emb.kinds
     hot, medium = emb.mapper.classify(torch.from_numpy(values))

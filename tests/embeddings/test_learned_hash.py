@@ -128,8 +128,10 @@ def test_serving_form_equals_training_form_for_seen_and_unseen_ids(mlet_dim):
     for probe in (torch.from_numpy(ids), unseen):
         with torch.no_grad():
             torch.testing.assert_close(serving(probe), emb(probe), rtol=0, atol=1e-5)
-    assert emb.serving_bytes() == serving.serving_bytes() == (
-        tensor_bytes(serving.mapper.buffers()) + 300 * 8 * 4
+    assert (
+        emb.serving_bytes()
+        == serving.serving_bytes()
+        == (tensor_bytes(serving.mapper.buffers()) + 300 * 8 * 4)
     )
     assert emb.training_bytes() == tensor_bytes(emb.parameters()) + tensor_bytes(emb.buffers())
 

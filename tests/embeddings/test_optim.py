@@ -118,3 +118,16 @@ def test_optimizer_configs_are_a_discriminated_union() -> None:
     assert isinstance(config.build([p]), LazyAdam)
     with pytest.raises(ValidationError, match="lr"):
         adapter.validate_python({"name": "rowwise_adagrad", "lr": -1})
+
+
+def test_optimizers_accept_an_empty_sparse_gradient():
+    # A sharded table that no worker sent ids to in a step gets an empty sparse gradient.
+    from embeddings.optim import LazyAdam, RowWiseAdagrad
+
+    for cls in (RowWiseAdagrad, LazyAdam):
+        table = torch.nn.Parameter(torch.ones(5, 3))
+        out = torch.nn.functional.embedding(torch.zeros(0, dtype=torch.long), table, sparse=True)
+        out.sum().backward()
+        before = table.detach().clone()
+        cls([table], lr=0.1).step()
+        assert torch.equal(table.detach(), before)

@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from serving_helpers import TOKEN, raw_tsv_rows
+from serving_helpers import TOKEN, offline_probabilities, raw_tsv_rows
 
 from data_pipeline.schema import DENSE_COLUMNS, SPARSE_COLUMNS
 from jobs import score as score_job
@@ -205,6 +205,12 @@ BAD_INPUTS: dict[str, Callable[[list[dict]], tuple[dict[str, Any], int, list[str
     "no rows field": lambda rows: ({"json": {"row": rows[:1]}}, 422, ["rows", "required"]),
     "batch over the maximum": lambda rows: (
         {"json": {"rows": rows[:MAX_ROWS + 1]}}, 413, ["rows", "513 rows", "512"]),
+    "body over the byte limit": lambda rows: (
+        {"content": b'{"rows": [' + b" " * (MAX_ROWS * 4096) + b"]}",
+         "headers": {"Content-Type": "application/json"}}, 413, ["bytes", "512 rows"]),
+    "chunked body over the byte limit": lambda rows: (
+        {"content": iter([b'{"rows": ['] + [b" " * 65536] * 40 + [b"]}"]),
+         "headers": {"Content-Type": "application/json"}}, 413, ["bytes", "512 rows"]),
     "wrong content type": lambda rows: (
         {"content": json.dumps({"rows": rows[:1]}).encode(),
          "headers": {"Content-Type": "text/plain"}}, 415, ["application/json", "text/plain"]),
@@ -248,7 +254,11 @@ def test_scoring_routes_need_the_token_health_routes_do_not(service, rows):
     request = schema["components"]["schemas"]["ScoreRequest"]
     assert request["examples"] and "rows" in request["properties"]
     assert {"ArrayRow", "NamedRow"} <= set(schema["components"]["schemas"])
-    assert schema["paths"]["/v1/score"]["post"]["security"] == [{"bearer": []}]
+    post = schema["paths"]["/v1/score"]["post"]
+    assert post["security"] == [{"bearer": []}]
+    assert set(post["requestBody"]["content"]["application/json"]["examples"]) == {
+        "arrays", "named", "mixed"}
+    assert {"401", "413", "415", "422"} <= set(post["responses"])
 
 
 def test_model_info_names_version_settings_and_model(http, model_dirs):
@@ -276,6 +286,32 @@ def test_client_scores_a_tsv_file(service, unlabelled_tsv, offline_scores, tmp_p
     assert lines[0] == "probability"
     np.testing.assert_allclose(np.array(lines[1:], dtype=np.float64), offline_scores["v1"],
                                atol=1e-5, rtol=0)
+
+
+def test_client_labelled_file_with_a_bad_line(service, real_data, model_dirs, tmp_path,
+                                              capsys, monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)  # the token from the environment this time
+    lines = (real_data / "criteo_kaggle_sample.tsv").read_text().splitlines()[:700]
+    good = tmp_path / "good.tsv"
+    good.write_text("\n".join(lines) + "\n")
+    fields = lines[5].split("\t")
+    fields[20] = "not-hex!"
+    mixed = tmp_path / "mixed.tsv"
+    mixed.write_text("\n".join([*lines[:5], "\t".join(fields), *lines[6:]]) + "\n")
+    out, rejects = tmp_path / "scores.tsv", tmp_path / "rejects.jsonl"
+    code = score_job.main(["--url", service, "--input", str(mixed), "--output", str(out),
+                           "--rejects", str(rejects), "--batch-size", "256", "--concurrency",
+                           "3", "--no-progress"])
+    assert code == 0
+    assert "1 input lines rejected" in capsys.readouterr().err
+    assert json.loads(rejects.read_text())["line"] == 6
+    scored = [line.split("\t") for line in out.read_text().splitlines()]
+    assert scored[0] == ["label", "probability"] and len(scored) == 1 + 699
+    expected = offline_probabilities(model_dirs["v1"], good)
+    expected = np.delete(expected, 5)
+    np.testing.assert_allclose([float(p) for _, p in scored[1:]], expected, atol=1e-5, rtol=0)
+    assert [int(y) for y, _ in scored[1:]] == [int(x.split("\t")[0]) for i, x in
+                                               enumerate(lines) if i != 5]
 
 
 def test_client_without_token_says_so(service, unlabelled_tsv, tmp_path, capsys):

@@ -1,0 +1,84 @@
+"""`ray job submit` against a real `ray start --head`: the README's cluster path, for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_job_submit_trains_on_a_local_cluster_and_writes_the_export(synth_data, tmp_path):
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dashboard = _free_port(), _free_port()
+    temp_dir = Path("/tmp") / f"ep{os.getpid()}"
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={gcs}",
+         f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--num-cpus=2",
+         f"--temp-dir={temp_dir}", "--include-dashboard=true"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    config = {
+        "data": {"path": str(synth_data), "batch_size": 1024},
+        "embeddings": {"ratio": 10, "method": {"method": "hash"}},
+        "schedule": {"max_steps": 10, "log_every": 5},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
+        "run": {"storage_path": str(tmp_path / "runs"), "name": "submitted"},
+        "export": {"out": str(tmp_path / "model")},
+    }
+    config_path = tmp_path / "job.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            ping = subprocess.run([str(bin_dir / "ray"), "job", "list", "--address", address],
+                                  env=env, capture_output=True, text=True)
+            if ping.returncode == 0:
+                break
+            time.sleep(2)
+        else:
+            pytest.fail(f"the local cluster's job server never answered: {ping.stderr[-2000:]}")
+        deadline = time.time() + 240
+        while True:
+            job = subprocess.run(
+                [str(bin_dir / "ray"), "job", "submit", "--address", address,
+                 "--working-dir", str(REPO), "--",
+                 "python", "-m", "jobs.train", "--config", str(config_path)],
+                env=env, capture_output=True, text=True, timeout=480,
+            )
+            # The job server answers before its agent has registered; that is worth a retry.
+            if "No available agent" not in job.stderr or time.time() > deadline:
+                break
+            time.sleep(5)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in (job.stdout + job.stderr).lower()
+        model = json.loads((tmp_path / "model" / "model.json").read_text())
+        assert model["metrics"]["samples"] == 10 * 1024
+        assert 0.5 < model["metrics"]["validation_auc"] <= 1.0
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
