@@ -290,14 +290,29 @@ def read_split(root: str | Path, split: str, *, block_rows: int = DEFAULT_BLOCK_
                columns: Sequence[str] | None = None,
                task_cpus: float = DEFAULT_TASK_CPUS) -> ray.data.Dataset:
     """One split as a Ray Dataset of raw shard rows (the Parquet schema), one block per piece."""
+
+    return read_pieces(split_pieces(root, split, block_rows=block_rows), columns=columns,
+                       task_cpus=task_cpus)
+
+
+def read_pieces(pieces: Sequence[Piece], *, columns: Sequence[str] | None = None,
+                task_cpus: float = DEFAULT_TASK_CPUS) -> ray.data.Dataset:
+    """Given pieces, in order, as a Ray Dataset of raw shard rows, one block per piece."""
     import ray.data
 
-    pieces = split_pieces(root, split, block_rows=block_rows)
     # One block per piece: without the override Ray splits blocks to reach its default
     # parallelism, making exactly the small blocks this module avoids.
-    return ray.data.read_datasource(_datasource_class()(pieces, columns),
+    return ray.data.read_datasource(_datasource_class()(list(pieces), columns),
                                     override_num_blocks=max(1, len(pieces)),
                                     num_cpus=task_cpus)
+
+
+def transformed(ds: ray.data.Dataset, task_cpus: float = DEFAULT_TASK_CPUS) -> ray.data.Dataset:
+    """Raw shard rows → columns `dense` f32[13], `sparse` i64[26], `label` f32."""
+    # batch_size=None: the whole block at once; the same CPUs as the read, so that the map
+    # fuses with it into one task and adds no blocks of its own.
+    return ds.map_batches(_pack, batch_format="pyarrow", batch_size=None,
+                          udf_modifying_row_count=False, num_cpus=task_cpus)
 
 
 def make_dataset(root: str | Path, split: str, *, block_rows: int = DEFAULT_BLOCK_ROWS,
@@ -312,10 +327,7 @@ def make_dataset(root: str | Path, split: str, *, block_rows: int = DEFAULT_BLOC
     ds = read_split(root, split, block_rows=block_rows, task_cpus=task_cpus)
     if shuffle_seed is not None:
         ds = ds.randomize_block_order(seed=shuffle_seed)
-    # batch_size=None: the whole block at once; the same CPUs as the read, so that the map
-    # fuses with it into one task and adds no blocks of its own.
-    return ds.map_batches(_pack, batch_format="pyarrow", batch_size=None,
-                          udf_modifying_row_count=False, num_cpus=task_cpus)
+    return transformed(ds, task_cpus)
 
 
 def make_datasets(root: str | Path, splits: Sequence[str] = SPLITS, *,

@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from data_pipeline.datasets import DEFAULT_BLOCK_ROWS, Piece, _datasource_class, _pack, split_pieces
+from data_pipeline.datasets import (
+    DEFAULT_BLOCK_ROWS,
+    Piece,
+    read_pieces,
+    split_pieces,
+    transformed,
+)
 
 if TYPE_CHECKING:
     import ray.data
@@ -101,6 +107,4 @@ def dataset_of(pieces: Sequence[Piece]) -> ray.data.Dataset:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    ds = ray.data.read_datasource(_datasource_class()(list(pieces)))
-    return ds.map_batches(_pack, batch_format="pyarrow", batch_size=None,
-                          udf_modifying_row_count=False)
+    return transformed(read_pieces(pieces))

@@ -221,8 +221,10 @@ def _scheduler(config: TuneConfig) -> Any:
     if not config.asha.enabled:
         return FIFOScheduler()
     assert config.schedule.max_steps is not None
+    # In budget mode ASHA ranks by the searcher's objective, so a trial over budget is weak.
+    metric = "validation_auc" if config.objective.mode == "pareto" else "objective"
     return ASHAScheduler(
-        time_attr="asha_step", metric="validation_auc", mode="max",
+        time_attr="asha_step", metric=metric, mode="max",
         max_t=config.schedule.max_steps, grace_period=config.asha.grace_steps,
         reduction_factor=config.asha.reduction_factor, brackets=config.asha.brackets,
         # The final report ends the trial by itself; stopping it there would only race it.

@@ -240,7 +240,7 @@ class ObjectiveSettings(_Strict):
 
 
 class AshaSettings(_Strict):
-    """ASHA early stopping on validation AUC, measured at training steps.
+    """ASHA early stopping on validation AUC (budget mode: the objective), at training steps.
 
     Trials report validation AUC every `schedule.eval_every` steps; at each rung
     (grace_steps × reduction_factor^i steps) only the best 1/reduction_factor go on.
@@ -303,6 +303,11 @@ class TuneConfig(TrainConfig):
             raise ValueError("asha.enabled needs schedule.eval_every and schedule.max_steps: "
                              "ASHA compares trials by the validation AUC they report while "
                              "training, at rungs up to the trial length")
+        checkpoint_every, eval_every = self.schedule.checkpoint_every, self.schedule.eval_every
+        if checkpoint_every is not None and (eval_every is None or checkpoint_every % eval_every):
+            raise ValueError("schedule.checkpoint_every must be a multiple of "
+                             "schedule.eval_every in a search: every report Tune sees must "
+                             "carry a validation AUC")
         if self.embeddings.get("budget_bytes") is not None:
             raise ValueError("embeddings.budget_bytes: the search sizes trials by "
                              "search.ratio; give a byte budget as objective.max_serving_bytes")

@@ -63,6 +63,10 @@ logger = logging.getLogger("ray.serve")
 TOKEN_ENV = "EMBPRESS_API_TOKEN"
 TOKEN_FILE_ENV = "EMBPRESS_API_TOKEN_FILE"
 THREADS_ENV = "EMBPRESS_TORCH_THREADS"
+# Rows per forward pass. Measured on dlrm-small, one thread: 3.7 µs/row at 1,024 rows
+# against 7.5 at 256 and 7.2 at 8,192 (large batches fall out of cache), so a merged batch
+# is scored in slices of this size.
+FORWARD_ROWS = 1024
 # Generous for the widest legal row (named fields, pretty-printed): a body this large per
 # row is not a Criteo request, and the limit is checked before the body is read.
 BYTES_PER_ROW = 4096
@@ -360,7 +364,9 @@ class ScoringDeployment:
         dense = np.concatenate([d for d, _ in items]) if len(items) > 1 else items[0][0]
         sparse = np.concatenate([s for _, s in items]) if len(items) > 1 else items[0][1]
         with torch.inference_mode():
-            logits = loaded.model(torch.from_numpy(dense), torch.from_numpy(sparse))
+            d, s = torch.from_numpy(dense), torch.from_numpy(sparse)
+            logits = torch.cat([loaded.model(d[i:i + FORWARD_ROWS], s[i:i + FORWARD_ROWS])
+                                for i in range(0, len(d), FORWARD_ROWS)])
             probabilities = torch.sigmoid(logits).numpy()
         out, start = [], 0
         for d, _ in items:
