@@ -33,6 +33,7 @@ STARTS_FILE = "trial_starts.log"
 SEARCH_CONFIG_FILE = "search_config.json"
 BEST_MODEL_DIR = "best_model"
 EXIT_INTERRUPTED = 130  # the shell's code for a run ended by SIGINT
+UNFINISHED = frozenset({"PENDING", "RUNNING", "PAUSED"})  # Tune trial statuses
 TRIAL_COLUMNS = [
     "trial", "status", "method", "method_settings", "mlet", "ratio", "embedding_dim",
     "sparse_lr", "dense_lr", "quantize", "step", "validation_auc", "test_auc",
@@ -291,8 +292,10 @@ class SearchResult:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def _status(result: Any, metrics: dict[str, Any]) -> str:
-    if result.error is not None:
+def _status(result: Any, metrics: dict[str, Any], saved: str | None) -> str:
+    if saved in UNFINISHED:
+        return "interrupted"
+    if saved == "ERROR" or result.error is not None:
         return "error"
     if metrics.get("skipped"):
         return "skipped"
@@ -309,8 +312,12 @@ def _last_line(error: BaseException | None) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def trial_rows(results: Any) -> list[dict[str, Any]]:
-    """One plain row per trial of a Tune ResultGrid (config, status, objectives, model)."""
+def trial_rows(results: Any, saved: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """One plain row per trial of a Tune ResultGrid (config, status, objectives, model).
+
+    `saved`: trial folder name → the status Tune saved in the experiment state (an
+    interrupted search leaves unfinished trials RUNNING or PENDING there).
+    """
     rows = []
     for result in results:
         metrics = dict(result.metrics or {})
@@ -319,7 +326,7 @@ def trial_rows(results: Any) -> list[dict[str, Any]]:
         settings = ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in sorted(point.items())
                              if k.startswith(f"{method}."))
         trial_dir = Path(result.path)
-        status = _status(result, metrics)
+        status = _status(result, metrics, (saved or {}).get(trial_dir.name))
         model = trial_dir / "model"
         rows.append({
             "trial": metrics.get("trial_id") or trial_dir.name.removeprefix("trial_"),
@@ -366,7 +373,7 @@ def write_results(config: TuneConfig, rows: list[dict[str, Any]], complete: bool
         "pareto_csv": pareto.write_csv(front, out / "pareto.csv", FRONT_COLUMNS),
     }
     counts = {s: sum(r["status"] == s for r in rows)
-              for s in ("finished", "stopped", "skipped", "error")}
+              for s in ("finished", "stopped", "skipped", "interrupted", "error")}
     objective = ("two objectives: max validation AUC, min serving bytes"
                  if config.objective.mode == "pareto"
                  else "max validation AUC with serving bytes ≤ the budget")
@@ -376,8 +383,9 @@ def write_results(config: TuneConfig, rows: list[dict[str, Any]], complete: bool
         f"Objective: {objective}. Budget: "
         + (f"{budget:,} bytes ({pareto.format_bytes(budget)})." if budget else "none."),
         f"Trials: {len(rows)} ({counts['finished']} finished, {counts['stopped']} stopped "
-        f"early by ASHA or interrupted, {counts['skipped']} skipped as over budget, "
-        f"{counts['error']} failed).",
+        f"early by ASHA, {counts['skipped']} skipped as over budget, {counts['interrupted']} "
+        f"interrupted, {counts['error']} failed)."
+        + ("" if complete else " The search was interrupted: `--resume` continues it."),
         "",
         pareto.markdown_table(front, FRONT_COLUMNS),
     ]
@@ -390,7 +398,8 @@ def write_results(config: TuneConfig, rows: list[dict[str, Any]], complete: bool
     files["pareto_md"] = out / "pareto.md"
     files["pareto_md"].write_text("\n".join(lines) + "\n")
     files["pareto_png"] = pareto.plot_front(
-        [r for r in rows if r["status"] in ("finished", "stopped")], front, out / "pareto.png",
+        [r for r in rows if r["status"] in ("finished", "stopped", "interrupted")], front,
+        out / "pareto.png",
         budget=budget, title=f"{config.run.name}: validation AUC against serving bytes")
     best_dir = out / BEST_MODEL_DIR
     if best is not None:
@@ -462,15 +471,20 @@ def run_search(config: TuneConfig, resume: bool = False, callbacks: list[Any] | 
     An interrupted search (Ctrl+C, SIGINT) still writes the results so far, with
     `complete=False`; `resume=True` then continues it.
     """
+    import ray.tune
+
     config = _absolute(config)
     _check_search(config, resume)
     _warn_about_resources(config, config.asha_can_stop)
     tuner = build_tuner(config, resume, callbacks)
     results = tuner.fit()
-    # Tune returns normally from an interrupt, leaving the unfinished trials RUNNING.
-    complete = (results.num_terminated + results.num_errors == len(results)
-                and len(results) >= config.trials.num_samples)
-    return write_results(config, trial_rows(results), complete)
+    # Tune returns normally from an interrupt. The state it saved (before stopping the
+    # trials) still says which ones were unfinished; the ResultGrid no longer does.
+    saved = {Path(t.path).name: t.status
+             for t in ray.tune.ExperimentAnalysis(str(config.experiment_dir)).trials}
+    complete = (len(saved) >= config.trials.num_samples
+                and not any(s in UNFINISHED for s in saved.values()))
+    return write_results(config, trial_rows(results, saved), complete)
 
 
 def _absolute(config: TuneConfig) -> TuneConfig:
