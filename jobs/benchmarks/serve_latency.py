@@ -86,37 +86,34 @@ def _bodies(rows: list[dict], size: int, count: int) -> list[bytes]:
 # ---------------------------------------------------------------- the bare model
 
 
-def bare_model(model_dir: Path, rows: list[dict], size: int, seconds: float) -> dict[str, float]:
-    """Forward-pass latency and rows/s on the same rows, one thread like the replica."""
-    from embeddings.serving import load_model
-    from services.features import model_inputs
+class BareModel:
+    """The model's forward on the same rows, one thread like the replica."""
 
-    torch.set_num_threads(1)
-    model, _ = load_model(model_dir)
-    batches = []
-    for i in range(0, len(rows) - size + 1, max(size, 7)):
-        dense, sparse = model_inputs(rows[i:i + size])
-        batches.append((torch.from_numpy(dense), torch.from_numpy(sparse)))
-    times = []
-    with torch.inference_mode():
-        for d, s in batches[:20]:
-            model(d, s)
-        end = time.perf_counter() + seconds
-        k = 0
-        while time.perf_counter() < end:
-            d, s = batches[k % len(batches)]
-            t = time.perf_counter()
-            model(d, s)
-            times.append(time.perf_counter() - t)
-            k += 1
-    lat = np.array(times)
-    return {"p50_ms": 1e3 * float(np.percentile(lat, 50)),
-            "p99_ms": 1e3 * float(np.percentile(lat, 99)),
-            "rows_per_s": size * len(lat) / float(lat.sum())}
+    def __init__(self, model_dir: Path, rows: list[dict], size: int) -> None:
+        from embeddings.serving import load_model
+        from services.features import model_inputs
 
+        torch.set_num_threads(1)
+        self.model, _ = load_model(model_dir)
+        self.batches = []
+        for i in range(0, len(rows) - size + 1, max(size, 7)):
+            dense, sparse = model_inputs(rows[i:i + size])
+            self.batches.append((torch.from_numpy(dense), torch.from_numpy(sparse)))
+        self.k = 0
+        self.run(0.2)  # warm-up
 
-def _mean_bare(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
-    return {k: (a[k] + b[k]) / 2 for k in a}
+    def run(self, seconds: float) -> list[float]:
+        """Seconds of each forward pass made in about `seconds`."""
+        times = []
+        with torch.inference_mode():
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                d, s = self.batches[self.k % len(self.batches)]
+                t = time.perf_counter()
+                self.model(d, s)
+                times.append(time.perf_counter() - t)
+                self.k += 1
+        return times
 
 
 # ---------------------------------------------------------------- the HTTP client
@@ -165,7 +162,8 @@ def _requests(host: str, port: int, bodies: list[bytes]) -> list[bytes]:
 
 
 def load(url: str, bodies: list[bytes], concurrency: int, seconds: float,
-         warmup: float = 1.0) -> dict[str, Any]:
+         warmup: float) -> tuple[list[float], list[str]]:
+    """Latencies of the requests that `concurrency` connections complete in `seconds`."""
     host, port = url.removeprefix("http://").rstrip("/").split(":")
     requests = _requests(host, int(port), bodies)
     latencies: list[float] = []
@@ -179,11 +177,36 @@ def load(url: str, bodies: list[bytes], concurrency: int, seconds: float,
             for k in range(concurrency)])
 
     asyncio.run(run())
-    lat = np.array(latencies)
-    return {"requests": len(lat), "errors": len(errors), "first_error": errors[:1],
-            "p50_ms": 1e3 * float(np.percentile(lat, 50)),
-            "p99_ms": 1e3 * float(np.percentile(lat, 99)),
-            "requests_per_s": len(lat) / seconds}
+    return latencies, errors
+
+
+def cell(url: str, bodies: list[bytes], concurrency: int, size: int, bare: BareModel,
+         seconds: float) -> dict[str, Any]:
+    """One table cell: the service and the bare model, measured in alternating slices.
+
+    The machine's load moves by the second (2 cores, shared); interleaving 0.3 s of bare
+    forwards with 0.7 s of served requests, round after round, lets both see the same load.
+    """
+    served: list[float] = []
+    errors: list[str] = []
+    forwards: list[float] = []
+    rounds = max(1, round(seconds))
+    for r in range(rounds):
+        forwards += bare.run(0.3)
+        lat, err = load(url, bodies, concurrency, 0.7, warmup=1.0 if r == 0 else 0.1)
+        served += lat
+        errors += err
+    lat, fwd = np.array(served), np.array(forwards)
+    return {
+        "requests": len(lat), "errors": len(errors), "first_error": errors[:1],
+        "p50_ms": 1e3 * float(np.percentile(lat, 50)),
+        "p99_ms": 1e3 * float(np.percentile(lat, 99)),
+        "requests_per_s": len(lat) / (0.7 * rounds),
+        "rows_per_s": size * len(lat) / (0.7 * rounds),
+        "bare": {"p50_ms": 1e3 * float(np.percentile(fwd, 50)),
+                 "p99_ms": 1e3 * float(np.percentile(fwd, 99)),
+                 "rows_per_s": size * len(fwd) / float(fwd.sum())},
+    }
 
 
 # ---------------------------------------------------------------- one Serve path (child)
@@ -229,24 +252,20 @@ def run_path(path: str, model_dir: Path, seconds: float) -> dict[str, Any]:
     error = float(np.abs(np.array(answer["probabilities"]) - expected.numpy()).max())
     if error > 1e-5:
         raise RuntimeError(f"the service's scores differ from the model's by {error}")
-    results, bare = {}, {}
+    results = {}
     for size in SIZES:
-        # The bare model is timed right before and right after the served cells of the same
-        # size, in this process, so that both see the same machine load.
-        before = bare_model(model_dir, rows, size, seconds / 2)
+        bare = BareModel(model_dir, rows, size)
         bodies = _bodies(rows, size, 64 if size == 1 else 16)
         for concurrency in CONCURRENCY:
-            r = load(url, bodies, concurrency, seconds)
-            r["rows_per_s"] = r["requests_per_s"] * size
-            results[f"{size}x{concurrency}"] = r
-        bare[size] = _mean_bare(before, bare_model(model_dir, rows, size, seconds / 2))
+            results[f"{size}x{concurrency}"] = cell(url, bodies, concurrency, size, bare,
+                                                    seconds)
     import ray
     from ray import serve
 
     serve.shutdown()
     ray.shutdown()
     return {"url": url, "startup_s": startup, "check_max_error": error, "results": results,
-            "bare": bare, "load_average": os.getloadavg()}
+            "load_average": os.getloadavg()}
 
 
 # ---------------------------------------------------------------- report
@@ -263,30 +282,31 @@ def _child(path: str, model_dir: Path, seconds: float) -> dict[str, Any]:
 
 
 def report(paths: dict[str, dict[str, Any]]) -> None:
-    print(f"\n{'path':<8} {'rows':>5} {'conc':>5} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'req/s':>8} {'rows/s':>10} {'vs bare':>8} {'errors':>6}")
+    print(f"\n{'path':<7} {'rows':>4} {'conc':>4} | {'p50 ms':>7} {'p99 ms':>7} {'req/s':>7} "
+          f"{'rows/s':>8} | {'bare p50':>8} {'bare p99':>8} {'bare rows/s':>11} | "
+          f"{'vs bare':>7} {'errors':>6}")
     for name, run in paths.items():
         for size in SIZES:
-            b = run["bare"][str(size)]
-            print(f"{'  bare':<8} {size:>5} {1:>5} {b['p50_ms']:>8.2f} {b['p99_ms']:>8.2f} "
-                  f"{b['rows_per_s'] / size:>8,.0f} {b['rows_per_s']:>10,.0f} {1:>8.2f}")
             for concurrency in CONCURRENCY:
                 r = run["results"][f"{size}x{concurrency}"]
-                print(f"{name:<8} {size:>5} {concurrency:>5} {r['p50_ms']:>8.2f} "
-                      f"{r['p99_ms']:>8.2f} {r['requests_per_s']:>8,.0f} "
-                      f"{r['rows_per_s']:>10,.0f} {r['rows_per_s'] / b['rows_per_s']:>8.2f} "
-                      f"{r['errors']:>6}")
-    print()
+                b = r["bare"]
+                print(f"{name:<7} {size:>4} {concurrency:>4} | {r['p50_ms']:>7.2f} "
+                      f"{r['p99_ms']:>7.2f} {r['requests_per_s']:>7,.0f} {r['rows_per_s']:>8,.0f} "
+                      f"| {b['p50_ms']:>8.2f} {b['p99_ms']:>8.2f} {b['rows_per_s']:>11,.0f} | "
+                      f"{r['rows_per_s'] / b['rows_per_s']:>7.2f} {r['errors']:>6}")
+    print("(bare: the model's forward alone, 1 thread, on the same rows, timed in slices "
+          "alternating with the served requests of that line)\n")
     for name, run in paths.items():
         one = run["results"]["1x1"]
-        best = max(run["results"][f"256x{c}"]["rows_per_s"] for c in CONCURRENCY)
-        ratio = best / run["bare"]["256"]["rows_per_s"]
+        best = max((run["results"][f"256x{c}"] for c in CONCURRENCY),
+                   key=lambda r: r["rows_per_s"] / r["bare"]["rows_per_s"])
+        ratio = best["rows_per_s"] / best["bare"]["rows_per_s"]
         load_avg = ", ".join(f"{x:.1f}" for x in run["load_average"])
         print(f"{name}: {run['url']}, Serve start {run['startup_s']:.1f} s, load average "
               f"{load_avg}; goals: 1-row p50 {one['p50_ms']:.2f} ms (≤ 5: "
               f"{'met' if one['p50_ms'] <= 5 else 'MISSED'}), p99 {one['p99_ms']:.2f} ms (≤ 15: "
-              f"{'met' if one['p99_ms'] <= 15 else 'MISSED'}); 256-row best {best:,.0f} rows/s "
-              f"= {ratio:.2f} of bare (≥ 0.5: {'met' if ratio >= 0.5 else 'MISSED'})")
+              f"{'met' if one['p99_ms'] <= 15 else 'MISSED'}); 256-row best {ratio:.2f} of "
+              f"bare rows/s (≥ 0.5: {'met' if ratio >= 0.5 else 'MISSED'})")
 
 
 def main(argv: list[str] | None = None) -> int:

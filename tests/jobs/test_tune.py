@@ -310,6 +310,7 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(
     starts_before = {d.name: _starts(d) for d in exp.glob("trial_*")}
     assert all(starts_before[t] == 1 for t in finished)
     assert len(finished) < 3, "the interrupt must leave a trial to resume"
+    assert not json.loads((exp / "summary.json").read_text())["complete"]
 
     second = subprocess.run([sys.executable, "-m", "jobs.tune", "--config", str(path),
                              "--resume"],
