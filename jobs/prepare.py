@@ -8,12 +8,12 @@ frequency statistics written beside the shards.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from data_pipeline.convert import DEFAULT_ROWS_PER_SHARD, DONE_DIR, REJECTS_DIR, convert
 from data_pipeline.criteo import NotCriteoError
+from jobs.ray_session import connect_or_start
 
 DESCRIPTION = """\
 Convert Criteo click logs (Kaggle train.txt / test.txt, Terabyte day_0..day_23; plain or
@@ -70,20 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _start_ray(num_cpus: int | None) -> bool:
-    """Join RAY_ADDRESS's cluster or start a local instance; True when this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        # Explicit CPUs: Ray's own count can be the host's, not this container's.
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
-    return True
-
-
 def _write_feature_stats(output_dir: Path) -> Path:
     from data_pipeline.stats import write_feature_stats
 
@@ -93,7 +79,7 @@ def _write_feature_stats(output_dir: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     output = Path(args.output)
-    started = False if args.no_ray else _start_ray(args.num_cpus)
+    started = False if args.no_ray else connect_or_start(args.num_cpus, dashboard=False)
     try:
         manifest = convert(
             args.input, output,

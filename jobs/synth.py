@@ -8,7 +8,6 @@ per-feature frequency statistics written beside the shards.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from data_pipeline.synthetic import (
     generate,
     scaled_cardinalities,
 )
+from jobs.ray_session import connect_or_start
 
 _CARDS = scaled_cardinalities(DEFAULT_SCALE)
 DESCRIPTION = f"""\
@@ -93,20 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _start_ray(num_cpus: int | None) -> bool:
-    """Join RAY_ADDRESS's cluster or start a local instance; True when this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        # Explicit CPUs: Ray's own count can be the host's, not this container's.
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
-    return True
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -118,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     out = Path(args.out)
-    started = False if args.no_ray else _start_ray(args.num_cpus)
+    started = False if args.no_ray else connect_or_start(args.num_cpus, dashboard=False)
     try:
         manifest = generate(config, out, args.format, use_ray=not args.no_ray,
                             progress=not args.no_progress)

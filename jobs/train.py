@@ -9,7 +9,6 @@ resumes from the latest checkpoint.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from embeddings.collection import CollectionConfig
 from embeddings.methods.base import FeatureStats
 from embeddings.sharding.planner import FeatureSize, ShardingPlan, plan_sharding
 from jobs.config import ConfigError, load_config
+from jobs.ray_session import connect_or_start
 from jobs.train_config import TrainConfig
 from jobs.train_loop import RunSpec, train_loop_per_worker
 
@@ -82,19 +82,8 @@ def plan_run(config: TrainConfig, verbose: bool = True) -> RunSpec:
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster in RAY_ADDRESS (as `ray job submit` sets it) or start a local one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
-    repo = str(Path(__file__).resolve().parents[1])
-    # The dashboard stays on: Ray Train's placement-group cleaner needs its state API.
-    ray.init(num_cpus=num_cpus or os.cpu_count() or 2, include_dashboard=True,
-             runtime_env={"env_vars": {"PYTHONPATH": repo}})
-
+    """Join the cluster in RAY_ADDRESS or start a local one (see `jobs.ray_session`)."""
+    connect_or_start(num_cpus)
 
 def run(
     config: TrainConfig, audit: bool = False, verbose: bool = True,

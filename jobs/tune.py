@@ -21,12 +21,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jobs import pareto
 from jobs.config import ConfigError, load_config
 from jobs.train_config import TrainConfig
 from jobs.tune_config import TuneConfig
+
+if TYPE_CHECKING:
+    from jobs.train_loop import RunSpec
 
 # Written by each trial when it starts (one line per start): a restarted trial shows twice.
 STARTS_FILE = "trial_starts.log"
@@ -47,7 +50,7 @@ FRONT_COLUMNS = [
 
 # --------------------------------------------------------------------------- in the trial
 
-def planned_serving_bytes(spec: Any, config: TrainConfig) -> int:
+def planned_serving_bytes(spec: RunSpec, config: TrainConfig) -> int:
     """Bytes of the serving embeddings this run will export, from meta-device builds.
 
     Exact for stateless mappers; for CAFE a lower bound (its frozen hot-id map grows while
@@ -56,9 +59,7 @@ def planned_serving_bytes(spec: Any, config: TrainConfig) -> int:
     from data_pipeline.stats import load_feature_stats
     from embeddings.methods.base import FeatureStats
     from embeddings.sharding.planner import ShardingPlan, shard_of
-    from jobs.train_loop import RunSpec
 
-    assert isinstance(spec, RunSpec)
     fmt = "fp32" if config.export.quantize == "none" else config.export.quantize
     dim = config.model_spec.embedding_dim
     plan = ShardingPlan.model_validate(spec.plan)
@@ -91,15 +92,14 @@ def search_metrics(reported: dict[str, Any], planned: int, budget: int | None, m
     """A training report with the search's own metrics added.
 
     Every report gets serving_bytes (the planned bytes until the final report measures
-    them), so a trial ASHA stops still has both objectives. `asha_step` is the step, left
-    out of the periodic report at the last step: ASHA must never stop a trial between its
-    last evaluation and its final report, which carries the test AUC and the exported model.
+    them), so a trial ASHA stops still has both objectives. `asha_step`, ASHA's clock, is
+    the step of reports before the last step only: from its last evaluation on, a trial
+    must reach its final reports (test AUC, exported model, the served model's AUC).
     """
     out = {"planned_serving_bytes": planned, "serving_bytes": planned, **reported}
-    final = "test_auc" in reported
-    out["final"] = int(final)
+    out["final"] = int("test_auc" in reported)
     step = reported.get("step")
-    if step is not None and (final or step < max_steps):
+    if step is not None and step < max_steps:
         out["asha_step"] = step
     if budget is not None:
         out["within_budget"] = int(out["serving_bytes"] <= budget)
@@ -526,8 +526,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(every trial a point, the front a line, the budget a vertical line), trials.csv, "
         "best_model/ (the best finished trial under the budget, in the serving format), "
         "summary.json, and one trial_<id>/ folder per trial with its TensorBoard events "
-        "(`tensorboard --logdir <experiment>`), its Ray Train run and its model. On a "
-        "cluster: ray job submit --working-dir . -- python -m jobs.tune --config ...",
+        "(`tensorboard --logdir <experiment>`), its Ray Train run and its model. The "
+        "config holds the training job's sections (data, model, schedule, scaling, run, ...) "
+        "plus search, objective, asha and trials; jobs/tune_config.py documents every field. "
+        "On a cluster: ray job submit --working-dir . -- python -m jobs.tune --config ...",
     )
     parser.add_argument("--config", required=True, type=Path,
                         help="YAML search config (see deploy/configs/tune_small.yaml)")

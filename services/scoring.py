@@ -281,7 +281,8 @@ def _torch_threads() -> int:
     """Threads for torch: EMBPRESS_TORCH_THREADS, else the CPUs Ray gave this replica.
 
     More threads than reserved CPUs fight the proxy and the other replicas for cores; on
-    the 2-core test machine two threads made a 256-row forward 40× slower than one.
+    the shared 2-core test machine, with other jobs running, two threads made a 256-row
+    forward ~40× slower than one.
     """
     if os.environ.get(THREADS_ENV):
         return max(1, int(os.environ[THREADS_ENV]))
