@@ -1,7 +1,8 @@
 """`make demo` / `python -m jobs.demo`: the whole product end to end on embedded defaults.
 
 Synthetic Criteo as TSV → conversion to Parquet shards → training on Ray Train (2 workers,
-CAFE-compressed tables) → the collapsed serving model → scores. Each stage reuses what an
+CAFE-compressed tables) → the collapsed serving model on Ray Serve → real Criteo rows
+scored over REST. Each stage reuses what an
 earlier run left in the work folder (the converter skips converted inputs, the train job
 resumes its run), so a second run is quick; delete the folder to start clean.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="training config (default: deploy/configs/small_synthetic.yaml)")
     parser.add_argument("--stage", choices=["data", "train", "all"], default="all",
                         help="stop after this stage (default: all)")
+    parser.add_argument("--port", type=int, default=8000,
+                        help="port of the scoring service during the demo (default: 8000)")
     return parser
 
 
@@ -83,7 +87,44 @@ def train(workdir: Path, data: Path, config_path: Path) -> dict:
     return {"metrics": metrics, "model_dir": config.export_dir, "dim": dim}
 
 
-def summarise(data: Path, trained: dict) -> None:
+def scoring_input(workdir: Path) -> Path:
+    """Real unlabelled Criteo rows when the shared samples are here, else synthetic rows."""
+    real = Path(os.environ.get("EMBPRESS_REAL_DATA", REPO.parent / "shared" / "data"))
+    sample = real / "criteo_kaggle_unlabeled_sample.tsv"
+    if sample.is_file():
+        return sample
+    synthetic = workdir / "score_rows.tsv"
+    with open(sorted((workdir / "tsv").glob("day_*"))[-1]) as src, open(synthetic, "w") as dst:
+        dst.writelines(line for _, line in zip(range(2000), src, strict=False))
+    return synthetic
+
+
+def serve_and_score(workdir: Path, model_dir: Path, port: int) -> list[float]:
+    """Start Ray Serve on the exported model, score rows over HTTP, shut Serve down."""
+    from ray import serve
+
+    from jobs import score
+    from jobs import serve as serve_job
+
+    t = _stage("4. serve the collapsed model on Ray Serve and score rows over REST")
+    args = serve_job.build_parser().parse_args(["--model", str(model_dir), "--port", str(port)])
+    serve_job.check_port(args.host, args.port, "HTTP")
+    urls, _ = serve_job.start_service(args)
+    rows = scoring_input(workdir)
+    out = workdir / "scores.tsv"
+    url = f"http://127.0.0.1:{port}"
+    print(f"scoring service at {url} ({urls}); POST {url}/v1/score with {rows.name}")
+    try:
+        if score.main(["--url", url, "--input", str(rows), "--output", str(out)]) != 0:
+            raise SystemExit("scoring failed")
+    finally:
+        serve.shutdown()
+    scores = [float(v.split("\t")[-1]) for v in out.read_text().splitlines()[1:]]
+    print(f"{len(scores):,} rows scored → {out} ({time.perf_counter() - t:.1f} s)")
+    return scores
+
+
+def summarise(data: Path, trained: dict, scores: list[float] | None = None) -> None:
     manifest = json.loads((data / "manifest.json").read_text())
     model = json.loads((trained["model_dir"] / "model.json").read_text())
     m = trained["metrics"]
@@ -101,6 +142,10 @@ def summarise(data: Path, trained: dict) -> None:
     terabyte = 4 * 128 * sum(TERABYTE_CARDINALITIES)
     print(f"                 (Criteo Terabyte at d=128 uncompressed: {terabyte / 2**30:.1f} GiB)")
     print(f"model:           {trained['model_dir']}")
+    if scores:
+        sample = ", ".join(f"{p:.4f}" for p in scores[:8])
+        mean = sum(scores) / len(scores)
+        print(f"scores:          {len(scores):,} rows over REST, mean {mean:.4f}; first: {sample}")
 
 
 def _teacher_auc(synthetic_manifest: Path) -> float | None:
@@ -127,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nshards and manifest: {data}  ({time.perf_counter() - start:.0f} s in all)")
         return 0
     trained = train(args.workdir, data, args.config)
-    summarise(data, trained)
+    scores = None
+    if args.stage == "all":
+        scores = serve_and_score(args.workdir, trained["model_dir"], args.port)
+    summarise(data, trained, scores)
     print(f"\ndone in {time.perf_counter() - start:.0f} s")
     import ray
 
