@@ -12,6 +12,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("jobs.prepare", "convert Criteo TSV (plain or .gz) into Parquet shards"),
     "train": ("jobs.train", "train on Ray Train with compressed embeddings, then export"),
     "tune": ("jobs.tune", "search compression settings on Ray Tune: the AUC/bytes Pareto front"),
+    "export": ("jobs.export", "re-export a trained model, e.g. with quantised tables"),
+    "serve": ("jobs.serve", "host an exported model on Ray Serve behind a REST endpoint"),
+    "score": ("jobs.score", "score a Criteo TSV file against a running scoring endpoint"),
     "demo": ("jobs.demo", "run the whole product end to end on embedded defaults"),
 }
 

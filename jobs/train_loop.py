@@ -385,6 +385,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "training_config": config.model_dump(mode="json"),
             "quantize": config.export.quantize,
             "compression_ratio": spec.ratio,
+            "version": f"{config.run.name}-step{progress.step}",
         })
         print(f"[train] exported the serving model to {config.export_dir}", flush=True)
     if writer:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 STARTS_FILE = "trial_starts.log"
 SEARCH_CONFIG_FILE = "search_config.json"
 BEST_MODEL_DIR = "best_model"
+TRIAL_DIR = "trial_{}"  # a trial's folder in the experiment, by trial id
 EXIT_INTERRUPTED = 130  # the shell's code for a run ended by SIGINT
 UNFINISHED = frozenset({"PENDING", "RUNNING", "PAUSED"})  # Tune trial statuses
 TRIAL_COLUMNS = [
@@ -156,7 +157,10 @@ def run_trial(point: dict[str, Any], search: dict[str, Any]) -> None:
     from jobs.train import plan_run, run
 
     config = TuneConfig.model_validate(search)
-    trial_dir = Path(ray.tune.get_context().get_trial_dir())
+    # The trial's folder in the experiment's storage, not get_trial_dir(): that is a
+    # per-session staging folder on the trial's node, which a resumed search replaces, so
+    # the Ray Train run (its checkpoints) and the model must not live there.
+    trial_dir = config.experiment_dir / TRIAL_DIR.format(ray.tune.get_context().get_trial_id())
     trial_dir.mkdir(parents=True, exist_ok=True)
     with (trial_dir / STARTS_FILE).open("a") as f:
         f.write(f"{time.time():.3f} pid={os.getpid()}\n")
@@ -189,7 +193,7 @@ def run_trial(point: dict[str, Any], search: dict[str, Any]) -> None:
 
 def trial_dirname(trial: Any) -> str:
     """Short trial folders (Tune's default repeats the whole config in the name)."""
-    return f"trial_{trial.trial_id}"
+    return TRIAL_DIR.format(trial.trial_id)
 
 
 # --------------------------------------------------------------------------- the driver
@@ -304,6 +308,10 @@ def _status(result: Any, metrics: dict[str, Any], saved: str | None) -> str:
     return "stopped"
 
 
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _last_line(error: BaseException | None) -> str:
     """The message of a trial's error without Ray's traceback and terminal colours."""
     if error is None:
@@ -323,8 +331,8 @@ def trial_rows(results: Any, saved: dict[str, str] | None = None) -> list[dict[s
         metrics = dict(result.metrics or {})
         point = dict(result.config or {})
         method = point.get("method", "")
-        settings = ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in sorted(point.items())
-                             if k.startswith(f"{method}."))
+        settings = ", ".join(f"{k.split('.', 1)[1]}={_short(v)}"
+                             for k, v in sorted(point.items()) if k.startswith(f"{method}."))
         trial_dir = Path(result.path)
         status = _status(result, metrics, (saved or {}).get(trial_dir.name))
         model = trial_dir / "model"
@@ -496,21 +504,36 @@ def _absolute(config: TuneConfig) -> TuneConfig:
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster in RAY_ADDRESS (as `ray job submit` sets it) or start a local one
-    with the dashboard, where the trials show and which Ray Train needs to clean up
-    the workers of stopped trials."""
+    """`jobs.ray_session.connect_or_start`, but a local Ray also tells every worker where
+    its dashboard is: the trials show there, and Ray Train needs its state API to free
+    the workers of trials ASHA stops."""
     import ray
 
-    if ray.is_initialized():
+    from jobs.ray_session import REPO, connect_or_start
+
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        connect_or_start(num_cpus)
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
-    repo = str(Path(__file__).resolve().parents[1])
+    # Ray Train's placement-group cleaner finds the dashboard by looking for "the" Ray on
+    # this machine, and gives up when it finds several (a shared machine, parallel CI);
+    # naming our dashboard for every worker of this job removes the guess.
+    port = _free_port()
+    api_server = f"http://127.0.0.1:{port}"
     context = ray.init(num_cpus=num_cpus or os.cpu_count() or 2, include_dashboard=True,
-                       runtime_env={"env_vars": {"PYTHONPATH": repo}})
+                       dashboard_port=port,
+                       runtime_env={"env_vars": {"PYTHONPATH": str(REPO),
+                                                 "RAY_API_SERVER_ADDRESS": api_server}})
     if context.dashboard_url:
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{context.dashboard_url}"
         print(f"[tune] Ray dashboard: http://{context.dashboard_url}", flush=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def build_parser() -> argparse.ArgumentParser:

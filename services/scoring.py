@@ -356,6 +356,8 @@ class ScoringDeployment:
         return _error(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
                       headers={"WWW-Authenticate": "Bearer"})
 
+    # Sized in rows (batch_size_fn), reset from user_config. Serve's warning that
+    # max_batch_size exceeds max_ongoing_requests counts requests, so it does not apply.
     @serve.batch(max_batch_size=8192, batch_wait_timeout_s=0.0, batch_size_fn=_rows_in)
     async def _score_batch(
         self, items: list[tuple[np.ndarray, np.ndarray]]

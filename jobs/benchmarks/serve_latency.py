@@ -161,26 +161,35 @@ def _requests(host: str, port: int, bodies: list[bytes]) -> list[bytes]:
             for b in bodies]
 
 
-def load(url: str, bodies: list[bytes], concurrency: int, seconds: float,
+def load(urls: list[str], bodies: list[bytes], concurrency: int, seconds: float,
          warmup: float) -> tuple[list[float], list[str]]:
-    """Latencies of the requests that `concurrency` connections complete in `seconds`."""
-    host, port = url.removeprefix("http://").rstrip("/").split(":")
-    requests = _requests(host, int(port), bodies)
+    """Latencies of the requests that `concurrency` connections complete in `seconds`.
+
+    Connections are spread over `urls` (one per direct-ingress replica), as a load balancer
+    in front of several replicas would spread them.
+    """
+    targets = []
+    for url in urls:
+        host, port = url.removeprefix("http://").rstrip("/").split(":")
+        targets.append((host, int(port), _requests(host, int(port), bodies)))
     latencies: list[float] = []
     errors: list[str] = []
 
     async def run() -> None:
         start = time.perf_counter()
-        await asyncio.gather(*[
-            _connection(host, int(port), requests[k:] + requests[:k], start + warmup,
-                        start + warmup + seconds, latencies, errors)
-            for k in range(concurrency)])
+        connections = []
+        for k in range(concurrency):
+            host, port, requests = targets[k % len(targets)]
+            connections.append(_connection(host, port, requests[k:] + requests[:k],
+                                           start + warmup, start + warmup + seconds,
+                                           latencies, errors))
+        await asyncio.gather(*connections)
 
     asyncio.run(run())
     return latencies, errors
 
 
-def cell(url: str, bodies: list[bytes], concurrency: int, size: int, bare: BareModel,
+def cell(urls: list[str], bodies: list[bytes], concurrency: int, size: int, bare: BareModel,
          seconds: float) -> dict[str, Any]:
     """One table cell: the service and the bare model, measured in alternating slices.
 
@@ -193,7 +202,7 @@ def cell(url: str, bodies: list[bytes], concurrency: int, size: int, bare: BareM
     rounds = max(1, round(seconds))
     for r in range(rounds):
         forwards += bare.run(0.3)
-        lat, err = load(url, bodies, concurrency, 0.7, warmup=1.0 if r == 0 else 0.1)
+        lat, err = load(urls, bodies, concurrency, 0.7, warmup=1.0 if r == 0 else 0.1)
         served += lat
         errors += err
     lat, fwd = np.array(served), np.array(forwards)
@@ -224,20 +233,21 @@ def _free_port(first: int = 0) -> int:
     raise RuntimeError(f"no free port in {first}-{first + 999}")
 
 
-def run_path(path: str, model_dir: Path, seconds: float) -> dict[str, Any]:
+def run_path(path: str, model_dir: Path, seconds: float, replicas: int) -> dict[str, Any]:
     """Start Ray + Serve for one path, load it, verify answers; runs in a child process."""
     import httpx
 
     from jobs.serve import build_parser, start_service
     from services.features import model_inputs
 
-    argv = ["--model", str(model_dir), "--port", str(_free_port())]
+    argv = ["--model", str(model_dir), "--port", str(_free_port()), "--replicas", str(replicas)]
     if path == "direct":
         argv += ["--direct-ingress", "--direct-port", str(_free_port(30000))]
     t0 = time.perf_counter()
     urls, _ = start_service(build_parser().parse_args(argv))
     startup = time.perf_counter() - t0
-    url = urls["direct"][0] if path == "direct" else urls["proxy"][0]
+    targets = urls["direct"] if path == "direct" else urls["proxy"]
+    url = targets[0]
     if path == "direct" and not urls["direct"]:
         raise RuntimeError("direct ingress asked for, but the replica has no port of its own")
     rows, _ = load_rows()
@@ -257,7 +267,7 @@ def run_path(path: str, model_dir: Path, seconds: float) -> dict[str, Any]:
         bare = BareModel(model_dir, rows, size)
         bodies = _bodies(rows, size, 64 if size == 1 else 16)
         for concurrency in CONCURRENCY:
-            results[f"{size}x{concurrency}"] = cell(url, bodies, concurrency, size, bare,
+            results[f"{size}x{concurrency}"] = cell(targets, bodies, concurrency, size, bare,
                                                     seconds)
     import ray
     from ray import serve
@@ -271,10 +281,10 @@ def run_path(path: str, model_dir: Path, seconds: float) -> dict[str, Any]:
 # ---------------------------------------------------------------- report
 
 
-def _child(path: str, model_dir: Path, seconds: float) -> dict[str, Any]:
+def _child(path: str, model_dir: Path, seconds: float, replicas: int) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         command = [sys.executable, __file__, "--child", path, "--model", str(model_dir),
-                   "--seconds", str(seconds), "--out", out.name]
+                   "--seconds", str(seconds), "--replicas", str(replicas), "--out", out.name]
         done = subprocess.run(command, capture_output=True, text=True, timeout=900)
         if done.returncode != 0:
             raise RuntimeError(f"{path} run failed:\n{done.stderr[-3000:]}")
@@ -315,24 +325,26 @@ def main(argv: list[str] | None = None) -> int:
                                                    "dlrm-small at 1/100 Terabyte sizes)")
     parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per cell")
     parser.add_argument("--paths", default="proxy,direct", help="proxy, direct or both")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="replicas (default: %(default)s; the bare model gets one thread)")
     parser.add_argument("--child", choices=("proxy", "direct"), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child:
-        result = run_path(args.child, args.model, args.seconds)
+        result = run_path(args.child, args.model, args.seconds, args.replicas)
         Path(args.out).write_text(json.dumps(result))
         return 0
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or build_model(Path(tmp) / "model")
         _, source = load_rows()
-        print(f"rows: {source}; model: {model_dir}; {os.cpu_count()} CPUs; "
-              f"{args.seconds:g} s per cell after 1 s of warm-up")
+        print(f"rows: {source}; model: {model_dir}; {os.cpu_count()} CPUs; {args.replicas} "
+              f"replica(s) of 1 CPU; {args.seconds:g} s per cell after 1 s of warm-up")
         paths = {}
         for path in args.paths.split(","):
             print(f"measuring the {path} path…", flush=True)
-            paths[path] = _child(path, model_dir, args.seconds)
+            paths[path] = _child(path, model_dir, args.seconds, args.replicas)
         report(paths)
     return 0
 
