@@ -240,8 +240,7 @@ class _ShardWriter:
                     final = shards.shard_path(self._output_dir, self._day, part)
                     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
                     final.parent.mkdir(parents=True, exist_ok=True)
-                    writer = pq.ParquetWriter(tmp, self._schema, compression="zstd",
-                                              write_statistics=True)
+                    writer = pq.ParquetWriter(tmp, self._schema, **shards.PARQUET_OPTIONS)
                     rows = 0
                 if table is not None:
                     writer.write_table(table, row_group_size=shards.ROW_GROUP_ROWS)

@@ -18,6 +18,10 @@ import pyarrow.parquet as pq
 MANIFEST = "manifest.json"
 # Large row groups keep Ray Data's per-block overhead small (RAY_NOTES: small blocks cost most).
 ROW_GROUP_ROWS = 131_072
+# Writer settings of every shard. Encoding is most of the cost of writing (dictionaries,
+# page statistics, compression): snappy without column statistics writes ~30% faster than
+# zstd with them, for ~18% larger files; nothing here filters on statistics.
+PARQUET_OPTIONS: dict[str, object] = {"compression": "snappy", "write_statistics": False}
 
 
 def day_dir(root: Path, day: int) -> Path:
@@ -37,9 +41,7 @@ def write_table_atomic(table: pa.Table, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path)
-    pq.write_table(
-        table, tmp, row_group_size=ROW_GROUP_ROWS, compression="zstd", write_statistics=True,
-    )
+    pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS, **PARQUET_OPTIONS)
     os.replace(tmp, path)
 
 

@@ -50,6 +50,40 @@ def pareto_front(rows: Iterable[Mapping[str, Any]], auc: str = AUC, nbytes: str 
     return front
 
 
+def rungs(grace: int, reduction_factor: float, last: int) -> list[int]:
+    """ASHA's milestones: grace × reduction_factor^k, below `last` (the trial length)."""
+    out, milestone = [], float(grace)
+    while round(milestone) < last:
+        if not out or round(milestone) > out[-1]:
+            out.append(round(milestone))
+        milestone *= reduction_factor
+    return out
+
+
+class ParetoRungs:
+    """Early stopping for a two-objective search, on ASHA's rungs.
+
+    At each rung (a training step), a trial that reaches it is recorded with its AUC and
+    bytes there, and should stop when another trial recorded at that rung dominates it.
+    ASHA on AUC alone would stop the small models first, the very end of the front a Pareto
+    search is for; a trial nobody dominates may still end on the front.
+    """
+
+    def __init__(self, milestones: Sequence[int]) -> None:
+        self.rungs: dict[int, dict[str, dict[str, float]]] = {m: {} for m in milestones}
+
+    def should_stop(self, trial: str, step: int, auc: float, nbytes: float) -> bool:
+        """Record a report of `trial` at `step`; whether a rung it reached says stop."""
+        point = {AUC: auc, BYTES: nbytes}
+        for milestone, recorded in self.rungs.items():
+            if step < milestone or trial in recorded:
+                continue
+            recorded[trial] = point
+            if any(dominates(other, point) for t, other in recorded.items() if t != trial):
+                return True
+        return False
+
+
 def best_under_budget(rows: Iterable[Mapping[str, Any]], budget: int | None,
                       auc: str = AUC, nbytes: str = BYTES) -> Mapping[str, Any] | None:
     """The highest-AUC row whose bytes fit `budget` (None: no limit); fewer bytes break ties."""

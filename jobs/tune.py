@@ -4,10 +4,11 @@ Ray Tune searches compression method, ratio, width, MLET, learning rates and exp
 quantisation; every trial is the training job itself (`jobs.train.run`, a Ray Train run
 inside the Tune trial, reporting through `TuneReportCallback`). Optuna proposes trials,
 either for two objectives (validation AUC up, serving bytes down) or for AUC under a hard
-byte budget; ASHA stops weak trials early. The experiment folder gets the Pareto front (CSV,
-Markdown, PNG), every trial's TensorBoard curves, and the best model under the budget in
-the serving format. `--resume` continues an interrupted search without re-running the
-trials that finished.
+byte budget; weak trials stop early at ASHA's rungs (ASHA itself under a budget; in a
+Pareto search, the trials another one dominates there). The experiment folder gets the
+Pareto front (CSV, Markdown, PNG), every trial's TensorBoard curves, and the best model
+under the budget in the serving format. `--resume` continues an interrupted search
+without re-running the trials that finished.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from jobs import pareto
 from jobs.config import ConfigError, load_config
@@ -112,19 +116,20 @@ def search_metrics(reported: dict[str, Any], planned: int, budget: int | None, m
     return out
 
 
-def _trial_report_callback(planned: int, budget: int | None, mode: str, max_steps: int) -> Any:
-    """A TuneReportCallback that passes rank 0's reports on with `search_metrics` added."""
-    from ray.tune.integration.ray_train import TuneReportCallback
+class TrialReport(TuneReportCallback):
+    """TuneReportCallback passing rank 0's reports on with `search_metrics` added."""
 
-    class TrialReport(TuneReportCallback):
-        def after_report(self, run_context: Any, metrics: list[dict[str, Any]],
-                         checkpoint: Any) -> None:
-            if metrics:
-                enriched = search_metrics(metrics[0], planned, budget, mode, max_steps)
-                metrics = [enriched, *metrics[1:]]
-            super().after_report(run_context, metrics, checkpoint)
+    def __init__(self, planned: int, budget: int | None, mode: str, max_steps: int) -> None:
+        super().__init__()
+        self.planned, self.budget, self.mode, self.max_steps = planned, budget, mode, max_steps
 
-    return TrialReport()
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]],
+                     checkpoint: Any) -> None:
+        if metrics:
+            enriched = search_metrics(metrics[0], self.planned, self.budget, self.mode,
+                                      self.max_steps)
+            metrics = [enriched, *metrics[1:]]
+        super().after_report(run_context, metrics, checkpoint)
 
 
 def served_auc(model_dir: Path, data: Path, batch_size: int) -> dict[str, float]:
@@ -179,7 +184,7 @@ def run_trial(point: dict[str, Any], search: dict[str, Any]) -> None:
         return
     max_steps = train_config.schedule.max_steps or sys.maxsize
     result = run(train_config, verbose=False,
-                 callbacks=[_trial_report_callback(planned, budget, mode, max_steps)])
+                 callbacks=[TrialReport(planned, budget, mode, max_steps)])
     if train_config.export.quantize != "none":
         # One more final report: the AUC of the quantised model this trial would serve.
         trained = dict(result.metrics or {})
@@ -220,16 +225,41 @@ def _searcher(config: TuneConfig) -> Any:
     return OptunaSearch(SpaceSampler(config), metric=metric, mode=mode, seed=config.trials.seed)
 
 
+class ParetoRungScheduler(FIFOScheduler):
+    """Tune's side of `pareto.ParetoRungs`: stops trials dominated at a rung."""
+
+    def __init__(self, milestones: list[int]) -> None:
+        super().__init__()
+        self.rungs = pareto.ParetoRungs(milestones)
+        self.num_stopped = 0
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        step, auc, nbytes = (result.get(k) for k in ("asha_step", pareto.AUC, pareto.BYTES))
+        if step is None or auc is None or nbytes is None:
+            return TrialScheduler.CONTINUE
+        if self.rungs.should_stop(trial.trial_id, step, auc, nbytes):
+            self.num_stopped += 1
+            return TrialScheduler.STOP
+        return TrialScheduler.CONTINUE
+
+    def debug_string(self) -> str:
+        return (f"Pareto rungs at steps {list(self.rungs.rungs)}: {self.num_stopped} trials "
+                "stopped as dominated")
+
+
 def _scheduler(config: TuneConfig) -> Any:
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import ASHAScheduler
 
     if not config.asha.enabled:
         return FIFOScheduler()
     assert config.schedule.max_steps is not None
+    if config.objective.mode == "pareto":
+        milestones = pareto.rungs(config.asha.grace_steps, config.asha.reduction_factor,
+                                  config.schedule.max_steps)
+        return ParetoRungScheduler(milestones)
     # In budget mode ASHA ranks by the searcher's objective, so a trial over budget is weak.
-    metric = "validation_auc" if config.objective.mode == "pareto" else "objective"
     return ASHAScheduler(
-        time_attr="asha_step", metric=metric, mode="max",
+        time_attr="asha_step", metric="objective", mode="max",
         max_t=config.schedule.max_steps, grace_period=config.asha.grace_steps,
         reduction_factor=config.asha.reduction_factor, brackets=config.asha.brackets,
         # The final report ends the trial by itself; stopping it there would only race it.
@@ -391,7 +421,7 @@ def write_results(config: TuneConfig, rows: list[dict[str, Any]], complete: bool
         f"Objective: {objective}. Budget: "
         + (f"{budget:,} bytes ({pareto.format_bytes(budget)})." if budget else "none."),
         f"Trials: {len(rows)} ({counts['finished']} finished, {counts['stopped']} stopped "
-        f"early by ASHA, {counts['skipped']} skipped as over budget, {counts['interrupted']} "
+        f"early at a rung, {counts['skipped']} skipped as over budget, {counts['interrupted']} "
         f"interrupted, {counts['error']} failed)."
         + ("" if complete else " The search was interrupted: `--resume` continues it."),
         "",
@@ -544,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
         "compression ratio, embedding width, learning rates and export quantisation. Each "
         "trial is a training run (jobs.train) on Ray Train; Optuna proposes trials for two "
         "objectives (AUC up, bytes down) or for AUC under objective.max_serving_bytes, and "
-        "ASHA stops weak trials early.",
+        "weak trials stop early at ASHA's rungs (in a Pareto search: those dominated there).",
         epilog="Results in <run.storage_path>/<run.name>/: pareto.csv, pareto.md, pareto.png "
         "(every trial a point, the front a line, the budget a vertical line), trials.csv, "
         "best_model/ (the best finished trial under the budget, in the serving format), "

@@ -240,16 +240,20 @@ class ObjectiveSettings(_Strict):
 
 
 class AshaSettings(_Strict):
-    """ASHA early stopping on validation AUC (budget mode: the objective), at training steps.
+    """Early stopping at ASHA's rungs: steps grace_steps × reduction_factor^i before the
+    last step, where trials report validation AUC (every `schedule.eval_every` steps).
 
-    Trials report validation AUC every `schedule.eval_every` steps; at each rung
-    (grace_steps × reduction_factor^i steps) only the best 1/reduction_factor go on.
+    In "budget" mode this is ASHA itself on the objective: at each rung only the best
+    1/reduction_factor of the trials go on. In "pareto" mode a trial stops at a rung when
+    another trial there had at least its AUC with at most its bytes: ranking by AUC alone
+    would stop the small models, the very end of the front the search is for.
 
     Args:
         enabled: stop weak trials early.
-        grace_steps: steps every trial trains before it may be stopped.
-        reduction_factor: 1/reduction_factor of the trials pass each rung.
-        brackets: ASHA brackets (1 is the usual choice).
+        grace_steps: steps every trial trains before it may be stopped (the first rung).
+        reduction_factor: spacing of the rungs; in budget mode also 1/the share that
+            passes each rung.
+        brackets: ASHA brackets in budget mode (1 is the usual choice).
     """
 
     enabled: bool = True

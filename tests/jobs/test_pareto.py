@@ -105,3 +105,27 @@ def test_plot_is_a_valid_png(tmp_path, budget):
 def test_plot_of_nothing_still_writes_a_png(tmp_path):
     path = pareto.plot_front([], [], tmp_path / "empty.png", budget=1000)
     assert _png_size(path) == (880, 550)
+
+
+def test_rungs_lie_before_the_last_step():
+    assert pareto.rungs(40, 2, 120) == [40, 80]
+    assert pareto.rungs(30, 2, 120) == [30, 60]  # never at the last step: trials end there
+    assert pareto.rungs(10, 3, 10) == []  # grace = trial length: nothing can be stopped
+    assert pareto.rungs(5, 1.5, 20) == [5, 8, 11, 17]
+
+
+def test_pareto_rungs_stop_only_trials_dominated_at_the_same_rung():
+    rungs = pareto.ParetoRungs([10, 20])
+    assert not rungs.should_stop("big", 10, auc=0.70, nbytes=1000)
+    # Lower AUC but fewer bytes: could end on the front, so it goes on (ASHA would stop it).
+    assert not rungs.should_stop("small", 10, auc=0.60, nbytes=100)
+    # Worse on both counts than "big" at this rung: stopped.
+    assert rungs.should_stop("worse", 10, auc=0.65, nbytes=2000)
+    # Between rungs nothing is decided; a trial is judged once per rung.
+    assert not rungs.should_stop("small", 15, auc=0.10, nbytes=100)
+    assert not rungs.should_stop("small", 10, auc=0.10, nbytes=100)
+    # At the next rung only the trials that reached it count.
+    assert not rungs.should_stop("small", 20, auc=0.61, nbytes=100)
+    assert rungs.should_stop("big", 20, auc=0.60, nbytes=1000)
+    # An exact tie dominates nobody.
+    assert not rungs.should_stop("twin", 20, auc=0.61, nbytes=100)
