@@ -30,11 +30,19 @@ def test_job_submit_trains_on_a_local_cluster_and_writes_the_export(synth_data, 
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard = _free_port(), _free_port()
+    # Every port of its own: the session's cluster (and any other on this machine) already
+    # holds Ray's defaults, and a job agent that cannot bind never registers.
+    own_ports = [f"--{flag}={_free_port()}" for flag in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "node-manager-port", "object-manager-port",
+        "ray-client-server-port")]
+    low = _free_port()
     temp_dir = Path("/tmp") / f"ep{os.getpid()}"
     head = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={gcs}",
          f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--num-cpus=2",
-         f"--temp-dir={temp_dir}", "--include-dashboard=true"],
+         f"--temp-dir={temp_dir}", "--include-dashboard=true", *own_ports,
+         f"--min-worker-port={low}", f"--max-worker-port={low + 200}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     config = {
