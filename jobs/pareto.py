@@ -164,7 +164,7 @@ def plot_front(
 
     matplotlib.use("Agg")  # files only: no display on a cluster node
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,14 +197,16 @@ def plot_front(
                        label=f"budget {format_bytes(budget)}")
         positive = [r[nbytes] for r in scored if r[nbytes] > 0] + ([budget] if budget else [])
         if positive and max(positive) / min(positive) > 20:
-            ax.set_xscale("log")
+            ax.set_xscale("log", base=2)  # ticks at 8 KiB, 16 KiB, ... not at 9.77 KiB
+            ax.xaxis.set_major_locator(LogLocator(base=2, numticks=12))
+            ax.xaxis.set_minor_locator(NullLocator())
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_bytes(v)))
         ax.set_xlabel("serving bytes (embedding tables and mappers, as exported)")
         ax.set_ylabel("validation AUC")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
         if scored or budget is not None:
-            ax.legend(loc="lower right", fontsize=8)
+            ax.legend(loc="best", fontsize=8)
         fig.tight_layout()
         fig.savefig(path, format="png")
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,7 +23,24 @@ def connect_or_start(num_cpus: int | None = None, *, dashboard: bool = True) -> 
         return False
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 2, include_dashboard=dashboard,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+        return True
+    env_vars = {"PYTHONPATH": str(REPO)}
+    port = None
+    if dashboard:
+        # Ray Train's placement-group cleaner finds the dashboard by looking for "the" Ray on
+        # this machine and gives up when it finds several (a shared machine, parallel CI);
+        # naming our dashboard for every worker removes the guess.
+        port = _free_port()
+        env_vars["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    context = ray.init(num_cpus=num_cpus or os.cpu_count() or 2, include_dashboard=dashboard,
+                       dashboard_port=port, runtime_env={"env_vars": env_vars})
+    if dashboard and context.dashboard_url:
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{context.dashboard_url}"
+        print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
     return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

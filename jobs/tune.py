@@ -534,36 +534,12 @@ def _absolute(config: TuneConfig) -> TuneConfig:
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
-    """`jobs.ray_session.connect_or_start`, but a local Ray also tells every worker where
-    its dashboard is: the trials show there, and Ray Train needs its state API to free
-    the workers of trials ASHA stops."""
-    import ray
+    """Join RAY_ADDRESS's cluster or start a local one with its dashboard (trials show
+    there, and Ray Train needs its state API to free the workers of stopped trials)."""
+    from jobs.ray_session import connect_or_start
 
-    from jobs.ray_session import REPO, connect_or_start
+    connect_or_start(num_cpus)
 
-    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
-        connect_or_start(num_cpus)
-        return
-    # Ray Train's placement-group cleaner finds the dashboard by looking for "the" Ray on
-    # this machine, and gives up when it finds several (a shared machine, parallel CI);
-    # naming our dashboard for every worker of this job removes the guess.
-    port = _free_port()
-    api_server = f"http://127.0.0.1:{port}"
-    context = ray.init(num_cpus=num_cpus or os.cpu_count() or 2, include_dashboard=True,
-                       dashboard_port=port,
-                       runtime_env={"env_vars": {"PYTHONPATH": str(REPO),
-                                                 "RAY_API_SERVER_ADDRESS": api_server}})
-    if context.dashboard_url:
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{context.dashboard_url}"
-        print(f"[tune] Ray dashboard: http://{context.dashboard_url}", flush=True)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,8 +42,9 @@ def _raw(data, tmp_path, name, **overrides) -> dict:
             "quantize": ["none", "int8"],
         },
         "objective": {"mode": "pareto", "max_serving_bytes": 150_000},
-        # The only ASHA rung is the last step, so the scheduler runs but stops no trial:
-        # stopping needs the dashboard's state API, which the test cluster does not start.
+        # No rung before the last step: the scheduler runs but stops no trial, because
+        # freeing a stopped trial's workers needs the dashboard's state API, which the
+        # test cluster does not start (the rung logic is tested in test_pareto.py).
         "asha": {"enabled": True, "grace_steps": 10},
         "trials": {"num_samples": 4, "max_concurrent_trials": 2, "seed": 7},
     }
@@ -127,6 +128,29 @@ def test_cli_lists_tune_and_help_explains_resume():
 
 
 # ----------------------------------------------------------------------- on Ray
+
+def test_planned_serving_bytes_are_the_exported_bytes(synth_data, ray_cluster, tmp_path):
+    """What budget mode refuses trials on: exact for stateless mappers (learned hashing
+    included, which the training job could not even plan without its statistics)."""
+    from jobs.train import plan_run
+    from jobs.train_loop import train_loop_per_worker
+    from jobs.tune import planned_serving_bytes
+
+    config = _config(synth_data, tmp_path, "bytes")
+    point = {"method": "learned_hash", "mlet": 2, "ratio": 30.0, "embedding_dim": 8,
+             "sparse_lr": 0.05, "dense_lr": 1e-3, "quantize": "int4"}
+    train = config.trial_config(point, tmp_path / "trial")
+    train = train.model_copy(update={
+        "scaling": train.scaling.model_copy(update={"num_workers": 0}),
+        "schedule": train.schedule.model_copy(update={"max_steps": 2, "eval_every": None}),
+    })
+    spec = plan_run(train, verbose=False)
+    planned = planned_serving_bytes(spec, train)
+    train_loop_per_worker({"spec": spec.__dict__})
+    model, document = load_model(train.export_dir)
+    assert planned == model.embedding_bytes() == document["metrics"]["serving_bytes"]
+    assert document["quantize"] == "int4"
+
 
 def _read_csv(path: Path) -> list[dict]:
     with path.open() as f:
