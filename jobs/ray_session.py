@@ -21,7 +21,9 @@ def connect_or_start(num_cpus: int | None = None, *, dashboard: bool = True) -> 
 
     if ray.is_initialized():
         return False
-    if os.environ.get("RAY_ADDRESS"):
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        _check_reachable(address)
         ray.init()
         return True
     env_vars = {"PYTHONPATH": str(REPO)}
@@ -38,6 +40,24 @@ def connect_or_start(num_cpus: int | None = None, *, dashboard: bool = True) -> 
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{context.dashboard_url}"
         print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
     return True
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, saying what to do, when RAY_ADDRESS names no listening cluster.
+
+    ray.init() retries an unreachable address for minutes before it gives up.
+    """
+    hostport = address.split("://")[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto" and other forms Ray resolves itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise SystemExit(
+            f"error: cannot reach the Ray cluster at RAY_ADDRESS={address} ({e}). Is it "
+            "running (`ray status`)? Unset RAY_ADDRESS to start a local Ray instead."
+        ) from None
 
 
 def _free_port() -> int:
