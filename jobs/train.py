@@ -137,14 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load(args: argparse.Namespace) -> TrainConfig:
-    config = load_config(args.config, TrainConfig)
+def overrides(config: TrainConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """Section updates from the --data, --name and --storage-path flags (train and tune)."""
     update: dict[str, Any] = {}
     if args.data:
         update["data"] = config.data.model_copy(update={"path": args.data})
     run_update = {k: v for k, v in (("name", args.name), ("storage_path", args.storage_path)) if v}
     if run_update:
         update["run"] = config.run.model_copy(update=run_update)
+    return update
+
+
+def load(args: argparse.Namespace) -> TrainConfig:
+    config = load_config(args.config, TrainConfig)
+    update = overrides(config, args)
     if args.export:
         update["export"] = config.export.model_copy(update={"out": args.export})
     return config.model_copy(update=update)

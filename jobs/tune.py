@@ -29,6 +29,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from jobs import pareto
 from jobs.config import ConfigError, load_config
+from jobs.train import overrides
 from jobs.train_config import TrainConfig
 from jobs.tune_config import TuneConfig
 
@@ -575,12 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load(args: argparse.Namespace) -> TuneConfig:
     config = load_config(args.config, TuneConfig)
-    update: dict[str, Any] = {}
-    if args.data:
-        update["data"] = config.data.model_copy(update={"path": args.data})
-    run_update = {k: v for k, v in (("name", args.name), ("storage_path", args.storage_path)) if v}
-    if run_update:
-        update["run"] = config.run.model_copy(update=run_update)
+    update = overrides(config, args)
     if args.num_samples:
         update["trials"] = config.trials.model_copy(update={"num_samples": args.num_samples})
     return TuneConfig.model_validate({**config.model_dump(), **update})
