@@ -39,6 +39,8 @@ def cardinalities_of(config: TrainConfig) -> tuple[list[str], list[int]]:
 
 def plan_run(config: TrainConfig, verbose: bool = True) -> RunSpec:
     """Everything decided once on the driver: method sizes and the sharding plan."""
+    # Validated again here, on the driver, so that paths set by model_copy become absolute.
+    config = type(config).model_validate(config.model_dump())
     read_manifest(config.data.path)  # a clear error when the data folder is not finished
     names, cards = cardinalities_of(config)
     collection: CollectionConfig = config.collection(cards)

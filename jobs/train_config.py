@@ -16,6 +16,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _absolute(path: Path | None) -> Path | None:
+    # Workers run in their own working directories: a relative path must be made absolute
+    # where the user wrote it, on the driver.
+    return None if path is None else path.expanduser().resolve()
+
+
 class DataSettings(_Strict):
     """Where the shards are and how they are batched.
 
@@ -33,6 +39,8 @@ class DataSettings(_Strict):
     eval_batch_size: int = Field(16384, ge=1)
     block_rows: int = Field(131_072, ge=1024)
     shuffle: bool = True
+
+    _path = field_validator("path")(_absolute)
 
 
 class OptimizerSettings(_Strict):
@@ -106,7 +114,9 @@ class RunSettings(_Strict):
     """
 
     name: str = Field("embpress", pattern=r"^[A-Za-z0-9_.-]+$")
-    storage_path: Path = Path("runs")
+    storage_path: Path = Field(Path("runs"), validate_default=True)
+
+    _storage = field_validator("storage_path")(_absolute)
     max_failures: int = Field(1, ge=0)
 
 
@@ -121,6 +131,8 @@ class ExportSettings(_Strict):
     out: Path | None = None
     quantize: Literal["none", "fp16", "int8", "int4"] = "none"
 
+    _out = field_validator("out")(_absolute)
+
 
 class FaultSettings(_Strict):
     """Injected failure, for testing recovery: rank `rank` raises once at step `step`.
@@ -134,6 +146,8 @@ class FaultSettings(_Strict):
     step: int = Field(ge=1)
     rank: int = Field(0, ge=0)
     marker: Path
+
+    _marker = field_validator("marker")(_absolute)
 
 
 class TrainConfig(_Strict):
