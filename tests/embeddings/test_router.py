@@ -253,7 +253,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
 def test_two_workers_train_the_same_model_as_one(tmp_path: Path):
     world = 2
     mp.spawn(_worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world)
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     plan = two_worker_plan()
     sparse = batches()[0][1][:10]
 
