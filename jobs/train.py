@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from data_pipeline.shards import read_manifest
 from data_pipeline.stats import load_feature_stats
@@ -22,6 +23,8 @@ from jobs.config import ConfigError, load_config
 from jobs.ray_session import connect_or_start
 from jobs.train_config import TrainConfig
 from jobs.train_loop import RunSpec, train_loop_per_worker
+
+C = TypeVar("C", bound=TrainConfig)
 
 # Methods whose mapper adapts while training (their copies would drift apart if replicated).
 ADAPTIVE_METHODS = frozenset({"cafe"})
@@ -158,16 +161,26 @@ def load(args: argparse.Namespace) -> TrainConfig:
     return config.model_copy(update=update)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def checked_config(
+    load_fn: Callable[[argparse.Namespace], C], args: argparse.Namespace
+) -> C | None:
+    """The job's config, or None after printing why it cannot run (a bad field, no data)."""
     try:
-        config = load(args)
+        config = load_fn(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return None
     if not (Path(config.data.path) / "manifest.json").is_file():
         print(f"error: data.path {config.data.path} holds no finished dataset (manifest.json); "
               "run `python -m jobs.synth` or `python -m jobs.prepare` first", file=sys.stderr)
+        return None
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = checked_config(load, args)
+    if config is None:
         return 2
     ensure_ray(args.num_cpus)
     result = run(config)

@@ -29,7 +29,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from jobs import pareto
 from jobs.config import ConfigError, load_config
-from jobs.train import overrides
+from jobs.train import checked_config, overrides
 from jobs.train_config import TrainConfig
 from jobs.tune_config import TuneConfig
 
@@ -584,14 +584,8 @@ def load(args: argparse.Namespace) -> TuneConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        config = load(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if not (Path(config.data.path) / "manifest.json").is_file():
-        print(f"error: data.path {config.data.path} holds no finished dataset (manifest.json); "
-              "run `python -m jobs.synth` or `python -m jobs.prepare` first", file=sys.stderr)
+    config = checked_config(load, args)
+    if config is None:
         return 2
     ensure_ray(args.num_cpus)
     try:
