@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 if TYPE_CHECKING:
@@ -410,3 +410,31 @@ class MethodConfig(BaseModel):
         with torch.device("meta"):
             method = self.build(num_embeddings, dim, stats)
         return MethodBytes(method.training_bytes(), method.serving_bytes(fmt))
+
+
+class RowsOrRatioConfig(MethodConfig):
+    """A method sized by one table's rows: a compression `ratio` or an explicit `rows`.
+
+    Args:
+        ratio: compression ratio: ceil(n / ratio) rows.
+        rows: the number of rows, instead of a ratio.
+    """
+
+    ratio: float | None = Field(None, ge=1)
+    rows: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_size(self) -> RowsOrRatioConfig:
+        if self.ratio is not None and self.rows is not None:
+            raise ValueError("give either ratio or rows, not both")
+        return self
+
+    def check(self, num_embeddings: int, dim: int) -> None:
+        super().check(num_embeddings, dim)
+        if self.ratio is None and self.rows is None:
+            raise ValueError(
+                f"{self.method} needs a size: set ratio or rows (or a collection ratio)"
+            )
+
+    def at_ratio(self, ratio: float) -> RowsOrRatioConfig:
+        return self.model_copy(update={"ratio": ratio, "rows": None})

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
 
 from embeddings import budget
 from embeddings.hashing import hash_bucket
@@ -19,7 +18,7 @@ from embeddings.methods.base import (
     FeatureStats,
     Lookup,
     Mapper,
-    MethodConfig,
+    RowsOrRatioConfig,
 )
 
 
@@ -44,7 +43,7 @@ class HashMapper(Mapper):
         return cls(config["rows"], config["seed"])
 
 
-class HashConfig(MethodConfig):
+class HashConfig(RowsOrRatioConfig):
     """Hashing trick.
 
     Args:
@@ -54,23 +53,10 @@ class HashConfig(MethodConfig):
     """
 
     method: Literal["hash"] = "hash"
-    ratio: float | None = Field(None, ge=1)
-    rows: int | None = Field(None, gt=0)
     seed: int = 0
 
-    @model_validator(mode="after")
-    def _one_size(self) -> HashConfig:
-        if self.ratio is not None and self.rows is not None:
-            raise ValueError("give either ratio or rows, not both")
-        return self
 
-    def check(self, num_embeddings: int, dim: int) -> None:
-        super().check(num_embeddings, dim)
-        if self.ratio is None and self.rows is None:
-            raise ValueError("hash needs a size: set ratio or rows (or a collection ratio)")
 
-    def at_ratio(self, ratio: float) -> HashConfig:
-        return self.model_copy(update={"ratio": ratio, "rows": None})
 
     def build(
         self, num_embeddings: int, dim: int, stats: FeatureStats | None = None

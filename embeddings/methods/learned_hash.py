@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from embeddings import budget
 from embeddings.hashing import hash_bucket
@@ -28,7 +28,7 @@ from embeddings.methods.base import (
     FeatureStats,
     Lookup,
     Mapper,
-    MethodConfig,
+    RowsOrRatioConfig,
 )
 
 # Distances are computed in chunks of at most this many (id, centroid) pairs.
@@ -259,7 +259,7 @@ def small_embeddings_from(
     return vectors.to(torch.float32).numpy()
 
 
-class LearnedHashConfig(MethodConfig):
+class LearnedHashConfig(RowsOrRatioConfig):
     """Learned hashing: frequent ids own rows, the rest share rows with similar ids.
 
     Needs the feature's frequency statistics (`stats` of `build`); the small embedding of the
@@ -277,26 +277,13 @@ class LearnedHashConfig(MethodConfig):
     """
 
     method: Literal["learned_hash"] = "learned_hash"
-    ratio: float | None = Field(None, ge=1)
-    rows: int | None = Field(None, gt=0)
     hot_fraction: float = Field(0.5, ge=0, le=1)
     mapped_per_row: float | None = Field(4.0, gt=0)
     iters: int = Field(20, ge=1)
     seed: int = Field(0, ge=0)
 
-    @model_validator(mode="after")
-    def _one_size(self) -> LearnedHashConfig:
-        if self.ratio is not None and self.rows is not None:
-            raise ValueError("give either ratio or rows, not both")
-        return self
 
-    def check(self, num_embeddings: int, dim: int) -> None:
-        super().check(num_embeddings, dim)
-        if self.ratio is None and self.rows is None:
-            raise ValueError("learned_hash needs a size: set ratio or rows (or a collection ratio)")
 
-    def at_ratio(self, ratio: float) -> LearnedHashConfig:
-        return self.model_copy(update={"ratio": ratio, "rows": None})
 
     def table_rows(self, num_embeddings: int) -> int:
         if self.rows is not None:
