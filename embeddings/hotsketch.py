@@ -127,6 +127,16 @@ def _give_row(free, istate, row):
 
 
 @nb.njit(cache=True)
+def _demote(keys, scores, rows, free, istate, b, k, medium_score, ev, n_ev):
+    """Slot (b, k) fell below the threshold: free its hot row and log the demotion."""
+    _give_row(free, istate, rows[b, k] - 1)
+    n_ev = _log(ev, n_ev, DEMOTE, keys[b, k], rows[b, k] - 1, scores[b, k] >= medium_score,
+                -1, -1)
+    rows[b, k] = 0
+    return n_ev
+
+
+@nb.njit(cache=True)
 def _count_above(scores: np.ndarray, threshold: float) -> int:
     c = 0
     for b in range(scores.shape[0]):
@@ -287,18 +297,8 @@ def _decay(
             if scores[b, k] > 0:
                 scores[b, k] *= decay
                 if rows[b, k] > 0 and scores[b, k] < thr:
-                    _give_row(free, istate, rows[b, k] - 1)
-                    n_ev = _log(
-                        ev,
-                        n_ev,
-                        DEMOTE,
-                        keys[b, k],
-                        rows[b, k] - 1,
-                        scores[b, k] >= medium_fraction * thr,
-                        -1,
-                        -1,
-                    )
-                    rows[b, k] = 0
+                    n_ev = _demote(keys, scores, rows, free, istate, b, k,
+                                   medium_fraction * thr, ev, n_ev)
     istate[_NABOVE] = _count_above(scores, thr)
     return n_ev
 
@@ -332,18 +332,8 @@ def _rerank(
     for b in range(n_b):
         for k in range(n_slots):
             if rows[b, k] > 0 and scores[b, k] < thr:
-                _give_row(free, istate, rows[b, k] - 1)
-                n_ev = _log(
-                    ev,
-                    n_ev,
-                    DEMOTE,
-                    keys[b, k],
-                    rows[b, k] - 1,
-                    scores[b, k] >= medium_fraction * thr,
-                    -1,
-                    -1,
-                )
-                rows[b, k] = 0
+                n_ev = _demote(keys, scores, rows, free, istate, b, k,
+                               medium_fraction * thr, ev, n_ev)
     # Fewer than hot_rows slots score above the new threshold, so those all get rows; ties
     # at it take what is left, in slot order.
     for tied in (False, True):
