@@ -134,12 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", required=True, type=Path,
                         help="YAML training config (see deploy/configs/)")
-    parser.add_argument("--data", type=Path, help="override data.path")
-    parser.add_argument("--name", help="override run.name")
-    parser.add_argument("--storage-path", type=Path, help="override run.storage_path")
+    add_override_arguments(parser)
     parser.add_argument("--export", type=Path, help="override export.out")
-    parser.add_argument("--num-cpus", type=int, help="CPUs of a local Ray started by this job")
     return parser
+
+
+def add_override_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags `overrides` reads (and --num-cpus), shared by the train and tune jobs."""
+    parser.add_argument("--data", type=Path, help="override data.path")
+    parser.add_argument("--name", help="override run.name (the run or experiment folder)")
+    parser.add_argument("--storage-path", type=Path, help="override run.storage_path")
+    parser.add_argument("--num-cpus", type=int, help="CPUs of a local Ray started by this job")
 
 
 def overrides(config: TrainConfig, args: argparse.Namespace) -> dict[str, Any]:

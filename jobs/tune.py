@@ -29,7 +29,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from jobs import pareto
 from jobs.config import ConfigError, load_config
-from jobs.train import checked_config, overrides
+from jobs.train import add_override_arguments, checked_config, overrides
 from jobs.train_config import TrainConfig
 from jobs.tune_config import TuneConfig
 
@@ -566,11 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted search in the experiment folder; "
                         "finished trials are not run again")
-    parser.add_argument("--data", type=Path, help="override data.path")
-    parser.add_argument("--name", help="override run.name (the experiment folder)")
-    parser.add_argument("--storage-path", type=Path, help="override run.storage_path")
+    add_override_arguments(parser)
     parser.add_argument("--num-samples", type=int, help="override trials.num_samples")
-    parser.add_argument("--num-cpus", type=int, help="CPUs of a local Ray started by this job")
     return parser
 
 
