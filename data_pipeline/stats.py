@@ -365,7 +365,12 @@ class FeatureStats:
 
     @property
     def features(self) -> tuple[str, ...]:
-        return tuple(self.meta["features"])
+        """Feature names in column order (C1, C2, …, C26), the order of a batch's columns.
+
+        stats.json is written with sorted keys (C1, C10, C11, …), so the order of
+        `meta["features"]` must never be used positionally.
+        """
+        return tuple(c for c in SPARSE_COLUMNS if c in self.meta["features"])
 
     def counts(self, feature: str | int) -> tuple[np.ndarray, np.ndarray]:
         """(ids int64, counts int64) by count descending (ties by id). Exact mode: every id

@@ -90,6 +90,15 @@ def synthetic_root(tmp_path_factory) -> Path:
     return root
 
 
+def test_features_come_in_column_order(synthetic_root):
+    # stats.json is written with sorted keys (C1, C10, C11, ...): a caller that zips the
+    # features with a batch's columns must still get C1, C2, ..., C26.
+    write_feature_stats(synthetic_root, use_ray=False)
+    st = load_feature_stats(synthetic_root)
+    assert st.features == SPARSE_COLUMNS
+    assert st.num_distinct("C2") <= 64 < 1000 < st.num_distinct("C10")
+
+
 def test_sketch_never_undercounts_and_finds_the_heavy_hitters(synthetic_root):
     write_feature_stats(synthetic_root, mode="exact", use_ray=False)
     exact = load_feature_stats(synthetic_root)

@@ -8,6 +8,8 @@ import torch
 
 from data_pipeline.datasets import iter_local_batches, read_piece
 from data_pipeline.partition import train_pieces
+from data_pipeline.schema import SPARSE_COLUMNS
+from data_pipeline.stats import load_feature_stats
 from data_pipeline.transforms import transform_table
 from embeddings.metrics import roc_auc
 from embeddings.serving import load_model
@@ -28,6 +30,17 @@ def _config(root, tmp_path, name, **overrides) -> TrainConfig:
     for key, value in overrides.items():
         raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
     return TrainConfig.model_validate(raw)
+
+
+def test_every_feature_is_sized_from_its_own_statistics(synth_data, tmp_path):
+    # The plan's cardinalities line up with the batch's columns C1..C26 (stats.json keys
+    # are sorted C1, C10, C11, ...; reading them positionally gave C2 the rows of C10).
+    stats = load_feature_stats(synth_data)
+    spec = plan_run(_config(synth_data, tmp_path, "sizes",
+                            embeddings={"method": {"method": "full"}}), verbose=False)
+    assert spec.names == list(SPARSE_COLUMNS)
+    assert spec.cardinalities == [stats.num_distinct(c) for c in SPARSE_COLUMNS]
+    assert spec.cardinalities[1] < spec.cardinalities[9]  # C2 is small, C10 large
 
 
 def test_single_process_run_exports_a_model_that_scores_like_the_trained_one(
