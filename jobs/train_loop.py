@@ -23,11 +23,12 @@ from torch import nn
 
 from data_pipeline.datasets import iter_worker_batches
 from data_pipeline.partition import dataset_of, eval_pieces, train_pieces
+from data_pipeline.schema import MISSING_ID
 from data_pipeline.stats import load_feature_stats
 from embeddings.collection import AnyMethodConfig
 from embeddings.hashing import hash64
 from embeddings.methods.base import FeatureStats, MethodConfig
-from embeddings.metrics import EvalAccumulator
+from embeddings.metrics import EvalAccumulator, FrequencyBand
 from embeddings.optim import LazyAdam, RowWiseAdagrad
 from embeddings.serving import ServingModel, SplitServingEmbedding, export_model
 from embeddings.serving_io import embedding_from_state, embedding_state
@@ -150,7 +151,10 @@ def _bands(stats: Any, names: list[str], columns: list[int], sparse: torch.Tenso
     ids = sparse.cpu().numpy()
     out = np.full((ids.shape[0], len(columns)), 1, dtype=np.int8)
     for k, j in enumerate(columns):
-        out[:, k] = stats.frequency_band(names[j], ids[:, j])
+        # A missing value is no id: HOT, the neutral element of the row's minimum, so that it
+        # cannot make a row "rare" (C22 is missing in 79% of rows).
+        out[:, k] = np.where(ids[:, j] == MISSING_ID, np.int8(FrequencyBand.HOT),
+                             stats.frequency_band(names[j], ids[:, j]))
     return out
 
 

@@ -8,14 +8,14 @@ import torch
 
 from data_pipeline.datasets import iter_local_batches, read_piece
 from data_pipeline.partition import train_pieces
-from data_pipeline.schema import SPARSE_COLUMNS
+from data_pipeline.schema import MISSING_ID, SPARSE_COLUMNS
 from data_pipeline.stats import load_feature_stats
 from data_pipeline.transforms import transform_table
-from embeddings.metrics import roc_auc
+from embeddings.metrics import FrequencyBand, roc_auc, row_bands
 from embeddings.serving import load_model
 from jobs.train import plan_run, run
 from jobs.train_config import TrainConfig
-from jobs.train_loop import FINGERPRINT_MOD, row_fingerprint, train_loop_per_worker
+from jobs.train_loop import FINGERPRINT_MOD, _bands, row_fingerprint, train_loop_per_worker
 
 
 def _config(root, tmp_path, name, **overrides) -> TrainConfig:
@@ -41,6 +41,18 @@ def test_every_feature_is_sized_from_its_own_statistics(synth_data, tmp_path):
     assert spec.names == list(SPARSE_COLUMNS)
     assert spec.cardinalities == [stats.num_distinct(c) for c in SPARSE_COLUMNS]
     assert spec.cardinalities[1] < spec.cardinalities[9]  # C2 is small, C10 large
+
+
+def test_a_missing_value_does_not_make_a_row_rare(synth_data):
+    stats = load_feature_stats(synth_data)
+    names = list(SPARSE_COLUMNS)
+    hot_id = int(stats.counts("C1")[0][0])
+    sparse = torch.tensor([[hot_id] + [MISSING_ID] * 25,  # missing elsewhere: still hot
+                           [MISSING_ID] + [MISSING_ID] * 25,  # nothing present: hot
+                           [10**12] + [MISSING_ID] * 25])  # never seen: rare
+    bands = _bands(stats, names, [0, 9, 21], sparse)
+    assert row_bands(bands).tolist() == [FrequencyBand.HOT, FrequencyBand.HOT,
+                                         FrequencyBand.RARE]
 
 
 def test_single_process_run_exports_a_model_that_scores_like_the_trained_one(
