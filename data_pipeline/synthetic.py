@@ -700,6 +700,17 @@ def generate_rows(config: SynthConfig, day: int, start: int, stop: int) -> pa.Ta
     return table
 
 
+def teacher_logits(config: SynthConfig, day: int, start: int,
+                   stop: int) -> tuple[np.ndarray, pa.Table]:
+    """The teacher's logits (float64) of rows [start, stop) of `day`, with the rows: the
+    ceiling model's scores, e.g. for its AUC on a subset of rows (rare ids, one split)."""
+    table, r = _generate(config, day, start, stop)
+    cal = _calibrate(_teacher_fields(config))
+    logits = cal.bias + cal.a_lin * r.lin.astype(np.float64) + cal.a_pair * r.pair.astype(
+        np.float64)
+    return logits, table
+
+
 def _generate(config: SynthConfig, day: int, start: int, stop: int, reuse: bool = False,
               cal: Calibration | None = None) -> tuple[pa.Table, _Rows]:
     # reuse=True: the arrays (and the zero-copy table over them) are valid only until the

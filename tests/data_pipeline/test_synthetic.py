@@ -158,6 +158,23 @@ def test_teacher_auc_is_criteo_like_and_beats_logistic_regression(two_days):
     assert auc < teacher["validation"] - 0.05, (auc, teacher["validation"])
 
 
+def test_teacher_logits_score_the_rows_as_the_manifest_says(two_days):
+    from sklearn.metrics import roc_auc_score
+
+    config = SynthConfig(rows=120_000, days=2, seed=3)
+    start, stop = synthetic.split_boundaries(config.day_rows(), 1)
+    logits, table = synthetic.teacher_logits(config, 1, start, stop)
+    assert logits.dtype == np.float64 and len(logits) == table.num_rows == stop - start
+    assert table.equals(generate_rows(config, 1, start, stop))
+    labels = table[LABEL].to_numpy()
+    auc = roc_auc_score(labels, logits)
+    # The manifest's AUC comes from 16k-bin histograms of the same logits.
+    assert auc == pytest.approx(_manifest(two_days)["synthetic"]["teacher_auc"]["validation"],
+                                abs=1e-4)
+    # Labels are Bernoulli(sigmoid(logit)): the mean probability matches the positive rate.
+    assert abs((1 / (1 + np.exp(-logits))).mean() - labels.mean()) < 0.01
+
+
 def test_drift_moves_the_hot_set():
     def top_ids(drift: float, day: int) -> set[int]:
         config = SynthConfig(rows=300_000, days=3, seed=8, drift=drift)
