@@ -27,9 +27,10 @@ depend on how rows are cut into parts or which process writes them):
   gives a teacher AUC of ~0.80, Criteo-like; a logistic regression on the features reaches
   ~0.67 (the interactions carry most of the signal).
 
-Speed (2-core VM): ~0.45 µs a row to generate, ~0.7 µs to encode Parquet (zstd, dictionaries,
-statistics: `shards.write_table_atomic`), so ~0.8M rows/s per core end to end
-(jobs/benchmarks/synth_speed.py).
+Speed (2-core VM, one core, CPU time): ~0.32 µs a row to generate, ~0.49 µs to encode Parquet
+(`shards.PARQUET_OPTIONS`: snappy, dictionaries for label and categoricals, byte-stream-split
+dense columns, no statistics), ~0.04 µs for the manifest's SHA-256: ~1.17M rows/s per core end
+to end (jobs/benchmarks/synth_speed.py).
 """
 
 from __future__ import annotations
