@@ -2,9 +2,9 @@
 
 Per core: parts generated and written one after the other in this process, timed in CPU
 seconds (so other load on the machine counts less), split into generating rows (numba kernel
-and Arrow columns), encoding Parquet (`shards.write_table_atomic`: zstd, dictionaries,
-statistics) and the SHA-256 recorded in the manifest. Then the whole `generate()` through Ray
-tasks on every CPU, in wall seconds divided by the CPUs.
+and Arrow columns), encoding Parquet (`shards.write_table_atomic` with
+`shards.PARQUET_OPTIONS`) and the SHA-256 recorded in the manifest. Then the whole
+`generate()` through Ray tasks on every CPU, in wall seconds divided by the CPUs.
 
     python jobs/benchmarks/synth_speed.py [--rows N]
 """
