@@ -64,6 +64,26 @@ class _AllToAll(torch.autograd.Function):
         return grad_in, None, None, None, None
 
 
+class _Scatter(torch.autograd.Function):
+    """out[pos[i]] = x[i] for a permutation `pos`; the gradient gathers back (no accumulation)."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, pos: torch.Tensor
+    ) -> torch.Tensor:
+        ctx.save_for_backward(pos)
+        out = x.new_empty(x.shape)
+        out[pos] = x
+        return out
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, None]:
+        (pos,) = ctx.saved_tensors
+        return grad[pos], None
+
+
 def _all_to_all(
     tensor: torch.Tensor,
     output_splits: list[int],
@@ -182,6 +202,23 @@ class ShardedEmbeddingCollection(nn.Module):
         )
         self.register_buffer("_slot_base", torch.tensor(base, dtype=torch.int64), False)
         self.register_buffer("_send_order", torch.tensor(to_send_order, dtype=torch.int64), False)
+        # Without split features each routed feature is one slot: k-th routed feature in
+        # send order, for sending ids feature by feature.
+        slot_of_feature = [to_send_order[b] for b in base]
+        self.register_buffer(
+            "_routed_in_send_order",
+            torch.tensor(sorted(range(len(routed)), key=slot_of_feature.__getitem__),
+                         dtype=torch.int64),
+            False,
+        )
+        # forward builds [routed..., replicated...] columns; this puts them in plan order.
+        built = routed + [i for i, f in enumerate(plan.features)
+                          if f.placement is Placement.REPLICATED]
+        order = [built.index(i) for i in range(len(plan.features))]
+        identity = order == list(range(len(order)))
+        self.register_buffer(
+            "_column_order", None if identity else torch.tensor(order, dtype=torch.int64), False
+        )
 
         if device is not None:
             self.to(device)
@@ -200,62 +237,66 @@ class ShardedEmbeddingCollection(nn.Module):
         """
         if sparse.dim() != 2 or sparse.shape[1] != self.num_features:
             raise ValueError(f"sparse must be [n, {self.num_features}], got {list(sparse.shape)}")
-        sparse = sparse.to(torch.int64)
-        n, features = sparse.shape
-        rows = torch.arange(n, device=sparse.device, dtype=torch.int64)
-        positions, vectors = [], []
+        n = sparse.shape[0]
+        # One transpose, so each feature's ids are a contiguous column (hashing, searchsorted).
+        columns = sparse.to(torch.int64).t().contiguous()
+        blocks = []
         if self._routed:
-            pos, vec = self._routed_lookup(sparse, rows)
-            positions.append(pos)
-            vectors.append(vec)
-        for column, module in zip(self._replicated_columns, self.replicated.values(), strict=True):
-            positions.append(rows * features + column)
-            vectors.append(module(sparse[:, column]))
-        position = torch.cat(positions)
-        # Every (row, feature) appears exactly once in `position`: invert the permutation
-        # and gather, which autograd turns back into a scatter of the gradients.
-        inverse = torch.empty_like(position)
-        inverse[position] = torch.arange(position.numel(), device=position.device)
-        return torch.cat(vectors)[inverse].view(n, features, self.embedding_dim)
+            pos, vec = self._routed_lookup(columns)
+            blocks.append(_Scatter.apply(vec, pos).view(n, len(self._routed), self.embedding_dim))
+        if self._replicated_columns:
+            blocks.append(torch.stack(
+                [m(columns[c]) for c, m in zip(self._replicated_columns, self.replicated.values(),
+                                               strict=True)],
+                dim=1,
+            ))
+        out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+        if self._column_order is not None:
+            out = out[:, self._column_order]
+        return out
 
-    def _routed_lookup(
-        self, sparse: torch.Tensor, rows: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(output positions, vectors) of the routed features, in the order the ids were sent."""
-        features = sparse.shape[1]
-        ids = sparse[:, self._routed_columns]
+    def _routed_lookup(self, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions row * R + k among the R routed features, vectors), in send order."""
+        n = columns.shape[1]
+        routed = len(self._routed)
+        ids = columns[self._routed_columns]  # [R, n]
         if self._any_split:
-            shard = hash64(ids, SHARD_HASH_SEED) % self._num_shards  # as planner.shard_of
+            shard = hash64(ids, SHARD_HASH_SEED) % self._num_shards[:, None]  # planner.shard_of
+            slot = self._send_order[self._slot_base[:, None] + shard].t().reshape(-1)
+            # Stable, so within one slot the rows keep their order: a one-worker run and an
+            # N-worker run then feed each module the same ids in the same order.
+            order = torch.sort(slot, stable=True).indices
+            send_ids = ids.t().reshape(-1)[order]
+            send_pos = order
+            send_counts = torch.bincount(slot, minlength=self._send_order.numel())
         else:
-            shard = torch.zeros_like(ids)
-        slot = self._send_order[self._slot_base + shard].reshape(-1)
-        # Stable, so within one slot the rows keep their order: a one-worker run and an
-        # N-worker run then feed each module the same ids in the same order.
-        order = torch.sort(slot, stable=True).indices
-        send_ids = ids.reshape(-1)[order]
-        send_pos = (rows.unsqueeze(1) * features + self._routed_columns).reshape(-1)[order]
-        send_counts = torch.bincount(slot, minlength=self._send_order.numel())
+            # One slot per feature: sending feature by feature in slot order needs no sort.
+            send_ids = ids[self._routed_in_send_order].reshape(-1)
+            rows = torch.arange(n, device=columns.device, dtype=torch.int64)
+            send_pos = (rows * routed + self._routed_in_send_order[:, None]).reshape(-1)
+            send_counts = None
 
         mine = len(self._my_slots)
         if self.world_size == 1:
-            recv_ids, recv_counts = send_ids, send_counts
+            recv_ids = send_ids
             input_splits = output_splits = [send_ids.numel()]
-            per_slot = send_counts.tolist()
+            counts = [n] * routed if send_counts is None else send_counts.tolist()
         else:
+            if send_counts is None:
+                send_counts = torch.full((routed,), n, dtype=torch.int64, device=columns.device)
             recv_counts = _all_to_all(
                 send_counts, [mine] * self.world_size, self._slots_per_rank, self.group
             )
-            by_source = recv_counts.view(self.world_size, mine)
             per_rank_send = torch.stack([c.sum() for c in send_counts.split(self._slots_per_rank)])
             # Split sizes must be Python ints: one host sync for all of them.
-            sizes = torch.cat([per_rank_send, by_source.sum(1), by_source.sum(0)]).tolist()
+            sizes = torch.cat([per_rank_send, recv_counts]).tolist()
             input_splits = sizes[: self.world_size]
-            output_splits = sizes[self.world_size : 2 * self.world_size]
-            per_slot = sizes[2 * self.world_size :]
+            counts = sizes[self.world_size :]
+            output_splits = [sum(counts[r * mine : (r + 1) * mine]) for r in range(self.world_size)]
             recv_ids = _all_to_all(send_ids, output_splits, input_splits, self.group)
 
         if mine:
-            out = self._serve(recv_ids, recv_counts, per_slot)
+            out = self._serve(recv_ids, counts)
         else:
             out = recv_ids.new_zeros((0, self.embedding_dim), dtype=torch.float32)
         if self.world_size > 1:
@@ -264,31 +305,24 @@ class ShardedEmbeddingCollection(nn.Module):
             )
         return send_pos, out
 
-    def _serve(
-        self, recv_ids: torch.Tensor, recv_counts: torch.Tensor, per_slot: list[int]
-    ) -> torch.Tensor:
+    def _serve(self, recv_ids: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Vectors of the ids this rank owns, in the order they arrived.
 
         Args:
             recv_ids: ids from every rank, grouped by source rank, then by owned slot.
-            recv_counts: [world_size * owned slots] ids per (source rank, slot).
-            per_slot: ids per owned slot, all sources together.
+            counts: ids per (source rank, owned slot), source-major.
         """
-        # Each module wants all of its ids at once, so regroup by slot (stable: sources
-        # stay in rank order, as the rows of a one-worker run would be).
-        slot_of = torch.repeat_interleave(
-            torch.arange(len(per_slot), device=recv_ids.device).repeat(self.world_size),
-            recv_counts,
-            output_size=recv_ids.numel(),
-        )
-        by_slot = torch.sort(slot_of, stable=True).indices
-        chunks = recv_ids[by_slot].split(per_slot)
-        out = torch.cat(
-            [self.owned[key](chunk) for key, chunk in zip(self._my_slots, chunks, strict=True)]
-        )
-        undo = torch.empty_like(by_slot)
-        undo[by_slot] = torch.arange(by_slot.numel(), device=by_slot.device)
-        return out[undo]
+        mine = len(self._my_slots)
+        pieces = recv_ids.split(counts)
+        sources = range(len(counts) // mine)
+        # Each module takes all of its ids at once, sources in rank order (as the rows of a
+        # one-worker run would be), and its vectors go back where the ids came from.
+        per_slot = []
+        for s, key in enumerate(self._my_slots):
+            ids = [pieces[r * mine + s] for r in sources]
+            vectors = self.owned[key](ids[0] if len(ids) == 1 else torch.cat(ids))
+            per_slot.append(vectors.split([counts[r * mine + s] for r in sources]))
+        return torch.cat([per_slot[s][r] for r in sources for s in range(mine)])
 
     def _on_replicated_grad(self, _: torch.Tensor) -> None:
         # Runs once per replicated parameter during backward; the all-reduce waits for the
@@ -312,26 +346,43 @@ class ShardedEmbeddingCollection(nn.Module):
         """
         if self.world_size == 1 or not self._replicated_params:
             return
-        dense = []
+        dense: list[torch.Tensor] = []
+        touched: list[torch.Tensor] = []  # per sparse gradient: 1 for each row this worker used
         for p in self._replicated_params:
             g = p.grad
             if g is None:
                 dense.append(torch.zeros_like(p))
+            elif g.is_sparse:
+                # Uncoalesced: index_add_ sums repeated rows, which is what coalescing would do
+                # first, without its sort.
+                rows = g._indices()[0]
+                dense.append(torch.zeros_like(p).index_add_(0, rows, g._values()))
+                mask = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
+                touched.append(mask.index_fill_(0, rows, 1.0))
             else:
-                dense.append(g.to_dense() if g.is_sparse else g)
-        flat = torch.cat([g.reshape(-1).to(torch.float32) for g in dense])
+                dense.append(g)
+        # One collective for the gradients and the touched-row masks together.
+        flat = torch.cat([g.reshape(-1).to(torch.float32) for g in dense] + touched)
         dist.all_reduce(flat, group=self.group)
         flat /= self.world_size
         offset = 0
-        for p, g in zip(self._replicated_params, dense, strict=True):
-            averaged = flat[offset : offset + g.numel()].view_as(g).to(g.dtype)
+        averaged = []
+        for g in dense:
+            averaged.append(flat[offset : offset + g.numel()].view_as(g).to(g.dtype))
             offset += g.numel()
+        masks = iter(flat[offset:].split([m.numel() for m in touched]))
+        for p, avg in zip(self._replicated_params, averaged, strict=True):
             if p.grad is None:
-                p.grad = averaged.clone()
+                p.grad = avg.clone()
             elif p.grad.is_sparse:
-                p.grad = averaged.to_sparse(sparse_dim=1)
+                # Rows any worker touched, found from the masks: converting the dense sum
+                # back with to_sparse() scans every value and cost half of a training step.
+                rows = next(masks).nonzero().squeeze(1)
+                p.grad = torch.sparse_coo_tensor(
+                    rows.unsqueeze(0), avg[rows], avg.shape, is_coalesced=True
+                )
             else:
-                p.grad.copy_(averaged)
+                p.grad.copy_(avg)
 
     @torch.no_grad()
     def _broadcast_replicated(self) -> None:

@@ -92,18 +92,19 @@ def test_one_worker_and_two_workers_train_the_same_model(synth_data, ray_cluster
     np.testing.assert_allclose(curve1, curve2, rtol=2e-3)
 
 
-def _expected_epoch(data, config: TrainConfig) -> tuple[int, int]:
-    """Rows and fingerprint of one epoch, read straight from the shards."""
+def _expected_rows(data, config: TrainConfig) -> tuple[int, int]:
+    """Rows and fingerprint of every epoch, read straight from the shards."""
     shards = config.scaling.data_shards
     total_rows, fingerprint = 0, 0
-    for shard in range(shards):
-        pieces, steps = train_pieces(data, shard, shards, config.data.batch_size,
-                                     seed=config.seed * 7919)
-        for piece in pieces:
-            sparse = torch.from_numpy(transform_table(read_piece(piece))["sparse"])
-            total_rows += sparse.shape[0]
-            fingerprint = (fingerprint + row_fingerprint(sparse)) % FINGERPRINT_MOD
-    assert total_rows == steps * config.data.batch_size
+    for epoch in range(config.schedule.epochs):
+        for shard in range(shards):
+            pieces, steps = train_pieces(data, shard, shards, config.data.batch_size,
+                                         seed=config.seed * 7919 + epoch)
+            for piece in pieces:
+                sparse = torch.from_numpy(transform_table(read_piece(piece))["sparse"])
+                total_rows += sparse.shape[0]
+                fingerprint = (fingerprint + row_fingerprint(sparse)) % FINGERPRINT_MOD
+    assert total_rows == config.schedule.epochs * steps * config.data.batch_size
     return total_rows, fingerprint
 
 
@@ -111,18 +112,23 @@ def _expected_epoch(data, config: TrainConfig) -> tuple[int, int]:
 def test_a_worker_failure_resumes_from_checkpoint_and_sees_every_sample_once(
     synth_data, ray_cluster, tmp_path
 ):
+    # Two epochs; the only checkpoint before the failure is taken at the first epoch's last
+    # step, and the failure comes a few steps into the second epoch.
+    _, steps = train_pieces(synth_data, 0, 2, 2048, seed=None)
     marker = tmp_path / "failed-once"
     config = _config(
         synth_data, tmp_path, "fault",
         data={"path": str(synth_data), "batch_size": 2048, "eval_batch_size": 8192},
         scaling={"num_workers": 2, "cpus_per_worker": 0.5},
-        schedule={"max_steps": None, "checkpoint_every": 10, "log_every": 10},
-        fault={"step": 15, "rank": 1, "marker": str(marker)},
+        schedule={"max_steps": None, "epochs": 2, "checkpoint_every": steps, "log_every": 10},
+        fault={"step": steps + 5, "rank": 1, "marker": str(marker)},
         run={"storage_path": str(tmp_path / "runs"), "name": "fault", "max_failures": 1},
     )
     result = run(config, audit=True, verbose=False)
     assert marker.exists(), "the injected failure must have fired"
-    rows, fingerprint = _expected_epoch(synth_data, config)
+    rows, fingerprint = _expected_rows(synth_data, config)
     assert result.metrics["samples"] == rows
+    assert result.metrics["step"] == 2 * steps
+    assert result.metrics["epoch"] == 2
     assert result.metrics["fingerprint"] == fingerprint
     assert (config.export_dir / "model.json").is_file()
