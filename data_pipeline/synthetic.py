@@ -18,7 +18,8 @@ depend on how rows are cut into parts or which process writes them):
 * dense I_j: missing, zero (I2 also -1/-2) or a rounded log-normal count, with per-feature
   rates and ranges measured on the Kaggle sample (heavy tails up to ~10^6 for I5).
 * teacher: each item has a latent vector (8 values) and a first-order weight, hashed from
-  (seed, feature, item) so no table of the full vocabulary is ever needed; the logit is
+  (seed, feature, item) so no table of the full vocabulary is ever needed, and scaled down
+  by its popularity rank that day (rare ids are individually weak: `RARITY_KNEE`); the logit is
   ``bias + a_lin * (sum of first-order terms + dense linear) + a_pair * FM pairwise
   interactions`` (dot products between all the row's latents, dense features projected into
   the same space, as DLRM does), and the label is Bernoulli(sigmoid(logit)). A calibration
@@ -41,7 +42,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,15 @@ DENSE_QUANTILES = 1 << 13
 # sigma of range). Eight values make one 64-bit word (see `_latent`).
 LATENT_DIM = 8
 LATENT_STEPS = 32
+# An item's latent vector and first-order weight shrink with its popularity rank r (0 = most
+# popular) by (1 + r / RARITY_KNEE) ** -RARITY_POWER: rare ids are individually weak, as in
+# the real logs, where an id seen a handful of times cannot carry much (and no model could
+# learn it if it did). With every one of ~190k ids at full strength, an uncompressed DLRM
+# trained on 2M rows here reached 0.730 AUC against the teacher's 0.80; with this, 0.745 (same
+# training; the rest of the gap is estimation on the head, see issue 4's notes). Rank 10,000
+# keeps 0.1 of the head's scale: rare ids still carry some signal for the rare-id band.
+RARITY_KNEE = 100.0
+RARITY_POWER = 0.5
 CALIBRATION_ROWS = 200_000
 TSV_FORMAT, PARQUET_FORMAT = "tsv", "parquet"
 SYNTHETIC_JSON = "synthetic.json"
@@ -220,13 +230,19 @@ def _scramble32(item, key):
 
 
 @njit(inline="always")
-def _quantised_gauss(h):
-    return np.int64(min(max(round(_gauss(h) * LATENT_STEPS), -127.0), 127.0))
+def _quantised_gauss(h, scale):
+    return np.int64(min(max(round(_gauss(h) * (LATENT_STEPS * scale)), -127.0), 127.0))
 
 
 @njit(inline="always")
-def _latent(feature_key, item):
-    """An item's teacher parameters, hashed from (feature, item), in two words.
+def _rarity_scale(rank):
+    return (1.0 + rank * (1.0 / RARITY_KNEE)) ** -RARITY_POWER
+
+
+@njit(inline="always")
+def _latent(feature_key, item, rank):
+    """An item's teacher parameters, hashed from (feature, item) and scaled by its popularity
+    `rank` that day (`_rarity_scale`), in two words.
 
     Latent values are int8 multiples of 1/LATENT_STEPS. Word 1 holds the 8 latent values,
     byte q = value q + 128; word 2 the squared norm (low 32 bits) and the first-order weight
@@ -235,24 +251,28 @@ def _latent(feature_key, item):
     sums are exact: the same bits on every machine, whatever its vector width.
     """
     base = feature_key + _U(item) * _GOLDEN
+    scale = _rarity_scale(rank)
     packed = _U(0)
     nsq = _U(0)
     for q in range(LATENT_DIM):
-        x = _quantised_gauss(_mix(base + _U(q + 1) * _M2))
+        x = _quantised_gauss(_mix(base + _U(q + 1) * _M2), scale)
         packed |= _U(x + 128) << _U(8 * q)
         nsq += _U(x * x)
-    w = _quantised_gauss(_mix(base))
+    w = _quantised_gauss(_mix(base), scale)
     return packed, nsq | (_U(w + 128) << _S32)
 
 
 @njit(cache=True, nogil=True)
-def _latent_table(feature_keys, rows, offsets):
+def _latent_table(feature_keys, rows, offsets, card, shift):
+    # Indexed by popularity rank: row r holds the item at rank r on a day whose ranking is
+    # moved by `shift` (drift), at rank r's strength, so the hot set stays strong as it moves.
     total = offsets[-1]
     vec = np.empty(total, dtype=np.uint64)
     norm_w = np.empty(total, dtype=np.uint64)
     for f in range(feature_keys.shape[0]):
         for i in range(rows[f]):
-            vec[offsets[f] + i], norm_w[offsets[f] + i] = _latent(feature_keys[f], i)
+            item = (i + shift[f]) % card[f]
+            vec[offsets[f] + i], norm_w[offsets[f] + i] = _latent(feature_keys[f], item, i)
     return vec, norm_w
 
 
@@ -362,16 +382,17 @@ def _fill_rows(
                         x = (tail_a[f] + u * tail_b[f]) ** tail_e[f]
                     j = min(max(np.int64(x + 0.5) - 1, h_f), n_f - 1)
                     present = True
-                item = min(j, n_f - 1) + s_f
+                rank = min(j, n_f - 1)
+                item = rank + s_f
                 item = item - n_f if item >= n_f else item
                 r = _U(t0 + i)
                 cat[f, r] = np.int64(_scramble32(item, key)) if present else 0
                 cat_ok[f, r] = present
-                if item < lat_hi:
-                    lr = _U(lat_lo + item)
+                if rank < lat_hi:  # the day's table is indexed by rank
+                    lr = _U(lat_lo + rank)
                     vec, nw = lat_v[lr], lat_nw[lr]
                 else:  # beyond the table (Terabyte-sized features): hash it now
-                    vec, nw = _latent(lat_keys[f], item)
+                    vec, nw = _latent(lat_keys[f], item, rank)
                 vec = vec if present else _U(0)
                 ui = _U(i)
                 acc_even[ui] += vec & lanes
@@ -516,13 +537,15 @@ class _Model:
     lat_keys: np.ndarray
     lat_rows: np.ndarray
     lat_offsets: np.ndarray
-    lat_v: np.ndarray
+    lat_v: np.ndarray  # day 0's (no drift) latent tables, indexed by popularity rank
     lat_nw: np.ndarray
     d_thr: np.ndarray
     q_val: np.ndarray
     q_t: np.ndarray
     d_beta: np.ndarray
     d_proj: np.ndarray
+    # Latent tables of drifting days, by shift (see `_day_latents`).
+    day_latents: dict[bytes, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 def _teacher_fields(config: SynthConfig) -> tuple:
@@ -590,7 +613,8 @@ def _base_model(teacher: tuple) -> _Model:
     lat_keys = np.array([_key(seed, 2, f) for f in range(NUM_SPARSE)], dtype=np.uint64)
     lat_rows = np.minimum(card, LATENT_TABLE_ROWS)
     lat_offsets = np.concatenate([[0], np.cumsum(lat_rows)]).astype(np.int64)
-    lat_v, lat_nw = _latent_table(lat_keys, lat_rows, lat_offsets)
+    lat_v, lat_nw = _latent_table(lat_keys, lat_rows, lat_offsets, card,
+                                  np.zeros(NUM_SPARSE, np.int64))
     d_thr, q_val, q_t = _dense_tables()
     rng = np.random.default_rng([seed, 3])
     return _Model(
@@ -645,14 +669,30 @@ def _scratch_rows(n: int) -> _Rows:
                     if f.name != "hist"}, hist=buf.hist)
 
 
+def _day_latents(model: _Model, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # The latent tables are indexed by rank; a drifting day moves which item holds each rank
+    # (tens of ms to rebuild, so the latest few days are kept).
+    if not shift.any():
+        return model.lat_v, model.lat_nw
+    key = shift.tobytes()
+    days = model.day_latents
+    if key not in days:
+        if len(days) >= 4:
+            days.pop(next(iter(days)))
+        days[key] = _latent_table(model.lat_keys, model.lat_rows, model.lat_offsets,
+                                  model.cardinalities, shift.astype(np.int64))
+    return days[key]
+
+
 def _fill(model: _Model, cal: Calibration, day_key: np.uint64, shift: np.ndarray, row0: int,
           n: int, val_start: int, test_start: int, reuse: bool = False) -> _Rows:
     r = _scratch_rows(n) if reuse else _new_rows(n)
     m = model
+    lat_v, lat_nw = _day_latents(m, shift)
     _fill_rows(
         day_key, np.int64(row0), m.cardinalities, shift, m.alias, m.al_off, m.al_len,
         m.head, m.tail_a, m.tail_b, m.tail_e, m.value_keys, m.lat_keys, m.lat_rows,
-        m.lat_offsets, m.lat_v, m.lat_nw, m.d_thr, m.q_val, m.q_t, m.d_beta,
+        m.lat_offsets, lat_v, lat_nw, m.d_thr, m.q_val, m.q_t, m.d_beta,
         np.asarray(cal.dense_center, np.float64), m.d_proj, cal.a_lin, cal.a_pair, cal.bias,
         np.int64(val_start), np.int64(test_start),
         r.label, r.dense, r.dense_ok, r.cat, r.cat_ok, r.lin, r.pair, r.hist,
@@ -933,6 +973,7 @@ def _manifest(config: SynthConfig, fmt: str, results: Sequence[PartResult], cal:
             "teacher_auc": {k: v["teacher_auc"] for k, v in splits.items()},
             "teacher_logloss": {k: v["teacher_logloss"] for k, v in splits.items()},
             "calibration": asdict(cal),
+            "rarity": {"knee": RARITY_KNEE, "power": RARITY_POWER},
             "positive_rate": positives / rows,
             "seconds": round(seconds, 3),
         },

@@ -186,6 +186,25 @@ def test_drift_moves_the_hot_set():
     assert len(top_ids(0.01, 0) & top_ids(0.01, 2)) <= 2
 
 
+def test_rare_items_are_weaker_but_not_silent():
+    # The teacher's latents shrink with popularity rank (synthetic.RARITY_*): squared norms,
+    # in units of 1/LATENT_STEPS², of the 100 most popular items against ranks 10k-20k.
+    model = synthetic._base_model(synthetic._teacher_fields(SynthConfig(rows=1)))
+    c1 = model.lat_nw[: model.lat_rows[0]] & np.uint64(0xFFFFFFFF)
+    head, rare = c1[:100].mean(), c1[10_000:20_000].mean()
+    expected = synthetic._rarity_scale(15_000.0) ** 2  # ≈ 0.0066
+    assert 0.5 * expected < rare / head < 2 * expected
+    assert rare > 5  # still ~2.5 quantisation steps per value: some signal left
+
+
+def test_drift_keeps_the_teacher_as_strong(tmp_path):
+    # Strength follows the day's popularity rank, not the item: as the hot set moves, the new
+    # hot items are as strong as the old ones, so the last day is as predictable as the first.
+    m = generate(SynthConfig(rows=300_000, days=3, seed=8, drift=0.05), tmp_path, use_ray=False)
+    auc = m["synthetic"]["teacher_auc"]
+    assert abs(auc["train"] - auc["validation"]) < 0.015, auc
+
+
 def test_tsv_is_criteo_text_with_the_same_rows(tmp_path):
     config = SynthConfig(rows=4_000, days=2, seed=7)
     manifest = generate(config, tmp_path, "tsv", use_ray=False)
