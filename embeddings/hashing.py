@@ -6,6 +6,8 @@ same answer in every process, on every machine and device (never Python's `hash(
 
 from __future__ import annotations
 
+import numba as nb
+import numpy as np
 import torch
 
 _MASK63 = (1 << 63) - 1
@@ -32,6 +34,22 @@ def hash64(ids: torch.Tensor, seed: int = 0) -> torch.Tensor:
     z = (z ^ _shr(z, 27)) * _M2
     z = z ^ _shr(z, 31)
     return z & _MASK63
+
+
+def seed_offset(seed: int) -> np.uint64:
+    """The constant `hash64` adds to an id for `seed`, for `hash64_scalar`."""
+    return np.uint64(((seed + 1) * 0x9E3779B97F4A7C15) % (1 << 64))
+
+
+@nb.njit(inline="always")
+def hash64_scalar(value: np.int64, offset: np.uint64) -> np.int64:
+    """`hash64` of one id inside a numba kernel (`offset` = `seed_offset(seed)`): the same
+    function, bit for bit (tested), so kernels hash ids without a round trip through torch."""
+    z = np.uint64(value) + offset
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return np.int64(z & np.uint64(_MASK63))
 
 
 def hash_bucket(ids: torch.Tensor, buckets: int, seed: int = 0) -> torch.Tensor:

@@ -33,7 +33,7 @@ import numba as nb
 import numpy as np
 import torch
 
-from embeddings.hashing import hash64
+from embeddings.hashing import hash64, hash64_scalar, seed_offset
 
 SLOTS = 4
 PROMOTE = 1
@@ -417,8 +417,9 @@ def _route_kernel(
     keys: np.ndarray,
     scores: np.ndarray,
     rows: np.ndarray,
-    hashes: np.ndarray,
     ids: np.ndarray,
+    offset: np.uint64,
+    second_offset: np.uint64,
     medium_threshold: float,
     spread_rows: int,
 ):
@@ -433,12 +434,16 @@ def _route_kernel(
     table = np.full(size, -1, np.int64)
     slot_key = np.empty(n, np.int64)  # 2 × row + 1 for a hot row, 2 × row for a hash1 row
     slot = np.empty(n, np.int64)
+    hashes = np.empty(n, np.int64)
     medium_at = np.empty(n, np.int64)
+    second = np.empty(n, np.int64)
+    tags = np.full(n, -1, np.int64)
     n_slots = 0
     n_hot_slots = 0
     nm = 0
     for i in range(n):
-        h = hashes[i]
+        h = hash64_scalar(ids[i], offset)
+        hashes[i] = h
         b = h % n_buckets
         key = 2 * ((h // n_buckets) % spread_rows)
         for k in range(keys.shape[1]):
@@ -448,6 +453,8 @@ def _route_kernel(
                     key = 2 * (rows[b, k] - 1) + 1
                 elif sc >= medium_threshold:
                     medium_at[nm] = i
+                    second[nm] = hash64_scalar(ids[i], second_offset) % spread_rows
+                    tags[i] = second[nm]
                     nm += 1
                 break
         p = (np.uint64(key) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)
@@ -493,7 +500,7 @@ def _route_kernel(
     inverse = np.empty(n, np.int64)
     for i in range(n):
         inverse[i] = rank[slot[i]]
-    return hot_unique, hash_unique, inverse, medium_at[:nm]
+    return hashes, hot_unique, hash_unique, inverse, medium_at[:nm], second[:nm], tags
 
 
 class HotSketch:
@@ -675,24 +682,27 @@ class HotSketch:
         )
         return torch.from_numpy(hot), torch.from_numpy(medium)
 
-    def route(
-        self, ids: np.ndarray, hashes: np.ndarray, spread_rows: int
-    ) -> tuple[np.ndarray, ...]:
-        """One pass over a batch for the training lookup.
+    def route(self, ids: np.ndarray, spread_rows: int, second_seed: int) -> tuple[np.ndarray, ...]:
+        """One pass over a batch of int64 ids for the training lookup: hashing included, so
+        the step makes no other pass over the ids.
 
         Every id reads one primary row: its hot row, or else its spread row
         `(hash // buckets) % spread_rows` (the part of the hash the bucket did not use: a
-        second index independent of the bucket, with no second hash to compute). Returns
-        (hot_rows, spread_rows_read, inverse, medium_at): the distinct hot rows read, sorted;
-        the distinct spread rows read, sorted; for each id, the index of its primary row in
-        the concatenation of those two lists; the batch positions of the medium ids.
+        second index independent of the bucket, with no second hash to compute). Medium ids
+        also read a second row, `hash64(id, second_seed) % spread_rows`. Returns (hashes,
+        hot_rows, spread_rows_read, inverse, medium_at, second_rows, tags): each id's sketch
+        hash; the distinct hot rows read, sorted; the distinct spread rows read, sorted; for
+        each id, the index of its primary row in the concatenation of those two lists; the
+        batch positions of the medium ids; their second rows; and per id its second row or
+        -1 (the tag `update_arrays` hands back on events).
         """
         return _route_kernel(
             self.keys,
             self.scores,
             self.rows,
-            hashes,
             ids,
+            seed_offset(self.seed),
+            seed_offset(second_seed),
             self.medium_fraction * self.threshold,
             spread_rows,
         )

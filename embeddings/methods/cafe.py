@@ -14,13 +14,14 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numba as nb
 import numpy as np
 import torch
 from pydantic import Field
 from torch.autograd.function import once_differentiable
 
 from embeddings import budget
-from embeddings.hashing import hash64, hash_bucket
+from embeddings.hashing import hash64, hash64_scalar, hash_bucket, seed_offset
 from embeddings.hotsketch import PROMOTE, HotSketch, SketchEvents
 from embeddings.methods.base import (
     Combiner,
@@ -240,24 +241,16 @@ class CafeEmbedding(CompressedEmbedding):
         return self.mapper.sketch
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        cpu = ids.detach().to("cpu", torch.int64).contiguous()
-        hashes = self.mapper.hash(cpu).numpy()
-        route = self.sketch.route(cpu.numpy(), hashes, self.mapper.hash_rows)
-        hot_rows, hash1_rows, inverse, medium_at = (torch.from_numpy(a) for a in route)
-        hash2_rows = self.mapper.hash2_rows(cpu[medium_at])
-        # Each medium id's hash2 row rides along to the sketch update, so a promotion
-        # needs no hash to find the row it starts from.
-        tags = np.full(len(cpu), -1, np.int64)
-        tags[medium_at.numpy()] = hash2_rows.numpy()
+        cpu = ids.detach().to("cpu", torch.int64).contiguous().numpy()
+        hashes, *route, tags = self.sketch.route(cpu, self.mapper.hash_rows, self.mapper.seed + 1)
+        # Each medium id's hash2 row rides along to the sketch update as its tag, so a
+        # promotion needs no hash to find the row it starts from.
         plan = _Plan(
-            *(
-                t.to(ids.device, non_blocking=True)
-                for t in (hot_rows, hash1_rows, inverse, medium_at, hash2_rows)
-            ),
+            *(torch.from_numpy(a).to(ids.device, non_blocking=True) for a in route),
             sparse=self.sparse,
             # Gradient norms feed the sketch only from training steps.
             sink=self._pending if self.training else None,
-            key=(cpu.numpy(), hashes, tags),
+            key=(cpu, hashes, tags),
         )
         out = _CafeLookup.apply(plan, *self.tables)
         return out @ self.projection if self.projection is not None else out
@@ -291,11 +284,67 @@ class CafeEmbedding(CompressedEmbedding):
         hash2 row if it was medium). Demotion: the hot row is copied back into the id's hash1
         row (less its hash2 row if it is now medium), so the id reads exactly what it learned
         and no row is left zero. Each row's optimizer state goes the same way (hash1's ↔ the
-        hot row's). Consecutive events of one kind touch distinct hot rows, so each run is
-        applied at once.
+        hot row's). CPU tables take numba kernels; others, tensor ops (`_migrate_tensors`).
         """
         if not len(events):
             return
+        if not self._migrate_on_cpu(events, optimizer):
+            self._migrate_tensors(events, optimizer)
+
+    @torch.no_grad()
+    def _migrate_on_cpu(
+        self, events: SketchEvents, optimizer: torch.optim.Optimizer | None
+    ) -> bool:
+        """`migrate` as numba kernels over the tables and row states in place: one call
+        each instead of a dozen small tensor ops per run of events (the per-step cost of
+        CAFE's migrations). False, having changed nothing, where the tables or a state are
+        not plain contiguous CPU float32 arrays; `_migrate_tensors` handles those."""
+        tables = list(self.tables)
+        if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tables):
+            return False
+        hot_t, hash1_t, _ = tables
+        pairs: list[tuple[np.ndarray, np.ndarray]] = []
+        if optimizer is not None:
+            hot_state = optimizer.state.get(hot_t) or {}
+            hash1_state = optimizer.state.get(hash1_t) or {}
+            for key in dict.fromkeys([*hot_state, *hash1_state]):
+                a = _row_state(hot_state.get(key), hot_t)
+                b = _row_state(hash1_state.get(key), hash1_t)
+                if a is False or b is False:
+                    return False
+                if a is None and b is None:
+                    continue
+                # A missing side is an empty array: the kernel zeroes rows it would copy.
+                a = np.empty((0, b.shape[1]), b.dtype) if a is None else a
+                b = np.empty((0, a.shape[1]), a.dtype) if b is None else b
+                if a.dtype != b.dtype or a.shape[1] != b.shape[1]:
+                    return False
+                pairs.append((a, b))
+        hot, hash1, hash2 = (t.detach().numpy() for t in tables)
+        h1 = _migrate_tables(
+            hot,
+            hash1,
+            hash2,
+            events.kind,
+            events.ids,
+            events.rows,
+            events.medium,
+            events.hashes,
+            events.tags,
+            seed_offset(self.mapper.seed),
+            seed_offset(self.mapper.seed + 1),
+            self.mapper.buckets,
+        )
+        for a, b in pairs:
+            _migrate_rows(a, b, events.kind, events.rows, h1)
+        return True
+
+    @torch.no_grad()
+    def _migrate_tensors(
+        self, events: SketchEvents, optimizer: torch.optim.Optimizer | None
+    ) -> None:
+        """`migrate` with tensor ops, on any device. Consecutive events of one kind touch
+        distinct hot rows, so each run of them is applied at once."""
         hot_t, hash1_t, hash2_t = self.tables
         device = hot_t.device
         # Hashes and hash2 rows come with events from inserting the id; compute the others.
@@ -330,6 +379,59 @@ class CafeEmbedding(CompressedEmbedding):
                 # Two ids demoted onto one hash1 row: the later one's vector is kept there.
                 hash1_t.index_copy_(0, h, vectors)
                 _move_state(optimizer, hot_t, r, hash1_t, h)
+
+
+def _row_state(value: Any, table: torch.Tensor) -> np.ndarray | bool | None:
+    """An optimizer state tensor of `table` as a [rows, width] array sharing its memory;
+    None if it is not row-shaped (or absent), False if it is but cannot be shared so."""
+    if not (isinstance(value, torch.Tensor) and value.dim() >= 1):
+        return None
+    if value.shape[0] != table.shape[0]:
+        return None
+    if value.device.type != "cpu" or not value.is_contiguous():
+        return False
+    return value.view(value.shape[0], -1).numpy()
+
+
+@nb.njit(cache=True)
+def _migrate_tables(hot, hash1, hash2, kinds, ids, rows, medium, hashes, tags, offset,
+                    second_offset, buckets):
+    """Apply promotions and demotions to the tables in event order (see
+    `CafeEmbedding.migrate`); returns each event's hash1 row for the state kernel. Events
+    from a re-rank or decay carry no hash or tag (-1): those are hashed here."""
+    n_rows = hash1.shape[0]
+    h1 = np.empty(kinds.shape[0], np.int64)
+    for e in range(kinds.shape[0]):
+        h = hashes[e] if hashes[e] >= 0 else hash64_scalar(ids[e], offset)
+        h1[e] = (h // buckets) % n_rows
+        r = rows[e]
+        t2 = -1
+        if medium[e]:
+            t2 = tags[e] if tags[e] >= 0 else hash64_scalar(ids[e], second_offset) % n_rows
+        if kinds[e] == PROMOTE:
+            for c in range(hot.shape[1]):
+                hot[r, c] = hash1[h1[e], c] + hash2[t2, c] if t2 >= 0 else hash1[h1[e], c]
+        else:
+            # Two ids demoted onto one hash1 row: the later one's vector is kept there.
+            for c in range(hot.shape[1]):
+                hash1[h1[e], c] = hot[r, c] - hash2[t2, c] if t2 >= 0 else hot[r, c]
+    return h1
+
+
+@nb.njit(cache=True)
+def _migrate_rows(hot_state, hash1_state, kinds, rows, h1):
+    """Move one row-shaped optimizer state the way its rows moved: hash1's to the hot row
+    on promotion, back on demotion; an empty side (no state) reads as zeros."""
+    has_hot = hot_state.shape[0] > 0
+    has_hash1 = hash1_state.shape[0] > 0
+    for e in range(kinds.shape[0]):
+        r, h = rows[e], h1[e]
+        if kinds[e] == PROMOTE and has_hot:
+            for c in range(hot_state.shape[1]):
+                hot_state[r, c] = hash1_state[h, c] if has_hash1 else 0
+        elif kinds[e] != PROMOTE and has_hash1:
+            for c in range(hash1_state.shape[1]):
+                hash1_state[h, c] = hot_state[r, c] if has_hot else 0
 
 
 @dataclass
@@ -372,7 +474,7 @@ class _CafeLookup(torch.autograd.Function):
         torch.index_select(hash1_t, 0, plan.hash1_rows, out=rows[n_hot:])
         out = rows.index_select(0, plan.inverse)
         if plan.medium_at.numel():
-            out[plan.medium_at] += hash2_t.index_select(0, plan.hash2_rows)
+            out.index_add_(0, plan.medium_at, hash2_t.index_select(0, plan.hash2_rows))
         ctx.plan = plan
         ctx.shapes = (hot_t.shape, hash1_t.shape, hash2_t.shape)
         return out
