@@ -200,19 +200,15 @@ class CompressedEmbedding(nn.Module):
         else:
             widths = [width] * len(table_rows)
         scales = init_scale if isinstance(init_scale, list) else [init_scale] * len(table_rows)
-        # MLET: P ~ N(0, 1/k), so PᵀP ≈ I_d and a table step moves the collapsed row as far
-        # as the same step moves a plain d-wide row (N(0, 1/d) made it k/d times farther:
-        # the sparse learning rate silently scaled by k/d). Var(out) = k · Var(row) / k, so
-        # rows start sqrt(k/d) wider than the k-wide bound, at the d-wide one: the product
-        # has the variance of the base method's output, as the paper initialises.
-        widen = (mlet_dim / dim) ** 0.5 if mlet_dim is not None else 1.0
         self.tables = nn.ParameterList()
         for rows, w, s in zip(table_rows, widths, scales, strict=True):
-            bound = widen * (s if s is not None else ordinary_bound(w))
+            bound = s if s is not None else ordinary_bound(w)
             self.tables.append(nn.Parameter(torch.empty(rows, w).uniform_(-bound, bound)))
         self.projection: nn.Parameter | None = None
         if mlet_dim is not None:
-            self.projection = nn.Parameter(torch.randn(mlet_dim, dim) / mlet_dim**0.5)
+            # Var(out) = k · Var(row) · Var(P) = Var(P)/3 for U(±1/sqrt(k)) rows, so N(0, 1/d)
+            # gives the output the variance of an ordinary d-wide U(±1/sqrt(d)) embedding.
+            self.projection = nn.Parameter(torch.randn(mlet_dim, dim) / dim**0.5)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = gather(self.tables, self.mapper(ids), self.combiner, self.sparse)
