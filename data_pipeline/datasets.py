@@ -408,6 +408,14 @@ def iter_worker_batches(
     """
     blocks = shard.iter_batches(batch_size=None, batch_format="numpy",
                                 prefetch_batches=prefetch_blocks)
+    yield from torch_batches(blocks, batch_size, drop_last=drop_last, device=device)
+
+
+def torch_batches(
+    blocks: Iterable[Mapping[str, np.ndarray]], batch_size: int, *, drop_last: bool = False,
+    device: Any = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Numpy blocks (whole Ray Data blocks, in order) → torch batches of `batch_size` rows."""
     torch_blocks = (_as_torch(b) for b in blocks)
     for batch in _rebatch(torch_blocks, batch_size, drop_last, _torch_cat):
         if device is not None:

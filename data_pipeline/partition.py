@@ -23,6 +23,7 @@ from data_pipeline.datasets import (
     Piece,
     read_pieces,
     split_pieces,
+    torch_batches,
     transformed,
 )
 
@@ -131,13 +132,11 @@ def iter_piece_batches(
     2 cores. A materialised window ends its execution, and one read ahead keeps the trainer
     fed. Batches are cut across window boundaries exactly as across blocks.
     """
-    from data_pipeline.datasets import _as_torch, _rebatch, _torch_cat
-
     # The first window is one piece, so that training starts after one block is read.
     windows = [pieces[:1]] + [pieces[i:i + window_pieces]
                               for i in range(1, len(pieces), window_pieces)] if pieces else []
 
-    def blocks() -> Iterator[dict[str, torch.Tensor]]:
+    def blocks() -> Iterator[dict[str, np.ndarray]]:
         if not windows:
             return
         with ThreadPoolExecutor(1, thread_name_prefix="embpress-read") as pool:
@@ -146,14 +145,10 @@ def iter_piece_batches(
                 ds = ahead.result()
                 if k + 1 < len(windows):
                     ahead = pool.submit(_materialize, windows[k + 1])
-                for block in ds.iter_batches(batch_size=None, batch_format="numpy",
-                                             prefetch_batches=0):
-                    yield _as_torch(block)
+                yield from ds.iter_batches(batch_size=None, batch_format="numpy",
+                                           prefetch_batches=0)
 
-    for batch in _rebatch(blocks(), batch_size, drop_last, _torch_cat):
-        if device is not None:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        yield batch
+    yield from torch_batches(blocks(), batch_size, drop_last=drop_last, device=device)
 
 
 def _materialize(pieces: Sequence[Piece]) -> ray.data.MaterializedDataset:

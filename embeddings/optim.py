@@ -170,6 +170,22 @@ class LazyAdam(torch.optim.Optimizer):
         return loss
 
 
+def train_step(
+    loss: torch.Tensor,
+    sparse_opt: torch.optim.Optimizer,
+    dense_opt: torch.optim.Optimizer,
+    embeddings: torch.nn.Module,
+) -> None:
+    """One update: gradients of `loss`, both optimizers, then the embeddings' post-step hook
+    (CAFE's sketch update and row migration, which moves the sparse optimizer's state)."""
+    sparse_opt.zero_grad(set_to_none=True)
+    dense_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    sparse_opt.step()
+    dense_opt.step()
+    embeddings.after_step(sparse_opt)
+
+
 def optimizer_state_bytes(
     optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor] | None = None
 ) -> int:

@@ -28,7 +28,7 @@ from embeddings.collection import AnyMethodConfig
 from embeddings.hashing import hash64
 from embeddings.methods.base import FeatureStats, MethodConfig
 from embeddings.metrics import EvalAccumulator, FrequencyBand
-from embeddings.optim import LazyAdam, RowWiseAdagrad
+from embeddings.optim import LazyAdam, RowWiseAdagrad, train_step
 from embeddings.serving import ServingModel, SplitServingEmbedding, export_model
 from embeddings.serving_io import embedding_from_state, embedding_state
 from embeddings.sharding.planner import ShardingPlan, shard_of
@@ -322,12 +322,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         sparse = batch["sparse"].to(ctx.device)
         logits = dense(batch["dense"].to(ctx.device), embeddings(sparse))
         loss = loss_fn(logits, batch["label"].to(ctx.device))
-        sparse_opt.zero_grad(set_to_none=True)
-        dense_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sparse_opt.step()
-        dense_opt.step()
-        embeddings.after_step(sparse_opt)
+        train_step(loss, sparse_opt, dense_opt, embeddings)
         progress.step += 1
         progress.step_in_epoch += 1
         progress.samples += config.data.batch_size

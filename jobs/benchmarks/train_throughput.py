@@ -31,7 +31,7 @@ from torch import nn
 
 from data_pipeline.datasets import iter_local_batches
 from embeddings.collection import EmbeddingCollection
-from embeddings.optim import RowWiseAdagrad
+from embeddings.optim import RowWiseAdagrad, train_step
 from jobs import synth
 from jobs.train import cardinalities_of, ensure_ray, run
 from jobs.train_config import TrainConfig
@@ -59,12 +59,7 @@ def plain_loop(config: TrainConfig, steps: int, warmup: int = 10) -> float:
         if i == warmup + steps:
             break
         loss = loss_fn(dense(batch["dense"], collection(batch["sparse"])), batch["label"])
-        sparse_opt.zero_grad(set_to_none=True)
-        dense_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sparse_opt.step()
-        dense_opt.step()
-        collection.after_step(sparse_opt)
+        train_step(loss, sparse_opt, dense_opt, collection)
     return steps * config.data.batch_size / (time.perf_counter() - t0)
 
 

@@ -17,7 +17,7 @@ from data_pipeline.stats import load_feature_stats
 from embeddings.collection import CollectionConfig, EmbeddingCollection
 from embeddings.metrics import roc_auc
 from embeddings.models import model_preset
-from embeddings.optim import RowWiseAdagrad
+from embeddings.optim import RowWiseAdagrad, train_step
 from jobs import synth
 
 STEPS = 120
@@ -47,12 +47,7 @@ def validation_auc(data: Path, method: dict, ratio: float) -> float:
         if step == STEPS:
             break
         loss = loss_fn(dense(batch["dense"], collection(batch["sparse"])), batch["label"])
-        sparse_opt.zero_grad(set_to_none=True)
-        dense_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sparse_opt.step()
-        dense_opt.step()
-        collection.after_step(sparse_opt)
+        train_step(loss, sparse_opt, dense_opt, collection)
     logits, labels = [], []
     with torch.no_grad():
         for batch in iter_local_batches(data, "validation", 65536):
