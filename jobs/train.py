@@ -40,6 +40,22 @@ def cardinalities_of(config: TrainConfig) -> tuple[list[str], list[int]]:
     return names, [max(1, int(stats.num_distinct(n))) for n in names]
 
 
+def realised_ratio(requested: float | None, uncompressed_bytes: int, serving_bytes: int) -> str:
+    """One line: the serving model's embedding bytes and how much smaller than uncompressed
+    fp32 they are, with a warning when that falls short of the requested ratio (QR cannot go
+    below 2·sqrt(n) rows; CAFE's hot table and learned hashing's id map cost bytes too; small
+    tables round up), so a user comparing methods at one nominal ratio sees the real sizes."""
+    got = uncompressed_bytes / max(1, serving_bytes)
+    line = f"[train] serving embeddings: {serving_bytes:,} bytes, {got:,.1f}x smaller than fp32"
+    if requested is not None:
+        line += f" (requested {requested:g}x)"
+        if got < requested / 1.2:
+            line += ("; warning: short of the requested ratio (QR's floor of 2*sqrt(n) rows, "
+                     "CAFE's hot table, learned hashing's id map, small tables rounded up); "
+                     "compare methods by the realised bytes")
+    return line
+
+
 def plan_run(config: TrainConfig, verbose: bool = True) -> RunSpec:
     """Everything decided once on the driver: method sizes and the sharding plan."""
     # Validated again here, on the driver, so that paths set by model_copy become absolute.
@@ -53,10 +69,12 @@ def plan_run(config: TrainConfig, verbose: bool = True) -> RunSpec:
     needs_stats = [n for n in names if methods[n].method in STATS_REQUIRED_METHODS]
     stats = load_feature_stats(config.data.path) if needs_stats else None
     features = []
+    serving = 0
     for name in names:
         feature_stats = FeatureStats(*stats.counts(name)) if name in needs_stats else None
-        nbytes = methods[name].planned_bytes(sizes[name], collection.dim, feature_stats).training
-        features.append(FeatureSize(name=name, bytes=nbytes,
+        nbytes = methods[name].planned_bytes(sizes[name], collection.dim, feature_stats)
+        serving += nbytes.serving
+        features.append(FeatureSize(name=name, bytes=nbytes.training,
                                     stateless=methods[name].method not in ADAPTIVE_METHODS))
     workers = max(1, config.scaling.plan_for_workers or config.scaling.num_workers)
     plan: ShardingPlan = plan_sharding(features, workers, config.scaling.worker_budget_bytes)
@@ -74,6 +92,7 @@ def plan_run(config: TrainConfig, verbose: bool = True) -> RunSpec:
         for name in names:
             shown = methods[name].model_dump(exclude_defaults=True)
             print(f"  {name:<4} n={sizes[name]:>10,}  {shown}")
+        print(realised_ratio(ratio, sum(sizes.values()) * collection.dim * 4, serving))
         print(plan.describe(), flush=True)
     return RunSpec(
         config=config.model_dump(mode="json"),

@@ -13,7 +13,7 @@ from data_pipeline.stats import load_feature_stats
 from data_pipeline.transforms import transform_table
 from embeddings.metrics import FrequencyBand, roc_auc, row_bands
 from embeddings.serving import load_model
-from jobs.train import plan_run, run
+from jobs.train import plan_run, realised_ratio, run
 from jobs.train_config import TrainConfig
 from jobs.train_loop import FINGERPRINT_MOD, _bands, row_fingerprint, train_loop_per_worker
 
@@ -41,6 +41,20 @@ def test_every_feature_is_sized_from_its_own_statistics(synth_data, tmp_path):
     assert spec.names == list(SPARSE_COLUMNS)
     assert spec.cardinalities == [stats.num_distinct(c) for c in SPARSE_COLUMNS]
     assert spec.cardinalities[1] < spec.cardinalities[9]  # C2 is small, C10 large
+
+
+@pytest.mark.parametrize(("method", "ratio", "short"), [("hash", 10, False), ("qr", 1000, True)])
+def test_the_plan_says_when_a_method_serves_larger_than_the_requested_ratio(
+    synth_data, tmp_path, capsys, method, ratio, short
+):
+    # QR cannot go below 2*sqrt(n) rows, so at 1000x it serves far larger than asked.
+    plan_run(_config(synth_data, tmp_path, "ratio",
+                     embeddings={"ratio": ratio, "method": {"method": method}}))
+    line = next(x for x in capsys.readouterr().out.splitlines() if "serving embeddings" in x)
+    assert f"(requested {ratio}x)" in line
+    assert ("warning: short of the requested ratio" in line) is short, line
+    assert "requested" not in realised_ratio(None, 1000, 10)
+    assert "100.0x smaller" in realised_ratio(100, 1000, 10)
 
 
 def test_a_missing_value_does_not_make_a_row_rare(synth_data):
