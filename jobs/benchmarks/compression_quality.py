@@ -10,7 +10,7 @@ the same validation rows with the generator's planted model: the ceiling of ever
 
 Each finished cell is appended to OUT/results.jsonl and skipped when the script runs again,
 so an interrupted run resumes where it stopped. Run:
-`python jobs/benchmarks/compression_quality.py --out /tmp/quality [--rows 3000000 --days 3]`.
+`python jobs/benchmarks/compression_quality.py --out /tmp/quality [--rows 11000000 --days 11]`.
 """
 
 from __future__ import annotations
@@ -67,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder for data (unless --data), results.jsonl and runs")
     parser.add_argument("--data", type=Path,
                         help="an existing synthetic dataset (default: generate OUT/data)")
-    parser.add_argument("--rows", type=int, default=3_000_000,
+    parser.add_argument("--rows", type=int, default=11_000_000,
                         help="rows to generate over all days (default: %(default)s)")
-    parser.add_argument("--days", type=int, default=3,
+    parser.add_argument("--days", type=int, default=11,
                         help="days to generate; the last is validation + test "
                              "(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="data seed (default: 0)")
