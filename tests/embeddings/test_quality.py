@@ -70,10 +70,13 @@ def test_cafe_beats_the_hashing_trick(data, ratio):
 
 @pytest.mark.slow
 def test_mlet_over_hash_learns_as_well_as_hash_at_100x(data):
-    # Issue 3 asks MLET(hash) to beat hash at 100x; here it does not yet (measured -0.005:
-    # every hashed row is shared by ~100 ids, so none is rarely updated, which is where the
-    # paper's gain lives). This guards what holds: the wider table and projection train to
-    # the base method's quality, not below it.
+    # Issue 3 asks MLET(hash) to beat hash at 100x; on this data it ties (paired seeds: +0.000
+    # at 120 steps, +0.001..+0.002 after a 2.5M-row epoch, seed spread about as large; d = 4,
+    # 8 or 16, k = 2d..8d, four inits). MLET changes how a table is trained, not what it can
+    # hold, and hash at 100x is limited by what it can hold: its AUC is flat for table lrs
+    # from 0.03 to 0.4, and QR, whose ids keep distinct vectors, is 0.08 ahead of it in the
+    # 10M-row quality run (jobs/benchmarks/compression_quality.py). This guards
+    # what holds: the wider table and projection train to the base method's quality.
     torch.set_num_threads(2)
     hashed = validation_auc(data, {"method": "hash"}, 100)
     mlet = validation_auc(data, {"method": "hash", "mlet_dim": 64}, 100)
