@@ -72,7 +72,7 @@ def test_cafe_beats_the_hashing_trick(data, ratio):
 def test_mlet_over_hash_learns_as_well_as_hash_at_100x(data):
     # Issue 3 asks MLET(hash) to beat hash at 100x; on this data it ties (paired seeds: +0.000
     # at 120 steps, +0.001..+0.002 after a 2.5M-row epoch, seed spread about as large; d = 4,
-    # 8 or 16, k = 2d..8d, four inits). MLET changes how a table is trained, not what it can
+    # 8 or 16, k = 2d..8d, three inits). MLET changes how a table is trained, not what it can
     # hold, and hash at 100x is limited by what it can hold: its AUC is flat for table lrs
     # from 0.03 to 0.4, and QR, whose ids keep distinct vectors, is 0.08 ahead of it in the
     # 10M-row quality run (jobs/benchmarks/compression_quality.py). This guards
