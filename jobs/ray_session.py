@@ -6,6 +6,8 @@ import os
 import socket
 from pathlib import Path
 
+from jobs.ports import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -32,7 +34,7 @@ def connect_or_start(num_cpus: int | None = None, *, dashboard: bool = True) -> 
         # Ray Train's placement-group cleaner finds the dashboard by looking for "the" Ray on
         # this machine and gives up when it finds several (a shared machine, parallel CI);
         # naming our dashboard for every worker removes the guess.
-        port = _free_port()
+        port = free_port()
         env_vars["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     context = ray.init(num_cpus=num_cpus or os.cpu_count() or 2, include_dashboard=dashboard,
                        dashboard_port=port, runtime_env={"env_vars": env_vars})
@@ -60,7 +62,3 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from jobs.ports import free_port
+
 REAL_DATA = Path(os.environ.get("EMBPRESS_REAL_DATA",
                                 Path(__file__).resolve().parents[3] / "shared" / "data"))
 UNLABELLED = "criteo_kaggle_unlabeled_sample.tsv"
@@ -221,18 +223,6 @@ def cell(urls: list[str], bodies: list[bytes], concurrency: int, size: int, bare
 # ---------------------------------------------------------------- one Serve path (child)
 
 
-def _free_port(first: int = 0) -> int:
-    """A port nobody holds: any (first=0), or the first free one from `first` on."""
-    for port in range(first, first + 1000) if first else [0]:
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return sock.getsockname()[1]
-    raise RuntimeError(f"no free port in {first}-{first + 999}")
-
-
 def run_path(path: str, model_dir: Path, seconds: float, replicas: int) -> dict[str, Any]:
     """Start Ray + Serve for one path, load it, verify answers; runs in a child process."""
     import httpx
@@ -240,9 +230,9 @@ def run_path(path: str, model_dir: Path, seconds: float, replicas: int) -> dict[
     from jobs.serve import build_parser, start_service
     from services.features import model_inputs
 
-    argv = ["--model", str(model_dir), "--port", str(_free_port()), "--replicas", str(replicas)]
+    argv = ["--model", str(model_dir), "--port", str(free_port()), "--replicas", str(replicas)]
     if path == "direct":
-        argv += ["--direct-ingress", "--direct-port", str(_free_port(30000))]
+        argv += ["--direct-ingress", "--direct-port", str(free_port())]
     t0 = time.perf_counter()
     urls, _ = start_service(build_parser().parse_args(argv))
     startup = time.perf_counter() - t0

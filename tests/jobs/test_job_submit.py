@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,25 +17,20 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_job_submit_trains_on_a_local_cluster_and_writes_the_export(synth_data, tmp_path):
+def test_job_submit_trains_on_a_local_cluster_and_writes_the_export(synth_data, tmp_path,
+                                                                    free_port):
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard = free_port(), free_port()
     # Every port of its own: the session's cluster (and any other on this machine) already
     # holds Ray's defaults, and a job agent that cannot bind never registers.
-    own_ports = [f"--{flag}={_free_port()}" for flag in (
+    own_ports = [f"--{flag}={free_port()}" for flag in (
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
         "runtime-env-agent-port", "node-manager-port", "object-manager-port",
         "ray-client-server-port")]
-    low = _free_port()
+    low = free_port()
     temp_dir = Path("/tmp") / f"ep{os.getpid()}"
     head = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={gcs}",

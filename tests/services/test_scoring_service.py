@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,12 +30,6 @@ REPO = Path(__file__).resolve().parents[2]
 APP = "embpress-test"
 MAX_ROWS = 512
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _app_config(model_dir: Path, version: str, name: str = APP,
@@ -77,10 +70,10 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def service(ray_cluster, model_dirs) -> Iterator[str]:
+def service(ray_cluster, model_dirs, free_port) -> Iterator[str]:
     from ray import serve
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
     _apply(_app_config(model_dirs["v1"], "v1"))
