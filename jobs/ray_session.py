@@ -60,5 +60,3 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
             f"error: cannot reach the Ray cluster at RAY_ADDRESS={address} ({e}). Is it "
             "running (`ray status`)? Unset RAY_ADDRESS to start a local Ray instead."
         ) from None
-
-

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from data_pipeline.shards import read_manifest
 from data_pipeline.stats import load_feature_stats
+from embeddings import budget
 from embeddings.collection import CollectionConfig
 from embeddings.methods.base import FeatureStats
 from embeddings.sharding.planner import FeatureSize, ShardingPlan, plan_sharding
@@ -92,7 +93,8 @@ def plan_run(config: TrainConfig, verbose: bool = True) -> RunSpec:
         for name in names:
             shown = methods[name].model_dump(exclude_defaults=True)
             print(f"  {name:<4} n={sizes[name]:>10,}  {shown}")
-        print(realised_ratio(ratio, sum(sizes.values()) * collection.dim * 4, serving))
+        uncompressed = sum(budget.uncompressed_bytes(n, collection.dim) for n in sizes.values())
+        print(realised_ratio(ratio, uncompressed, serving))
         print(plan.describe(), flush=True)
     return RunSpec(
         config=config.model_dump(mode="json"),
