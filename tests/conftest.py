@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def free_port() -> Callable[[], int]:
-    """A function returning a port that binds now, outside the ephemeral range (jobs.ports)."""
-    from jobs.ports import free_port as pick
-
-    return pick
 
 
 def real_data_dir() -> Path:

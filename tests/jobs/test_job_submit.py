@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from jobs.ports import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_job_submit_trains_on_a_local_cluster_and_writes_the_export(synth_data, tmp_path,
-                                                                    free_port):
+def test_job_submit_trains_on_a_local_cluster_and_writes_the_export(synth_data, tmp_path):
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)

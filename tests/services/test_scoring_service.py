@@ -24,6 +24,7 @@ from serving_helpers import TOKEN, offline_probabilities, raw_tsv_rows
 
 from data_pipeline.schema import DENSE_COLUMNS, SPARSE_COLUMNS
 from jobs import score as score_job
+from jobs.ports import free_port
 from services.scoring import TOKEN_ENV
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,7 +71,7 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def service(ray_cluster, model_dirs, free_port) -> Iterator[str]:
+def service(ray_cluster, model_dirs) -> Iterator[str]:
     from ray import serve
 
     port = free_port()
