@@ -82,7 +82,7 @@ def row_fingerprint(sparse: torch.Tensor) -> int:
 class _Context:
     """Rank, world size and device, from Ray Train when inside it, else a single process."""
 
-    def __init__(self) -> None:
+    def __init__(self, use_gpu: bool = False) -> None:
         try:
             import ray.train
 
@@ -96,6 +96,11 @@ class _Context:
             import ray.train.torch
 
             self.device = ray.train.torch.get_device()
+        elif use_gpu:
+            # A single-process run (tests, benchmarks) honours scaling.use_gpu like a worker.
+            if not torch.cuda.is_available():
+                raise RuntimeError("scaling.use_gpu is true but this process sees no CUDA device")
+            self.device = torch.device("cuda", torch.cuda.current_device())
         else:
             self.device = torch.device("cpu")
 
@@ -211,9 +216,11 @@ def _save(ckpt_dir: Path, ctx: _Context, progress: Progress, embeddings: nn.Modu
 
 def _restore(ctx: _Context, embeddings: nn.Module, dense: nn.Module,
              sparse_opt: Any, dense_opt: Any) -> Progress:
+    if not ctx.in_ray:
+        return Progress()
     import ray.train
 
-    checkpoint = ray.train.get_checkpoint() if ctx.in_ray else None
+    checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return Progress()
     with checkpoint.as_directory() as d:
@@ -247,12 +254,15 @@ def _report(ctx: _Context, metrics: dict[str, Any], save: Any = None) -> None:
 
 def _gather_serving(spec: RunSpec, ctx: _Context, embeddings: ShardedEmbeddingCollection):
     """Collapse this worker's shards; rank 0 receives everyone's (None elsewhere)."""
-    local = {}
-    for key, module in embeddings.owned.items():
-        local[key] = embedding_state(module.collapse(), "")
+    def host_state(module: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        # Collapsed on the worker's device, gathered and exported from host memory: a CUDA
+        # tensor sent through all_gather_object would land on the sender's GPU index.
+        config, tensors = embedding_state(module.collapse(), "")
+        return config, {k: v.cpu() for k, v in tensors.items()}
+
+    local = {key: host_state(module) for key, module in embeddings.owned.items()}
     if ctx.rank == 0:
-        for key, module in embeddings.replicated.items():
-            local[key] = embedding_state(module.collapse(), "")
+        local.update({key: host_state(m) for key, m in embeddings.replicated.items()})
     if ctx.distributed:
         parts: list[Any] = [None] * ctx.world
         dist.all_gather_object(parts, local)
@@ -280,7 +290,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker (and of a single-process run)."""
     spec = RunSpec(**loop_config["spec"])
     config = TrainConfig.model_validate(spec.config)
-    ctx = _Context()
+    ctx = _Context(config.scaling.use_gpu)
     torch.set_num_threads(max(1, int(os.environ.get("EMBPRESS_TORCH_THREADS", "1"))))
     torch.manual_seed(config.seed)
     dense: nn.Module = config.model_spec.build().to(ctx.device)
@@ -368,6 +378,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         final["fingerprint"] = int(total.item()) % FINGERPRINT_MOD
     final["samples_per_s"] = (progress.samples - rows0) / elapsed if elapsed > 0 else 0.0
     final["startup_s"] = startup
+    final["device"] = str(ctx.device)
     final["training_bytes_rank0"] = embeddings.training_bytes()
     final["loss_curve"] = loss_curve
     serving = _gather_serving(spec, ctx, embeddings)

@@ -29,10 +29,13 @@ def real_data() -> Path:
 def ray_cluster():
     """One real local Ray cluster for the whole session (2 cores: CPUs given explicitly)."""
     import ray
+    import torch
 
     if not ray.is_initialized():
         ray.init(
             num_cpus=4,
+            # Stated, not detected: a GPU Ray misses leaves use_gpu workers waiting forever.
+            num_gpus=torch.cuda.device_count(),
             include_dashboard=False,
             log_to_driver=False,
             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},

@@ -261,7 +261,10 @@ class CompressedEmbedding(nn.Module):
                 combiner = Combiner.SUM
             else:
                 tables = [t @ p for t in tables]
-        return ServingEmbedding(self.frozen_mapper(), tables, combiner)
+        # An adaptive mapper's snapshot comes from host-side state (CAFE's sketch): serve
+        # it from the tables' device.
+        mapper = self.frozen_mapper().to(tables[0].device)
+        return ServingEmbedding(mapper, tables, combiner)
 
     def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Called after each optimizer step; adaptive methods update their state here."""

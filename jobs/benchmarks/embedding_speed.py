@@ -7,7 +7,7 @@ popularity over the Terabyte cardinalities scaled down to fit. Each method's bas
 one step each in turn, and each reports its fastest step, so that load from other processes
 on a shared machine disturbs the comparison as little as possible. Goals (issue 3): MLET
 ≤ 1.3× the time of its base method; CAFE ≤ 1.5× the time of hash.
-Run: `python jobs/benchmarks/embedding_speed.py [--scale 0.005] [--threads 1]`.
+Run: `python jobs/benchmarks/embedding_speed.py [--scale 0.005] [--threads 1] [--device cuda]`.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class BagBaseline(nn.Module):
     def __init__(self, rows: list[int], dim: int) -> None:
         super().__init__()
         self.bags = nn.ModuleList(nn.EmbeddingBag(r, dim, mode="sum", sparse=True) for r in rows)
-        self.rows = torch.tensor(rows)
+        self.register_buffer("rows", torch.tensor(rows), persistent=False)
 
     def forward(self, sparse: torch.Tensor) -> torch.Tensor:
         idx = (sparse % self.rows).t().contiguous()
@@ -75,10 +75,13 @@ class Trainer:
         self.module = module
         self.head = head
         self.opt = RowWiseAdagrad(module.parameters(), lr=0.05)
-        self.labels = (torch.arange(batch) % 4 == 0).float()
+        self.labels = (torch.arange(batch) % 4 == 0).float().to(head.device)
         self.times: list[float] = []
+        self.cuda = head.is_cuda
 
     def step(self, batch: torch.Tensor, record: bool = True) -> None:
+        if self.cuda:  # time this step's kernels alone
+            torch.cuda.synchronize()
         start = time.perf_counter()
         logits = self.module(batch).flatten(1) @ self.head
         loss = nn.functional.binary_cross_entropy_with_logits(logits, self.labels)
@@ -86,6 +89,8 @@ class Trainer:
         loss.backward()
         self.opt.step()
         self.module.after_step(self.opt)
+        if self.cuda:
+            torch.cuda.synchronize()
         if record:
             self.times.append(time.perf_counter() - start)
 
@@ -134,23 +139,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--only", nargs="*", help="method names to run (default: all)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device of tables and batches (cpu, cuda, cuda:1)")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this machine has no CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     cards = [max(3, int(n * args.scale)) for n in TERABYTE]
-    batches = zipf_batches(cards, args.steps + args.warmup, args.batch)
-    stats_ids = torch.cat(batches[: args.warmup + 1])
+    batches = [b.to(device) for b in zipf_batches(cards, args.steps + args.warmup, args.batch)]
+    stats_ids = torch.cat(batches[: args.warmup + 1]).cpu()
     names = [f"C{j + 1}" for j in range(len(cards))]
     stats = {n: FeatureStats.from_ids(stats_ids[:, j]) for j, n in enumerate(names)}
-    head = torch.randn(len(cards) * args.dim) / (len(cards) * args.dim) ** 0.5
+    head = (torch.randn(len(cards) * args.dim) / (len(cards) * args.dim) ** 0.5).to(device)
     k = args.dim * args.mlet_factor
 
     print(
         f"embedding speed: batch {args.batch} × {len(cards)} features, d={args.dim}, "
         f"MLET k={k}, ratio {args.ratio:g}, Terabyte cardinalities × {args.scale:g} "
-        f"({sum(cards):,} values), {torch.get_num_threads()} threads"
+        f"({sum(cards):,} values), "
+        + (torch.cuda.get_device_name(device) if device.type == "cuda"
+           else f"{torch.get_num_threads()} threads")
     )
     trainers: dict[str, tuple[Trainer, Trainer, int, int]] = {}
     for name, method in methods(args.dim, k).items():
@@ -158,11 +170,11 @@ def main(argv: list[str] | None = None) -> None:
             continue
         ratio = None if method["method"] == "full" else args.ratio
         config = CollectionConfig(dim=args.dim, cardinalities=cards, ratio=ratio, method=method)
-        collection = EmbeddingCollection(config, stats)
+        collection = EmbeddingCollection(config, stats).to(device)
         bag_rows = [
             max(1, emb.serving_bytes() // (4 * args.dim)) for emb in collection.embeddings.values()
         ]
-        bag = BagBaseline(bag_rows, args.dim)
+        bag = BagBaseline(bag_rows, args.dim).to(device)
         trainers[name] = (
             Trainer(collection, head, args.batch),
             Trainer(bag, head, args.batch),

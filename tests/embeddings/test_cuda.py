@@ -1,0 +1,212 @@
+"""The GPU path: every method, the sharded collection and the dense models train on a CUDA
+device as they do on the CPU (up to the order of float sums), and collapse there to the same
+serving form. CI has no GPU, so these skip there with the reason; on a GPU machine run
+`pytest tests/embeddings/test_cuda.py tests/jobs/test_train_cuda.py`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from embeddings.collection import CollectionConfig, EmbeddingCollection
+from embeddings.hashing import hash64
+from embeddings.methods.base import METHODS, FeatureStats
+from embeddings.metrics import EvalAccumulator, gather_across_workers
+from embeddings.models import DCNConfig, DLRMConfig
+from embeddings.optim import LazyAdam, RowWiseAdagrad, train_step
+from embeddings.sharding import FeatureSize, ShardedEmbeddingCollection, plan_sharding
+from embeddings.sharding.router import _all_to_all, _AllToAll
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device here; the GPU path runs on a GPU machine"
+)
+
+DIM, K, BATCH, STEPS = 16, 32, 2048, 25
+# Terabyte's 26 cardinalities scaled down 2000× (at least 3 values each).
+CARDS = [max(3, n // 2000) for n in (
+    39884406, 39043, 17289, 7420, 20263, 3, 7120, 1543, 63, 38532951, 2953546, 403346, 10,
+    2208, 11938, 155, 4, 976, 14, 39979771, 25641295, 39664984, 585935, 12972, 108, 36,
+)]
+# Sums over a batch run in another order on the GPU: float32 rounding, compounded by
+# 25 Adagrad steps, stays far below this.
+TOLERANCE = 2e-4
+GPU = torch.device("cuda", 0)
+BACKEND = "nccl"
+
+
+def _methods() -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {
+        "full": {"method": "full"},
+        "hash": {"method": "hash"},
+        "qr product": {"method": "qr"},
+        "qr sum": {"method": "qr", "operation": "sum"},
+        "qr concat": {"method": "qr", "operation": "concat"},
+        "mlet(full)": {"method": "full", "mlet_dim": K},
+        "mlet(hash)": {"method": "hash", "mlet_dim": K},
+        "mlet(qr sum)": {"method": "qr", "operation": "sum", "mlet_dim": K},
+        "mlet(qr concat)": {"method": "qr", "operation": "concat", "mlet_dim": K},
+    }
+    for name in sorted(set(METHODS) - {"full", "hash", "qr"}):
+        out[name] = {"method": name}
+        out[f"mlet({name})"] = {"method": name, "mlet_dim": K}
+    return out
+
+
+def _batches(steps: int, seed: int = 0) -> list[torch.Tensor]:
+    """Raw 32-bit ids, Zipf(1.1) over each feature's values."""
+    rng = np.random.default_rng(seed)
+    cols = []
+    for j, n in enumerate(CARDS):
+        p = np.arange(1, n + 1, dtype=np.float64) ** -1.1
+        draws = torch.from_numpy(rng.choice(n, size=steps * BATCH, p=p / p.sum()))
+        cols.append(hash64(draws + (j << 40), seed=7) & 0xFFFFFFFF)
+    return list(torch.stack(cols, 1).view(steps, BATCH, len(CARDS)))
+
+
+def _stats(batches: list[torch.Tensor]) -> dict[str, FeatureStats]:
+    ids = torch.cat(batches)
+    return {f"C{j + 1}": FeatureStats.from_ids(ids[:, j]) for j in range(len(CARDS))}
+
+
+def _train(collection: nn.Module, batches: list[torch.Tensor], device: torch.device):
+    """Train on `device`; returns the loss of every step."""
+    g = torch.Generator().manual_seed(1)
+    head = (torch.randn(len(CARDS) * DIM, generator=g) / (len(CARDS) * DIM) ** 0.5).to(device)
+    labels = (torch.arange(BATCH) % 4 == 0).float().to(device)
+    opt = RowWiseAdagrad(collection.parameters(), lr=0.1)
+    losses = []
+    for batch in batches:
+        logits = collection(batch.to(device)).flatten(1) @ head
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        collection.after_step(opt)
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.fixture(scope="module")
+def batches() -> list[torch.Tensor]:
+    return _batches(STEPS + 1)
+
+
+@pytest.mark.parametrize("name", sorted(_methods()))
+def test_method_trains_on_cuda_as_on_cpu_and_collapses_there(name, batches) -> None:
+    method = _methods()[name]
+    stats = _stats(batches[:4])
+    config = CollectionConfig(dim=DIM, cardinalities=CARDS,
+                              ratio=None if method["method"] == "full" else 10, method=method)
+    cuda = GPU
+    trained = []
+    for device in (torch.device("cpu"), cuda):
+        torch.manual_seed(0)
+        collection = EmbeddingCollection(config, stats).to(device)
+        losses = _train(collection, batches[:STEPS], device)
+        trained.append((collection, losses))
+    (cpu_model, cpu_losses), (gpu_model, gpu_losses) = trained
+    assert gpu_losses[-1] < gpu_losses[0], f"{name} did not learn on CUDA: {gpu_losses}"
+    assert np.allclose(gpu_losses, cpu_losses, atol=TOLERANCE), (gpu_losses, cpu_losses)
+
+    ids = batches[STEPS]
+    unseen = torch.randint(2**33, 2**40, (256, len(CARDS)))
+    with torch.no_grad():
+        for probe in (ids, unseen):
+            on_gpu = gpu_model(probe.to(cuda))
+            assert on_gpu.device == GPU
+            assert (on_gpu.cpu() - cpu_model(probe)).abs().max().item() <= TOLERANCE
+            serving = gpu_model.collapse()
+            assert (serving(probe.to(cuda)) - on_gpu).abs().max().item() <= 1e-5
+            int8 = serving.quantize("int8")(probe.to(cuda))
+            assert int8.device == GPU and (int8 - on_gpu).abs().max().item() < 0.05
+
+
+@pytest.mark.parametrize("model", [DLRMConfig(embedding_dim=DIM, num_sparse=len(CARDS)),
+                                   DCNConfig(embedding_dim=DIM, num_sparse=len(CARDS))])
+def test_dense_models_compute_the_same_logits_on_cuda(model) -> None:
+    torch.manual_seed(0)
+    cpu = model.build()
+    gpu = model.build().to(GPU)
+    gpu.load_state_dict(cpu.state_dict())
+    dense, embedded = torch.randn(512, 13), torch.randn(512, len(CARDS), DIM)
+    expected = cpu(dense, embedded)
+    got = gpu(dense.to(GPU), embedded.to(GPU))
+    assert got.shape == (512,)
+    assert (got.cpu() - expected).abs().max().item() < 1e-4
+
+
+@pytest.fixture
+def nccl(tmp_path):
+    """A one-process NCCL group (one GPU cannot hold two NCCL ranks)."""
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group(BACKEND, store=store, rank=0, world_size=1,
+                            device_id=GPU if BACKEND == "nccl" else None)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+def test_exchange_and_metric_gather_run_over_nccl(nccl) -> None:
+    # The router's exchange with the split lists it computes, forward and backward.
+    x = torch.arange(12.0, device=GPU).view(6, 2).requires_grad_()
+    out = _AllToAll.apply(x, [6], [6], nccl, 0.5)
+    assert torch.equal(out.detach(), x.detach())
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, 0.5))
+    ids = torch.tensor([3, 1, 2], device=GPU)
+    assert torch.equal(_all_to_all(ids, [3], [3], nccl), ids)
+    # Predictions are gathered on the GPU for NCCL; AUC over the gathered rows.
+    assert torch.equal(gather_across_workers(ids, nccl), ids)
+    acc = EvalAccumulator(with_bands=False)
+    acc.update(torch.tensor([0.1, 2.0, -1.0, 0.5], device=GPU),
+               torch.tensor([0.0, 1.0, 0.0, 1.0], device=GPU), None)
+    assert acc.compute()["auc"] == 1.0
+
+
+@pytest.mark.parametrize("sparse_optimizer", [RowWiseAdagrad, LazyAdam])
+def test_sharded_collection_with_ddp_trains_over_nccl_as_on_cpu(nccl, batches,
+                                                               sparse_optimizer) -> None:
+    stats = _stats(batches[:4])
+    config = CollectionConfig(dim=DIM, cardinalities=CARDS, ratio=10,
+                              method={"method": "cafe", "mlet_dim": K})
+    methods, _ = config.resolve(stats)
+    names = config.feature_names
+    sizes = [FeatureSize(name=n, bytes=CARDS[i] * DIM * 4, stateless=False)
+             for i, n in enumerate(names)]
+    plan = plan_sharding(sizes, 1)
+    dense_x = torch.randn(BATCH, 13, generator=torch.Generator().manual_seed(3))
+    labels = (torch.arange(BATCH) % 3 == 0).float()
+
+    def run(device: torch.device, ddp: bool) -> list[float]:
+        torch.manual_seed(0)
+        model = DLRMConfig(embedding_dim=DIM, num_sparse=len(CARDS)).build().to(device)
+
+        def make(i: int, s: int, num_shards: int) -> nn.Module:
+            torch.manual_seed(100 + i)
+            return methods[names[i]].build(CARDS[i], DIM, stats[names[i]])
+
+        embeddings = ShardedEmbeddingCollection(plan, make, DIM, device=device)
+        if ddp:
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device] if device.type == "cuda" else None)
+        tables = [p for m in embeddings.owned.values() for p in m.tables]
+        table_ids = {id(p) for p in tables}
+        others = [p for p in embeddings.parameters() if id(p) not in table_ids]
+        sparse_opt = sparse_optimizer(tables, lr=0.05)
+        dense_opt = torch.optim.Adam([*model.parameters(), *others], lr=1e-3)
+        losses = []
+        for batch in batches[:10]:
+            logits = model(dense_x.to(device), embeddings(batch.to(device)))
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, labels.to(device))
+            train_step(loss, sparse_opt, dense_opt, embeddings)
+            losses.append(loss.item())
+        return losses
+
+    on_gpu = run(GPU, ddp=True)
+    on_cpu = run(torch.device("cpu"), ddp=False)
+    assert on_gpu[-1] < on_gpu[0]
+    assert np.allclose(on_gpu, on_cpu, atol=1e-3), (on_gpu, on_cpu)
