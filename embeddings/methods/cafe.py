@@ -177,7 +177,8 @@ class CafeMapper(Mapper):
 
     def set_extra_state(self, state: dict[str, torch.Tensor]) -> None:
         if self.sketch is not None and state:
-            self.sketch.load_arrays({k: v.numpy() for k, v in state.items()})
+            # A checkpoint loaded with map_location=cuda brings these to the GPU.
+            self.sketch.load_arrays({k: v.cpu().numpy() for k, v in state.items()})
 
 
 class CafeEmbedding(CompressedEmbedding):

@@ -246,7 +246,8 @@ def small_embeddings_from(
     was_training = embedding.training
     embedding.eval()
     try:
-        x = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+        device = next(embedding.parameters(), torch.empty(0)).device
+        x = torch.as_tensor(np.asarray(ids, dtype=np.int64)).to(device)
         vectors = torch.cat([embedding(x[i : i + batch]) for i in range(0, len(x), batch)])
     finally:
         embedding.train(was_training)

@@ -210,3 +210,43 @@ def test_sharded_collection_with_ddp_trains_over_nccl_as_on_cpu(nccl, batches,
     on_cpu = run(torch.device("cpu"), ddp=False)
     assert on_gpu[-1] < on_gpu[0]
     assert np.allclose(on_gpu, on_cpu, atol=1e-3), (on_gpu, on_cpu)
+
+
+def test_cafe_checkpoint_taken_on_the_gpu_resumes_there(batches, tmp_path) -> None:
+    # A worker resumes with torch.load(map_location=its GPU): the sketch's saved arrays
+    # arrive on the GPU and must go back to host memory.
+    stats = _stats(batches[:4])
+    config = CollectionConfig(dim=DIM, cardinalities=CARDS, ratio=10,
+                              method={"method": "cafe", "mlet_dim": K})
+
+    def fresh() -> EmbeddingCollection:
+        torch.manual_seed(0)
+        return EmbeddingCollection(config, stats).to(GPU)
+
+    trained = fresh()
+    _train(trained, batches[:10], GPU)
+    torch.save(trained.state_dict(), tmp_path / "rank-0.pt")
+    resumed = fresh()
+    resumed.load_state_dict(torch.load(tmp_path / "rank-0.pt", map_location=GPU,
+                                       weights_only=True))
+    probe = batches[STEPS].to(GPU)
+    with torch.no_grad():
+        assert torch.equal(resumed(probe), trained(probe))
+    # The same sketch: both go on to train identically.
+    # (CUDA's atomic adds may sum a row's gradients in another order: not bit-identical.)
+    assert np.allclose(_train(resumed, batches[10:12], GPU), _train(trained, batches[10:12], GPU),
+                       atol=1e-5)
+
+
+def test_small_embeddings_are_read_from_a_model_on_the_gpu() -> None:
+    from embeddings.methods.learned_hash import small_embeddings_from
+
+    torch.manual_seed(0)
+    table = EmbeddingCollection(CollectionConfig(dim=DIM, cardinalities=[5000], ratio=10,
+                                                 method={"method": "hash"})).method("C1")
+    ids = np.arange(0, 3000, 3)
+    on_cpu = small_embeddings_from(table, ids, dim=4)
+    on_gpu = small_embeddings_from(table.to(GPU), ids, dim=4)
+    assert on_gpu.shape == (1000, 4)
+    # PCA basis vectors are defined up to sign.
+    assert np.allclose(np.abs(on_gpu), np.abs(on_cpu), atol=1e-4)
