@@ -19,7 +19,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _config(root, tmp_path, name: str, use_gpu: bool, workers: int = 0) -> TrainConfig:
+def _config(root, tmp_path, name: str, use_gpu: bool, workers: int = 0,
+            **sections: dict) -> TrainConfig:
     return TrainConfig.model_validate({
         "data": {"path": str(root), "batch_size": 1024, "eval_batch_size": 8192},
         # CAFE over MLET: the adaptive method (sketch on the host, rows on the device).
@@ -28,6 +29,7 @@ def _config(root, tmp_path, name: str, use_gpu: bool, workers: int = 0) -> Train
         "scaling": {"num_workers": workers, "use_gpu": use_gpu, "cpus_per_worker": 1},
         "run": {"storage_path": str(tmp_path / "runs"), "name": name},
         "seed": 5,
+        **sections,
     })
 
 
@@ -68,3 +70,28 @@ def test_ray_train_gpu_worker_trains_over_nccl(synth_data, ray_cluster, tmp_path
     assert abs(result["validation_auc"] - expected["validation_auc"]) < 0.003
     assert result["samples"] == 40 * 1024
     assert result["device"].startswith("cuda")
+
+
+def failed_and_resumed(data, tmp_path, use_gpu: bool) -> tuple[dict, dict]:
+    """Metrics of a one-worker run that fails at step 15 and resumes from step 10's
+    checkpoint, and of the same run uninterrupted."""
+    marker = tmp_path / f"failed-once-{use_gpu}"
+    out = []
+    for name, fault in (("steady", None), ("fault", {"step": 15, "rank": 0,
+                                                    "marker": str(marker)})):
+        config = _config(data, tmp_path, f"{name}-{use_gpu}", use_gpu, workers=1,
+                         schedule={"max_steps": 30, "checkpoint_every": 10, "log_every": 10},
+                         **({"fault": fault} if fault else {}))
+        out.append(run(config, verbose=False).metrics)
+    assert marker.exists(), "the injected failure must have fired"
+    return out[0], out[1]
+
+
+def test_a_gpu_worker_resumes_from_its_checkpoint(synth_data, ray_cluster, tmp_path):
+    # The checkpoint is loaded onto the GPU: CAFE's sketch, the tables and their optimizer
+    # state come back, and the resumed run ends where the uninterrupted one does.
+    steady, resumed = failed_and_resumed(synth_data, tmp_path, use_gpu=True)
+    assert resumed["device"].startswith("cuda")
+    assert resumed["step"] == steady["step"] == 30
+    assert resumed["samples"] == 30 * 1024
+    assert abs(resumed["validation_auc"] - steady["validation_auc"]) < 0.002, (resumed, steady)
