@@ -49,6 +49,26 @@ AnyMethodConfig = Annotated[
 """Any registered method config, chosen by its `method` name."""
 
 
+def every_method(mlet_dim: int) -> dict[str, dict[str, Any]]:
+    """Name → method config of every registered method, each QR combiner, and every MLET
+    composition DESIGN.md allows (MLET over QR by product is not one), MLET at `mlet_dim`."""
+    out: dict[str, dict[str, Any]] = {
+        "full": {"method": "full"},
+        "hash": {"method": "hash"},
+        "qr product": {"method": "qr"},
+        "qr sum": {"method": "qr", "operation": "sum"},
+        "qr concat": {"method": "qr", "operation": "concat"},
+        "mlet(full)": {"method": "full", "mlet_dim": mlet_dim},
+        "mlet(hash)": {"method": "hash", "mlet_dim": mlet_dim},
+        "mlet(qr sum)": {"method": "qr", "operation": "sum", "mlet_dim": mlet_dim},
+        "mlet(qr concat)": {"method": "qr", "operation": "concat", "mlet_dim": mlet_dim},
+    }
+    for name in sorted(set(METHODS) - {"full", "hash", "qr"}):
+        out[name] = {"method": name}
+        out[f"mlet({name})"] = {"method": name, "mlet_dim": mlet_dim}
+    return out
+
+
 class CollectionConfig(BaseModel):
     """The embedding collection: which method each categorical feature gets, and how big.
 

@@ -19,15 +19,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import argparse
 import time
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from embeddings.collection import CollectionConfig, EmbeddingCollection
+from embeddings.collection import CollectionConfig, EmbeddingCollection, every_method
 from embeddings.hashing import hash64
-from embeddings.methods.base import METHODS, FeatureStats
+from embeddings.methods.base import FeatureStats
 from embeddings.optim import RowWiseAdagrad
 
 TERABYTE = (
@@ -99,24 +98,6 @@ class Trainer:
         return min(self.times)
 
 
-def methods(dim: int, k: int) -> dict[str, dict[str, Any]]:
-    """Name → method config of every method, and of every allowed MLET composition."""
-    out: dict[str, dict[str, Any]] = {
-        "full": {"method": "full"},
-        "hash": {"method": "hash"},
-        "qr product": {"method": "qr"},
-        "qr sum": {"method": "qr", "operation": "sum"},
-        "qr concat": {"method": "qr", "operation": "concat"},
-        "mlet(hash)": {"method": "hash", "mlet_dim": k},
-        "mlet(qr sum)": {"method": "qr", "operation": "sum", "mlet_dim": k},
-        "mlet(qr concat)": {"method": "qr", "operation": "concat", "mlet_dim": k},
-    }
-    for name in sorted(set(METHODS) - {"full", "hash", "qr"}):
-        out[name] = {"method": name}
-        out[f"mlet({name})"] = {"method": name, "mlet_dim": k}
-    return out
-
-
 def base_of(name: str) -> str | None:
     """The method a row is compared with: MLET's base, or hash for the adaptive methods."""
     if name.startswith("mlet("):
@@ -165,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
            else f"{torch.get_num_threads()} threads")
     )
     trainers: dict[str, tuple[Trainer, Trainer, int, int]] = {}
-    for name, method in methods(args.dim, k).items():
+    for name, method in every_method(k).items():
         if args.only and name not in args.only:
             continue
         ratio = None if method["method"] == "full" else args.ratio

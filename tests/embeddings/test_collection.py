@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from embeddings import budget
-from embeddings.collection import CollectionConfig, EmbeddingCollection, ServingCollection
-from embeddings.methods.base import FeatureStats
+from embeddings.collection import (
+    AnyMethodConfig,
+    CollectionConfig,
+    EmbeddingCollection,
+    ServingCollection,
+    every_method,
+)
+from embeddings.methods.base import METHODS, FeatureStats
 from embeddings.methods.full import FullConfig
 from embeddings.methods.hashing_trick import HashConfig
 from embeddings.methods.qr import QRConfig
@@ -161,3 +167,14 @@ def test_mixed_precision_of_a_collection_fits_its_budget() -> None:
     err_mixed = (mixed(ids) - serving(ids)).pow(2).mean()
     err_int4 = (serving.quantize("int4")(ids) - serving(ids)).pow(2).mean()
     assert err_mixed < err_int4 / 4
+
+
+def test_every_method_lists_each_method_and_each_allowed_mlet_composition() -> None:
+    variants = every_method(32)
+    assert {v["method"] for v in variants.values()} == set(METHODS)
+    for name, raw in variants.items():
+        config = TypeAdapter(AnyMethodConfig).validate_python(raw)
+        assert (config.mlet_dim == 32) == name.startswith("mlet("), name
+    # MLET over QR by product is refused, so it is no variant.
+    assert all(raw.get("operation", "product") != "product"
+               for raw in variants.values() if raw["method"] == "qr" and "mlet_dim" in raw)

@@ -5,17 +5,15 @@ serving form. CI has no GPU, so these skip there with the reason; on a GPU machi
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from embeddings.collection import CollectionConfig, EmbeddingCollection
+from embeddings.collection import CollectionConfig, EmbeddingCollection, every_method
 from embeddings.hashing import hash64
-from embeddings.methods.base import METHODS, FeatureStats
+from embeddings.methods.base import FeatureStats
 from embeddings.metrics import EvalAccumulator, gather_across_workers
 from embeddings.models import DCNConfig, DLRMConfig
 from embeddings.optim import LazyAdam, RowWiseAdagrad, train_step
@@ -37,24 +35,6 @@ CARDS = [max(3, n // 2000) for n in (
 TOLERANCE = 2e-4
 GPU = torch.device("cuda", 0)
 BACKEND = "nccl"
-
-
-def _methods() -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {
-        "full": {"method": "full"},
-        "hash": {"method": "hash"},
-        "qr product": {"method": "qr"},
-        "qr sum": {"method": "qr", "operation": "sum"},
-        "qr concat": {"method": "qr", "operation": "concat"},
-        "mlet(full)": {"method": "full", "mlet_dim": K},
-        "mlet(hash)": {"method": "hash", "mlet_dim": K},
-        "mlet(qr sum)": {"method": "qr", "operation": "sum", "mlet_dim": K},
-        "mlet(qr concat)": {"method": "qr", "operation": "concat", "mlet_dim": K},
-    }
-    for name in sorted(set(METHODS) - {"full", "hash", "qr"}):
-        out[name] = {"method": name}
-        out[f"mlet({name})"] = {"method": name, "mlet_dim": K}
-    return out
 
 
 def _batches(steps: int, seed: int = 0) -> list[torch.Tensor]:
@@ -96,9 +76,9 @@ def batches() -> list[torch.Tensor]:
     return _batches(STEPS + 1)
 
 
-@pytest.mark.parametrize("name", sorted(_methods()))
+@pytest.mark.parametrize("name", sorted(every_method(K)))
 def test_method_trains_on_cuda_as_on_cpu_and_collapses_there(name, batches) -> None:
-    method = _methods()[name]
+    method = every_method(K)[name]
     stats = _stats(batches[:4])
     config = CollectionConfig(dim=DIM, cardinalities=CARDS,
                               ratio=None if method["method"] == "full" else 10, method=method)
