@@ -207,8 +207,8 @@ def test_cafe_checkpoint_taken_on_the_gpu_resumes_there(batches, tmp_path) -> No
     _train(trained, batches[:10], GPU)
     torch.save(trained.state_dict(), tmp_path / "rank-0.pt")
     resumed = fresh()
-    resumed.load_state_dict(torch.load(tmp_path / "rank-0.pt", map_location=GPU,
-                                       weights_only=True))
+    state = torch.load(tmp_path / "rank-0.pt", weights_only=True, map_location=GPU)
+    resumed.load_state_dict(state)
     probe = batches[STEPS].to(GPU)
     with torch.no_grad():
         assert torch.equal(resumed(probe), trained(probe))
