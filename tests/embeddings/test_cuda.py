@@ -193,7 +193,7 @@ def test_sharded_collection_with_ddp_trains_over_nccl_as_on_cpu(nccl, batches,
 
 
 def test_cafe_checkpoint_taken_on_the_gpu_resumes_there(batches, tmp_path) -> None:
-    # A worker resumes with torch.load(map_location=its GPU): the sketch's saved arrays
+    # A worker resumes by loading its checkpoint onto its GPU: the sketch's saved arrays
     # arrive on the GPU and must go back to host memory.
     stats = _stats(batches[:4])
     config = CollectionConfig(dim=DIM, cardinalities=CARDS, ratio=10,
