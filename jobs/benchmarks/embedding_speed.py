@@ -24,15 +24,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from data_pipeline.schema import TERABYTE_CARDINALITIES
 from embeddings.collection import CollectionConfig, EmbeddingCollection, every_method
 from embeddings.hashing import hash64
 from embeddings.methods.base import FeatureStats
 from embeddings.optim import RowWiseAdagrad
-
-TERABYTE = (
-    39884406, 39043, 17289, 7420, 20263, 3, 7120, 1543, 63, 38532951, 2953546, 403346, 10,
-    2208, 11938, 155, 4, 976, 14, 39979771, 25641295, 39664984, 585935, 12972, 108, 36,
-)
 
 
 def zipf_batches(
@@ -130,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    cards = [max(3, int(n * args.scale)) for n in TERABYTE]
+    cards = [max(3, int(n * args.scale)) for n in TERABYTE_CARDINALITIES]
     batches = [b.to(device) for b in zipf_batches(cards, args.steps + args.warmup, args.batch)]
     stats_ids = torch.cat(batches[: args.warmup + 1]).cpu()
     names = [f"C{j + 1}" for j in range(len(cards))]

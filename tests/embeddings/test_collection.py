@@ -7,6 +7,7 @@ import pytest
 import torch
 from pydantic import TypeAdapter, ValidationError
 
+from data_pipeline.schema import TERABYTE_CARDINALITIES
 from embeddings import budget
 from embeddings.collection import (
     AnyMethodConfig,
@@ -22,11 +23,7 @@ from embeddings.methods.qr import QRConfig
 from embeddings.optim import RowWiseAdagrad
 
 # Criteo Terabyte's 26 cardinalities scaled down 1000× (at least 3 values each).
-TERABYTE = (
-    39884406, 39043, 17289, 7420, 20263, 3, 7120, 1543, 63, 38532951, 2953546, 403346, 10,
-    2208, 11938, 155, 4, 976, 14, 39979771, 25641295, 39664984, 585935, 12972, 108, 36,
-)
-SCALED = [max(3, n // 1000) for n in TERABYTE]
+SCALED = [max(3, n // 1000) for n in TERABYTE_CARDINALITIES]
 
 
 def _ids(n: int, seed: int = 0) -> torch.Tensor:

@@ -11,14 +11,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from data_pipeline.schema import TERABYTE_CARDINALITIES
 from embeddings.collection import CollectionConfig, EmbeddingCollection, every_method
-from embeddings.hashing import hash64
 from embeddings.methods.base import FeatureStats
 from embeddings.metrics import EvalAccumulator, gather_across_workers
 from embeddings.models import DCNConfig, DLRMConfig
 from embeddings.optim import LazyAdam, RowWiseAdagrad, train_step
 from embeddings.sharding import FeatureSize, ShardedEmbeddingCollection, plan_sharding
 from embeddings.sharding.router import _all_to_all, _AllToAll
+from jobs.benchmarks.embedding_speed import zipf_batches
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device here; the GPU path runs on a GPU machine"
@@ -26,26 +27,11 @@ pytestmark = pytest.mark.skipif(
 
 DIM, K, BATCH, STEPS = 16, 32, 2048, 25
 # Terabyte's 26 cardinalities scaled down 2000× (at least 3 values each).
-CARDS = [max(3, n // 2000) for n in (
-    39884406, 39043, 17289, 7420, 20263, 3, 7120, 1543, 63, 38532951, 2953546, 403346, 10,
-    2208, 11938, 155, 4, 976, 14, 39979771, 25641295, 39664984, 585935, 12972, 108, 36,
-)]
+CARDS = [max(3, n // 2000) for n in TERABYTE_CARDINALITIES]
 # Sums over a batch run in another order on the GPU: float32 rounding, compounded by
 # 25 Adagrad steps, stays far below this.
 TOLERANCE = 2e-4
 GPU = torch.device("cuda", 0)
-BACKEND = "nccl"
-
-
-def _batches(steps: int, seed: int = 0) -> list[torch.Tensor]:
-    """Raw 32-bit ids, Zipf(1.1) over each feature's values."""
-    rng = np.random.default_rng(seed)
-    cols = []
-    for j, n in enumerate(CARDS):
-        p = np.arange(1, n + 1, dtype=np.float64) ** -1.1
-        draws = torch.from_numpy(rng.choice(n, size=steps * BATCH, p=p / p.sum()))
-        cols.append(hash64(draws + (j << 40), seed=7) & 0xFFFFFFFF)
-    return list(torch.stack(cols, 1).view(steps, BATCH, len(CARDS)))
 
 
 def _stats(batches: list[torch.Tensor]) -> dict[str, FeatureStats]:
@@ -73,7 +59,7 @@ def _train(collection: nn.Module, batches: list[torch.Tensor], device: torch.dev
 
 @pytest.fixture(scope="module")
 def batches() -> list[torch.Tensor]:
-    return _batches(STEPS + 1)
+    return zipf_batches(CARDS, STEPS + 1, BATCH)
 
 
 @pytest.mark.parametrize("name", sorted(every_method(K)))
@@ -82,9 +68,8 @@ def test_method_trains_on_cuda_as_on_cpu_and_collapses_there(name, batches) -> N
     stats = _stats(batches[:4])
     config = CollectionConfig(dim=DIM, cardinalities=CARDS,
                               ratio=None if method["method"] == "full" else 10, method=method)
-    cuda = GPU
     trained = []
-    for device in (torch.device("cpu"), cuda):
+    for device in (torch.device("cpu"), GPU):
         torch.manual_seed(0)
         collection = EmbeddingCollection(config, stats).to(device)
         losses = _train(collection, batches[:STEPS], device)
@@ -97,12 +82,12 @@ def test_method_trains_on_cuda_as_on_cpu_and_collapses_there(name, batches) -> N
     unseen = torch.randint(2**33, 2**40, (256, len(CARDS)))
     with torch.no_grad():
         for probe in (ids, unseen):
-            on_gpu = gpu_model(probe.to(cuda))
+            on_gpu = gpu_model(probe.to(GPU))
             assert on_gpu.device == GPU
             assert (on_gpu.cpu() - cpu_model(probe)).abs().max().item() <= TOLERANCE
             serving = gpu_model.collapse()
-            assert (serving(probe.to(cuda)) - on_gpu).abs().max().item() <= 1e-5
-            int8 = serving.quantize("int8")(probe.to(cuda))
+            assert (serving(probe.to(GPU)) - on_gpu).abs().max().item() <= 1e-5
+            int8 = serving.quantize("int8")(probe.to(GPU))
             assert int8.device == GPU and (int8 - on_gpu).abs().max().item() < 0.05
 
 
@@ -124,8 +109,7 @@ def test_dense_models_compute_the_same_logits_on_cuda(model) -> None:
 def nccl(tmp_path):
     """A one-process NCCL group (one GPU cannot hold two NCCL ranks)."""
     store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group(BACKEND, store=store, rank=0, world_size=1,
-                            device_id=GPU if BACKEND == "nccl" else None)
+    dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=GPU)
     yield dist.group.WORLD
     dist.destroy_process_group()
 
@@ -171,8 +155,7 @@ def test_sharded_collection_with_ddp_trains_over_nccl_as_on_cpu(nccl, batches,
 
         embeddings = ShardedEmbeddingCollection(plan, make, DIM, device=device)
         if ddp:
-            model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device] if device.type == "cuda" else None)
+            model = nn.parallel.DistributedDataParallel(model, device_ids=[device])
         tables = [p for m in embeddings.owned.values() for p in m.tables]
         table_ids = {id(p) for p in tables}
         others = [p for p in embeddings.parameters() if id(p) not in table_ids]

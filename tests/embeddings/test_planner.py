@@ -6,6 +6,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from data_pipeline.schema import TERABYTE_CARDINALITIES
 from embeddings.hashing import hash_bucket
 from embeddings.sharding import (
     SHARD_HASH_SEED,
@@ -17,12 +18,6 @@ from embeddings.sharding import (
     plan_sharding,
     shard_of,
 )
-
-# Criteo Terabyte's cardinalities under MLPerf's 40M cap (DESIGN.md).
-TERABYTE = [
-    39884406, 39043, 17289, 7420, 20263, 3, 7120, 1543, 63, 38532951, 2953546, 403346, 10,
-    2208, 11938, 155, 4, 976, 14, 39979771, 25641295, 39664984, 585935, 12972, 108, 36,
-]  # fmt: skip
 
 
 def sizes(byte_counts: list[int], stateless: bool = False) -> list[FeatureSize]:
@@ -85,7 +80,7 @@ def test_only_tiny_stateless_features_are_replicated():
 
 
 def test_same_inputs_give_the_same_plan():
-    byte_counts = [min(c, 40_000_000) * 16 * 4 for c in TERABYTE]
+    byte_counts = [min(c, 40_000_000) * 16 * 4 for c in TERABYTE_CARDINALITIES]
     a = plan_sharding(sizes(byte_counts, stateless=True), 8)
     b = plan_sharding(sizes(list(byte_counts), stateless=True), 8)
     assert a == b and a.model_dump_json() == b.model_dump_json()
@@ -131,7 +126,7 @@ def test_plans_validate_their_own_consistency():
 
 def test_terabyte_sizes_fit_eight_workers_under_a_budget():
     # Full d=128 fp32 tables: ~96 GiB, more than any one worker here could hold.
-    byte_counts = [min(c, 40_000_000) * 128 * 4 for c in TERABYTE]
+    byte_counts = [min(c, 40_000_000) * 128 * 4 for c in TERABYTE_CARDINALITIES]
     budget = 16 << 30
     plan = plan_sharding(sizes(byte_counts, stateless=True), 8, worker_budget_bytes=budget)
     loads = plan.worker_bytes()

@@ -72,25 +72,20 @@ def test_ray_train_gpu_worker_trains_over_nccl(synth_data, ray_cluster, tmp_path
     assert result["device"].startswith("cuda")
 
 
-def failed_and_resumed(data, tmp_path, use_gpu: bool) -> tuple[dict, dict]:
-    """Metrics of a one-worker run that fails at step 15 and resumes from step 10's
-    checkpoint, and of the same run uninterrupted."""
-    marker = tmp_path / f"failed-once-{use_gpu}"
-    out = []
-    for name, fault in (("steady", None), ("fault", {"step": 15, "rank": 0,
-                                                    "marker": str(marker)})):
-        config = _config(data, tmp_path, f"{name}-{use_gpu}", use_gpu, workers=1,
-                         schedule={"max_steps": 30, "checkpoint_every": 10, "log_every": 10},
-                         **({"fault": fault} if fault else {}))
-        out.append(run(config, verbose=False).metrics)
-    assert marker.exists(), "the injected failure must have fired"
-    return out[0], out[1]
-
-
 def test_a_gpu_worker_resumes_from_its_checkpoint(synth_data, ray_cluster, tmp_path):
     # The checkpoint is loaded onto the GPU: CAFE's sketch, the tables and their optimizer
-    # state come back, and the resumed run ends where the uninterrupted one does.
-    steady, resumed = failed_and_resumed(synth_data, tmp_path, use_gpu=True)
+    # state come back, and a run that fails at step 15 and resumes from step 10's checkpoint
+    # ends where the uninterrupted run does.
+    marker = tmp_path / "failed-once"
+    results = []
+    for name, fault in (("steady", None), ("fault", {"step": 15, "rank": 0,
+                                                    "marker": str(marker)})):
+        config = _config(synth_data, tmp_path, name, use_gpu=True, workers=1,
+                         schedule={"max_steps": 30, "checkpoint_every": 10, "log_every": 10},
+                         **({"fault": fault} if fault else {}))
+        results.append(run(config, verbose=False).metrics)
+    assert marker.exists(), "the injected failure must have fired"
+    steady, resumed = results
     assert resumed["device"].startswith("cuda")
     assert resumed["step"] == steady["step"] == 30
     assert resumed["samples"] == 30 * 1024
