@@ -25,14 +25,16 @@ import embeddings.methods as _methods_package
 from embeddings import budget
 from embeddings.methods.base import (
     METHODS,
+    Combiner,
     CompressedEmbedding,
     FeatureStats,
     MethodBytes,
     MethodConfig,
-    ServingEmbedding,
 )
 from embeddings.methods.full import FullConfig
-from embeddings.methods.quantize import MixedPrecisionReport, quantize_mixed
+from embeddings.serving_embedding import ServingCollection
+from embeddings.serving_embedding import check_ids as _check_ids
+from embeddings.tables import Backend, TableOptimizer, TableSpec, build_store
 
 
 def _import_method_modules() -> None:
@@ -219,11 +221,6 @@ def _check(where: str, config: MethodConfig, n: int, data: dict[str, Any]) -> No
         raise ValueError(f"{where}: {e}") from None
 
 
-def _check_ids(sparse: torch.Tensor, features: int) -> None:
-    if sparse.dim() != 2 or sparse.shape[1] != features:
-        raise ValueError(f"expected sparse ids [n, {features}], got {list(sparse.shape)}")
-
-
 @dataclass
 class FeaturePlan:
     """One feature's line of the collection plan."""
@@ -245,53 +242,293 @@ class FeaturePlan:
 class EmbeddingCollection(nn.Module):
     """Every categorical feature's compressed method: forward(sparse [n, F]) -> [n, F, d].
 
+    TorchRec's shape, with embpress's compression where TorchRec puts managed collisions:
+    each feature's mapper turns raw ids into rows; the tables of all features live in one
+    table-batched store (`embeddings.tables`: FBGEMM's TBE with the optimizer fused into
+    backward, or the plain-torch fallback) that one call looks up for the whole batch; then
+    the combiners (QR's product) and MLET's projections run once for all features (one
+    batched matmul per MLET width). Training: `loss.backward()`, the dense optimizer's
+    step, then `step()` (the fallback's table update and the adaptive methods' post-step
+    update, CAFE's sketch and migrations).
+
     Args:
         config: the collection config.
         stats: optional frequency statistics per feature name (vocabularies for uncompressed
             features, access frequencies for learned hashing).
+        optimizer: how the tables train (default row-wise Adagrad, lr 0.05).
+        backend: "auto" (fbgemm where it has a kernel for the optimizer here), "fbgemm" or
+            "torch".
+        device: where the tables live (a TBE is built for its device: move the collection
+            by building it there).
     """
 
     def __init__(
-        self, config: CollectionConfig, stats: Mapping[str, FeatureStats] | None = None
+        self,
+        config: CollectionConfig,
+        stats: Mapping[str, FeatureStats] | None = None,
+        optimizer: TableOptimizer | None = None,
+        backend: Backend = "auto",
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        self.config = config
-        self.names = config.feature_names
-        self.method_configs, self.ratio = config.resolve(stats)
+        method_configs, ratio = config.resolve(stats)
         sizes = config.sizes()
-        self.embeddings = nn.ModuleDict(
-            {
-                name: self.method_configs[name].build(
-                    sizes[name], config.dim, stats.get(name) if stats else None
-                )
-                for name in self.names
-            }
+        methods = {
+            name: method_configs[name].build(
+                sizes[name], config.dim, stats.get(name) if stats else None
+            )
+            for name in config.feature_names
+        }
+        self._setup(methods, sizes, config.dim, optimizer, backend, device)
+        self.config = config
+        self.method_configs = method_configs
+        self.ratio = ratio
+
+    @classmethod
+    def from_methods(
+        cls,
+        methods: Mapping[str, CompressedEmbedding],
+        sizes: Mapping[str, int],
+        dim: int,
+        optimizer: TableOptimizer | None = None,
+        backend: Backend = "auto",
+        device: torch.device | str | None = None,
+    ) -> EmbeddingCollection:
+        """A collection over methods built elsewhere (the sharder builds each worker's part,
+        seeded per feature and shard)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(dict(methods), dict(sizes), dim, optimizer, backend, device)
+        self.config = None
+        self.method_configs = {}
+        self.ratio = None
+        return self
+
+    def _setup(
+        self,
+        methods: dict[str, CompressedEmbedding],
+        sizes: dict[str, int],
+        dim: int,
+        optimizer: TableOptimizer | None,
+        backend: Backend,
+        device: torch.device | str | None,
+    ) -> None:
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        self.names = list(methods)
+        self._dim = dim
+        self._sizes = sizes
+        self.embeddings = nn.ModuleDict(methods)
+        for emb in methods.values():
+            emb.to(device)
+        # Store order: features grouped by MLET width (0 = none), so each group's vectors are
+        # adjacent columns of the store's output and project in one batched matmul.
+        def width_of(name: str) -> int:
+            return methods[name].mlet_dim or dim
+
+        order = sorted(range(len(self.names)), key=lambda j: (methods[self.names[j]].mlet_dim or 0))
+        self._order = order
+        specs: list[TableSpec] = []
+        self._store_tables: dict[str, list[int]] = {}
+        slot_table: list[int] = []
+        first_cols: list[int] = []
+        second_cols: list[int] = []
+        col = 0
+        for j in order:
+            emb = methods[self.names[j]]
+            tables = []
+            for rows, width in emb.packed_specs():
+                tables.append(len(specs))
+                specs.append(TableSpec(rows, width))
+            self._store_tables[self.names[j]] = tables
+            slot_table += [tables[0]] * emb.packed_slots() if emb.combiner is Combiner.SUM \
+                else tables
+            w = width_of(self.names[j])
+            if emb.combiner is Combiner.PRODUCT:
+                first_cols += range(col, col + w)
+                second_cols += range(col + w, col + 2 * w)
+                col += 2 * w
+            else:
+                first_cols += range(col, col + w)
+                second_cols += [-1] * w
+                col += w
+        self.store = build_store(specs, optimizer, backend, device)
+        initial = []
+        for j in order:
+            emb = methods[self.names[j]]
+            if emb.combiner is Combiner.SUM:
+                initial.append(torch.cat([t.detach() for t in emb.tables]))
+            else:
+                initial += [t.detach() for t in emb.tables]
+        self.store.load_tables(initial)
+        self._bind()
+        # Lookup layout: slot s (a table read by a feature) belongs to store table
+        # slot_table[s]; store table t's bags are its slots, per sample.
+        self._slot_table = torch.tensor(slot_table, dtype=torch.int64)
+        self._slots_per_table = torch.bincount(self._slot_table, minlength=len(specs))
+        self._layout_cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._product = any(c >= 0 for c in second_cols)
+        self._first_cols = torch.tensor(first_cols, dtype=torch.int64, device=device)
+        ones = col  # the column of ones appended when a product needs a neutral factor
+        self._second_cols = torch.tensor(
+            [c if c >= 0 else ones for c in second_cols], dtype=torch.int64, device=device
         )
+        # Projection groups: (MLET width or d, first feature position, count) in store order.
+        self._groups: list[tuple[int | None, int, int]] = []
+        for pos, j in enumerate(order):
+            k = methods[self.names[j]].mlet_dim
+            if self._groups and self._groups[-1][0] == k:
+                g = self._groups[-1]
+                self._groups[-1] = (k, g[1], g[2] + 1)
+            else:
+                self._groups.append((k, pos, 1))
+        inverse = [order.index(j) for j in range(len(order))]
+        self._inverse = None if inverse == list(range(len(inverse))) else torch.tensor(
+            inverse, dtype=torch.int64, device=device
+        )
+        # Features that rank ids by gradient norms (CAFE): their pre-projection columns.
+        self._norm_features = [
+            (self.names[j], sum(width_of(self.names[i]) for i in order[:pos]), width_of(
+                self.names[j]))
+            for pos, j in enumerate(order)
+            if methods[self.names[j]].wants_gradient_norms
+        ]
+
+    def _bind(self) -> None:
+        views = self.store.weights()
+        for name, emb in self.embeddings.items():
+            tables = self._store_tables[name]
+            emb.bind([views[t] for t in tables])
+            emb.bind_row_states(lambda i, ts=tables: self.store.row_states(ts[i]))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> EmbeddingCollection:
+        super()._apply(fn, recurse)
+        if hasattr(self, "store"):
+            self._bind()  # the store's tensors may have moved: methods read the new ones
+        return self
 
     @property
     def dim(self) -> int:
-        return self.config.dim
+        return self._dim
+
+    @property
+    def fused(self) -> bool:
+        """Whether the table update runs inside backward (FBGEMM's TBE)."""
+        return self.store.fused
+
+    def _layout(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(order of the [n, slots] row matrix's entries in the store's bag order, offsets
+        when every slot is read), cached per batch size."""
+        key = (n, str(device))
+        if key not in self._layout_cache:
+            slots = self._slot_table.numel()
+            parts = []
+            starts = torch.cumsum(self._slots_per_table, 0) - self._slots_per_table
+            for start, count in zip(starts.tolist(), self._slots_per_table.tolist(), strict=True):
+                cols = torch.arange(start, start + count)
+                parts.append((torch.arange(n)[:, None] * slots + cols[None, :]).reshape(-1))
+            perm = torch.cat(parts).to(device)
+            lengths = self._slots_per_table.repeat_interleave(n)
+            offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(device)
+            if len(self._layout_cache) > 8:
+                self._layout_cache.clear()
+            self._layout_cache[key] = (perm, offsets)
+        return self._layout_cache[key]
+
+    def lookup_inputs(self, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(indices, offsets) of the store call for a batch, and each adaptive feature's
+        lookup key (for its gradient-norm update)."""
+        columns = sparse.t().contiguous()
+        rows, masks, keys = [], [], {}
+        any_mask = False
+        for j in self._order:
+            name = self.names[j]
+            emb = self.embeddings[name]
+            r, m = emb.packed_lookup(columns[j])
+            rows.append(r)
+            masks.append(m)
+            any_mask |= m is not None
+            if emb.wants_gradient_norms:
+                keys[name] = getattr(emb, "last_key", None)
+        n = sparse.shape[0]
+        matrix = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
+        perm, offsets = self._layout(n, sparse.device)
+        indices = matrix.reshape(-1).index_select(0, perm)
+        if any_mask:
+            read = torch.cat([
+                m if m is not None else torch.ones_like(r, dtype=torch.bool)
+                for r, m in zip(rows, masks, strict=True)
+            ], dim=1)
+            indices = indices[read.reshape(-1).index_select(0, perm)]
+            lengths = torch.zeros(n, self._slots_per_table.numel(), dtype=torch.int64,
+                                  device=sparse.device)
+            lengths.index_add_(1, self._slot_table.to(sparse.device), read.to(torch.int64))
+            flat = lengths.t().reshape(-1)
+            offsets = torch.cat([flat.new_zeros(1), flat.cumsum(0)])
+        return indices, offsets, keys
 
     def forward(self, sparse: torch.Tensor) -> torch.Tensor:
         _check_ids(sparse, len(self.names))
-        # One transpose, so each feature reads a contiguous column (searchsorted, hashing).
-        columns = sparse.t().contiguous()
-        vectors = [emb(columns[j]) for j, emb in enumerate(self.embeddings.values())]
-        return torch.stack(vectors, dim=1)
+        n = sparse.shape[0]
+        indices, offsets, keys = self.lookup_inputs(sparse)
+        out = self.store(indices, offsets)
+        if self._product:
+            out = torch.cat([out, out.new_ones(n, 1)], dim=1)
+            pre = out.index_select(1, self._first_cols) * out.index_select(1, self._second_cols)
+        else:
+            pre = out
+        if self._norm_features and self.training and pre.requires_grad:
+            pre.register_hook(self._norm_hook(keys))
+        blocks = []
+        col = 0
+        for k, start, count in self._groups:
+            width = k or self._dim
+            x = pre[:, col : col + width * count].reshape(n, count, width)
+            col += width * count
+            if k is not None:
+                projections = torch.stack([
+                    self.embeddings[self.names[j]].projection
+                    for j in self._order[start : start + count]
+                ])
+                x = torch.bmm(x.transpose(0, 1), projections).transpose(0, 1)
+            blocks.append(x)
+        out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+        return out if self._inverse is None else out.index_select(1, self._inverse)
 
-    def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Forward the post-step hook to every method (CAFE's sketch update and migration)."""
+    def _norm_hook(self, keys: dict[str, Any]) -> Any:
+        features = self._norm_features
+
+        def hook(grad: torch.Tensor) -> None:
+            norms = torch.stack(
+                [grad[:, a : a + w].norm(dim=1) for _, a, w in features], dim=1
+            ).cpu()
+            for i, (name, _, _) in enumerate(features):
+                self.embeddings[name].observe_gradient_norms(norms[:, i], keys.get(name))
+
+        return hook
+
+    def step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """After the backward pass: the table update where it was not fused, then every
+        method's post-step hook (CAFE's sketch update and migrations)."""
+        self.store.step()
         for emb in self.embeddings.values():
             emb.after_step(optimizer)
 
+    def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """The methods' post-step hooks alone (the store's update is `step`'s)."""
+        for emb in self.embeddings.values():
+            emb.after_step(optimizer)
+
+    def set_learning_rate(self, lr: float) -> None:
+        self.store.set_learning_rate(lr)
+
     def table_parameters(self) -> list[nn.Parameter]:
-        """The embedding tables (sparse gradients when their method is sparse)."""
-        return [t for emb in self.embeddings.values() for t in emb.tables]
+        """The store's tensors (trained by the store's own optimizer)."""
+        return list(self.store.parameters())
 
     def dense_parameters(self) -> list[nn.Parameter]:
-        """Everything else that trains (MLET projections, any method's dense parameters)."""
-        tables = {id(t) for t in self.table_parameters()}
-        return [p for p in self.parameters() if id(p) not in tables]
+        """Everything else that trains (MLET projections): for the dense optimizer."""
+        store = {id(p) for p in self.store.parameters()}
+        return [p for p in self.parameters() if id(p) not in store and p.requires_grad]
 
     def training_bytes(self) -> int:
         return sum(emb.training_bytes() for emb in self.embeddings.values())
@@ -300,13 +537,13 @@ class EmbeddingCollection(nn.Module):
         return sum(emb.serving_bytes(fmt) for emb in self.embeddings.values())
 
     def plan(self) -> list[FeaturePlan]:
-        sizes = self.config.sizes()
         return [
             FeaturePlan(
                 name,
-                sizes[name],
+                self._sizes[name],
                 self.dim,
-                self.method_configs[name].method
+                (self.method_configs[name].method if name in self.method_configs
+                 else type(emb).__name__)
                 + (f"+mlet{emb.mlet_dim}" if emb.mlet_dim else ""),
                 [t.shape[0] for t in emb.tables],
                 emb.training_bytes(),
@@ -326,7 +563,7 @@ class EmbeddingCollection(nn.Module):
                 f"{p.training_bytes:>13} {p.serving_bytes:>13} {p.ratio:>8.1f}"
             )
         lines.append(
-            f"{'total':<8} {sum(self.config.cardinalities):>11} {'':<16} {'':>22} "
+            f"{'total':<8} {sum(self._sizes.values()):>11} {'':<16} {'':>22} "
             f"{self.training_bytes():>13} {self.serving_bytes():>13}"
         )
         return "\n".join(lines)
@@ -339,57 +576,3 @@ class EmbeddingCollection(nn.Module):
 
     def method(self, name: str) -> CompressedEmbedding:
         return self.embeddings[name]
-
-
-class ServingCollection(nn.Module):
-    """The serving form of a collection: one ServingEmbedding per feature, no training state."""
-
-    def __init__(self, names: list[str], embeddings: list[ServingEmbedding], dim: int) -> None:
-        super().__init__()
-        self.names = list(names)
-        self.dim = dim
-        self.embeddings = nn.ModuleDict(dict(zip(self.names, embeddings, strict=True)))
-
-    @torch.no_grad()
-    def forward(self, sparse: torch.Tensor) -> torch.Tensor:
-        _check_ids(sparse, len(self.names))
-        # One transpose, so each feature reads a contiguous column (searchsorted, hashing).
-        columns = sparse.t().contiguous()
-        vectors = [emb(columns[j]) for j, emb in enumerate(self.embeddings.values())]
-        return torch.stack(vectors, dim=1)
-
-    def serving_bytes(self) -> int:
-        return sum(emb.serving_bytes() for emb in self.embeddings.values())
-
-    def quantize(self, fmt: str | Mapping[str, str]) -> ServingCollection:
-        """Every table stored in `fmt` (one format, or one per feature name)."""
-        fmts = fmt if isinstance(fmt, Mapping) else dict.fromkeys(self.names, fmt)
-        return ServingCollection(
-            self.names,
-            [emb.quantize(fmts.get(name, "fp32")) for name, emb in self.embeddings.items()],
-            self.dim,
-        )
-
-    def quantize_mixed(
-        self, stats: Mapping[str, FeatureStats], budget_bytes: int
-    ) -> tuple[ServingCollection, MixedPrecisionReport]:
-        """Per-row formats from access frequencies so the whole collection fits `budget_bytes`.
-
-        Rows of features without statistics count as never read (they stay at the cheapest
-        format).
-        """
-        groups, counts = [], []
-        for name, emb in self.embeddings.items():
-            tables = [t.dequantize() for t in emb.tables]
-            groups.append(tables)
-            if name in stats:
-                counts.append(emb.row_counts(stats[name].values, stats[name].counts))
-            else:
-                counts.append([torch.zeros(t.shape[0], dtype=torch.float64) for t in tables])
-        fixed = sum(emb.mapper.state_bytes() for emb in self.embeddings.values())
-        tables, report = quantize_mixed(groups, counts, budget_bytes, fixed_bytes=fixed)
-        out = [
-            ServingEmbedding(emb.mapper, ts, emb.combiner)
-            for emb, ts in zip(self.embeddings.values(), tables, strict=True)
-        ]
-        return ServingCollection(self.names, out, self.dim), report

@@ -2,11 +2,15 @@
 
 Training, sharding and serving all map raw ids through this function, so it must give the
 same answer in every process, on every machine and device (never Python's `hash()`).
+
+Serving imports this module too, so numba stays out of it until a kernel asks for
+`hash64_scalar` (compiled on first access, see `__getattr__`).
 """
 
 from __future__ import annotations
 
-import numba as nb
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -41,10 +45,11 @@ def seed_offset(seed: int) -> np.uint64:
     return np.uint64(((seed + 1) * 0x9E3779B97F4A7C15) % (1 << 64))
 
 
-@nb.njit(inline="always")
-def hash64_scalar(value: np.int64, offset: np.uint64) -> np.int64:
+def _hash64_scalar(value: np.int64, offset: np.uint64) -> np.int64:
     """`hash64` of one id inside a numba kernel (`offset` = `seed_offset(seed)`): the same
-    function, bit for bit (tested), so kernels hash ids without a round trip through torch."""
+    function, bit for bit (tested), so kernels hash ids without a round trip through torch.
+
+    Reached as `hash64_scalar`, its numba-compiled form (see `__getattr__`)."""
     z = np.uint64(value) + offset
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
@@ -55,6 +60,41 @@ def hash64_scalar(value: np.int64, offset: np.uint64) -> np.int64:
 def hash_bucket(ids: torch.Tensor, buckets: int, seed: int = 0) -> torch.Tensor:
     """Row index in [0, buckets) for each id."""
     return hash64(ids, seed) % buckets
+
+
+def __getattr__(name: str) -> Any:
+    """`hash64_scalar`: `_hash64_scalar` compiled by numba (inlined into the kernels that call
+    it) on first access, so importing this module (serving does) does not import numba."""
+    if name == "hash64_scalar":
+        import numba as nb
+
+        compiled = nb.njit(inline="always")(_hash64_scalar)
+        globals()["hash64_scalar"] = compiled
+        return compiled
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "hash64_scalar"})
+
+
+# Seed of the id → shard hash of a feature split over training workers. Fixed forever (a
+# checkpoint's shards, and a split feature's serving parts, depend on it) and far from the
+# small seeds methods use for their own row hashes, so the two hashes stay independent: the
+# ids that land on one shard still spread over all of its rows.
+SHARD_HASH_SEED = 0x5348415244  # "SHARD"
+
+
+def shard_of(ids: torch.Tensor, num_shards: int) -> torch.Tensor:
+    """Shard index in [0, num_shards) of each raw id of a split feature.
+
+    Args:
+        ids: int64 raw feature values, any shape, any device.
+        num_shards: how many parts the feature's id space is split into.
+    """
+    if num_shards == 1:
+        return torch.zeros_like(ids, dtype=torch.int64)
+    return hash_bucket(ids, num_shards, SHARD_HASH_SEED)
 
 
 def hash64_reference(value: int, seed: int = 0) -> int:

@@ -33,7 +33,7 @@ import numba as nb
 import numpy as np
 import torch
 
-from embeddings.hashing import hash64, hash64_scalar, seed_offset
+from embeddings.hashing import hash64
 
 SLOTS = 4
 PROMOTE = 1
@@ -412,97 +412,6 @@ def _classify_kernel(
     return hot, medium
 
 
-@nb.njit(cache=True)
-def _route_kernel(
-    keys: np.ndarray,
-    scores: np.ndarray,
-    rows: np.ndarray,
-    ids: np.ndarray,
-    offset: np.uint64,
-    second_offset: np.uint64,
-    medium_threshold: float,
-    spread_rows: int,
-):
-    """See `HotSketch.route`."""
-    n = ids.shape[0]
-    n_buckets = keys.shape[0]
-    # Each id reads one primary row: its hot row, or its spread (hash1) row. Distinct
-    # (table, row) pairs get slots in first-come order through a small open-addressing map.
-    size = 16
-    while size < 2 * n:
-        size *= 2
-    table = np.full(size, -1, np.int64)
-    slot_key = np.empty(n, np.int64)  # 2 × row + 1 for a hot row, 2 × row for a hash1 row
-    slot = np.empty(n, np.int64)
-    hashes = np.empty(n, np.int64)
-    medium_at = np.empty(n, np.int64)
-    second = np.empty(n, np.int64)
-    tags = np.full(n, -1, np.int64)
-    n_slots = 0
-    n_hot_slots = 0
-    nm = 0
-    for i in range(n):
-        h = hash64_scalar(ids[i], offset)
-        hashes[i] = h
-        b = h % n_buckets
-        key = 2 * ((h // n_buckets) % spread_rows)
-        for k in range(keys.shape[1]):
-            sc = scores[b, k]
-            if sc > 0 and keys[b, k] == ids[i]:
-                if rows[b, k] > 0:
-                    key = 2 * (rows[b, k] - 1) + 1
-                elif sc >= medium_threshold:
-                    medium_at[nm] = i
-                    second[nm] = hash64_scalar(ids[i], second_offset) % spread_rows
-                    tags[i] = second[nm]
-                    nm += 1
-                break
-        p = (np.uint64(key) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)
-        p = np.int64(p) & (size - 1)
-        while True:
-            t = table[p]
-            if t < 0:
-                table[p] = n_slots
-                slot_key[n_slots] = key
-                n_hot_slots += key & 1
-                slot[i] = n_slots
-                n_slots += 1
-                break
-            if slot_key[t] == key:
-                slot[i] = t
-                break
-            p = (p + 1) & (size - 1)
-    # Sorted rows per table (hot first): the slots then form coalesced sparse gradients.
-    hot_unique = np.empty(n_hot_slots, np.int64)
-    hash_unique = np.empty(n_slots - n_hot_slots, np.int64)
-    hot_from = np.empty(n_hot_slots, np.int64)
-    hash_from = np.empty(n_slots - n_hot_slots, np.int64)
-    a = 0
-    c = 0
-    for j in range(n_slots):
-        if slot_key[j] & 1:
-            hot_unique[a] = slot_key[j] >> 1
-            hot_from[a] = j
-            a += 1
-        else:
-            hash_unique[c] = slot_key[j] >> 1
-            hash_from[c] = j
-            c += 1
-    rank = np.empty(n_slots, np.int64)
-    by_row = np.argsort(hot_unique)
-    for r in range(n_hot_slots):
-        rank[hot_from[by_row[r]]] = r
-    hot_unique = hot_unique[by_row]
-    by_row = np.argsort(hash_unique)
-    for r in range(n_slots - n_hot_slots):
-        rank[hash_from[by_row[r]]] = n_hot_slots + r
-    hash_unique = hash_unique[by_row]
-    inverse = np.empty(n, np.int64)
-    for i in range(n):
-        inverse[i] = rank[slot[i]]
-    return hashes, hot_unique, hash_unique, inverse, medium_at[:nm], second[:nm], tags
-
-
 class HotSketch:
     """Per-feature HotSketch with `hot_rows` hot rows to hand out.
 
@@ -681,31 +590,6 @@ class HotSketch:
             self.medium_fraction * self.threshold,
         )
         return torch.from_numpy(hot), torch.from_numpy(medium)
-
-    def route(self, ids: np.ndarray, spread_rows: int, second_seed: int) -> tuple[np.ndarray, ...]:
-        """One pass over a batch of int64 ids for the training lookup: hashing included, so
-        the step makes no other pass over the ids.
-
-        Every id reads one primary row: its hot row, or else its spread row
-        `(hash // buckets) % spread_rows` (the part of the hash the bucket did not use: a
-        second index independent of the bucket, with no second hash to compute). Medium ids
-        also read a second row, `hash64(id, second_seed) % spread_rows`. Returns (hashes,
-        hot_rows, spread_rows_read, inverse, medium_at, second_rows, tags): each id's sketch
-        hash; the distinct hot rows read, sorted; the distinct spread rows read, sorted; for
-        each id, the index of its primary row in the concatenation of those two lists; the
-        batch positions of the medium ids; their second rows; and per id its second row or
-        -1 (the tag `update_arrays` hands back on events).
-        """
-        return _route_kernel(
-            self.keys,
-            self.scores,
-            self.rows,
-            ids,
-            seed_offset(self.seed),
-            seed_offset(second_seed),
-            self.medium_fraction * self.threshold,
-            spread_rows,
-        )
 
     def _not_cold(self) -> np.ndarray:
         occupied = self.scores > 0

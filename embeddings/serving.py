@@ -21,10 +21,9 @@ from pydantic import TypeAdapter
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from embeddings.methods.base import ServingEmbedding
 from embeddings.models import ModelConfig
+from embeddings.serving_embedding import FeatureEmbedding, SplitServingEmbedding
 from embeddings.serving_io import embedding_from_state, embedding_state, unshared_tensors
-from embeddings.sharding.planner import shard_of
 
 SCHEMA_VERSION = 1
 MODEL_FILE = "model.json"
@@ -34,34 +33,6 @@ FORMAT = "embpress.model"
 
 class ModelFileError(RuntimeError):
     """A model directory that cannot be served (missing, truncated, wrong checksum)."""
-
-
-class SplitServingEmbedding(nn.Module):
-    """A feature trained split over workers by hash(id) mod shards: one part per shard."""
-
-    def __init__(self, parts: list[ServingEmbedding], dim: int) -> None:
-        super().__init__()
-        self.parts = nn.ModuleList(parts)
-        self.dim = dim
-
-    @torch.no_grad()
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        shard = shard_of(ids, len(self.parts))
-        out = torch.zeros(ids.shape[0], self.dim, device=ids.device)
-        for s, part in enumerate(self.parts):
-            mask = shard == s
-            if mask.any():
-                out[mask] = part(ids[mask])
-        return out
-
-    def serving_bytes(self) -> int:
-        return sum(p.serving_bytes() for p in self.parts)
-
-    def quantize(self, fmt: str) -> SplitServingEmbedding:
-        return SplitServingEmbedding([p.quantize(fmt) for p in self.parts], self.dim)
-
-
-FeatureEmbedding = ServingEmbedding | SplitServingEmbedding
 
 
 class ServingModel(nn.Module):

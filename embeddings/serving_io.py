@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from embeddings.collection import ServingCollection
-from embeddings.methods.base import Combiner, Mapper, ServingEmbedding
-from embeddings.methods.quantize import table_from_export
+from embeddings.mapping import Combiner, Mapper
+from embeddings.serving_embedding import ServingCollection, ServingEmbedding
+from embeddings.serving_tables import table_from_export
 
 FORMAT = "embpress.serving_embeddings"
 VERSION = 1

@@ -3,45 +3,26 @@
 Keeping the three parts apart is what makes collapse, sharding and quantisation generic:
 a method only says how raw ids become (table, row) lookups; this module owns the tables,
 the combination, the optional MLET projection, byte counting, collapse, and the registry
-of method configs that the embedding collection builds from.
+of method configs that the embedding collection builds from. The mappers, combiners and
+the collapsed form are the serving form's (`embeddings.mapping`,
+`embeddings.serving_embedding`), which imports nothing from here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-if TYPE_CHECKING:
-    from embeddings.methods.quantize import (
-        MixedPrecisionReport,
-        MixedServingTable,
-        ServingTable,
-    )
-
-
-class Combiner(str, Enum):
-    """How the per-table vectors of one id become one vector."""
-
-    SUM = "sum"  # weighted sum (hashing, multi-level hash, QR by sum)
-    CONCAT = "concat"  # side by side; each table is width/T wide (QR by concatenation)
-    PRODUCT = "product"  # element-wise product (QR by product); not linear, so no MLET
-
-
-@dataclass
-class Lookup:
-    """Where each id reads: one row per table, and a per-table weight (0 = does not read).
-
-    rows: LongTensor [n, T]; weights: float Tensor [n, T] or None (all ones).
-    """
-
-    rows: torch.Tensor
-    weights: torch.Tensor | None = None
+# The serving form's names (mappers, combiners, the serving embedding) stay importable from
+# here: training imports serving, never the reverse.
+from embeddings.mapping import Combiner, Lookup, Mapper, combine, tensor_bytes
+from embeddings.methods.mlet import check_mlet
+from embeddings.serving_embedding import ServingEmbedding
 
 
 @dataclass
@@ -74,67 +55,9 @@ class FeatureStats:
         return cls(values[order], counts[order])
 
 
-def tensor_bytes(tensors: Any) -> int:
-    """Exact bytes of an iterable of tensors (the one budget primitive every count uses)."""
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 def ordinary_bound(width: int) -> float:
     """Init bound U(-b, b) of an ordinary `width`-wide embedding: every method's target scale."""
     return (1.0 / width) ** 0.5
-
-
-class Mapper(nn.Module):
-    """Raw 64-bit ids → Lookup. Subclasses register any state as buffers.
-
-    `kind` names the mapper in model.json; `export`/`from_export` freeze it for serving
-    (plain JSON config + tensors for safetensors, never pickle). Subclasses with a `kind`
-    register themselves in `Mapper.registry`, which `Mapper.build` reads.
-    """
-
-    kind: ClassVar[str] = ""
-    registry: ClassVar[dict[str, type[Mapper]]] = {}
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.kind:
-            Mapper.registry[cls.kind] = cls
-
-    def forward(self, ids: torch.Tensor) -> Lookup:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def export(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """JSON-able config and the tensors that fully determine the (frozen) mapping."""
-        raise NotImplementedError
-
-    @classmethod
-    def from_export(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Mapper:
-        raise NotImplementedError
-
-    def state_bytes(self) -> int:
-        """Bytes of the mapper's own state (buffers) while training."""
-        return tensor_bytes(self.buffers())
-
-    def serving_bytes(self) -> int:
-        """Bytes of the frozen mapper's tensors (what serving keeps of this mapper)."""
-        return tensor_bytes(self.export()[1].values())
-
-    @staticmethod
-    def build(kind: str, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Mapper:
-        if kind not in Mapper.registry:
-            raise ValueError(f"unknown mapper kind {kind!r}; known: {sorted(Mapper.registry)}")
-        return Mapper.registry[kind].from_export(config, tensors)
-
-
-def combine(vectors: list[torch.Tensor], combiner: Combiner) -> torch.Tensor:
-    if len(vectors) == 1:
-        return vectors[0]
-    if combiner is Combiner.CONCAT:
-        return torch.cat(vectors, dim=1)
-    out = vectors[0]
-    for v in vectors[1:]:
-        out = out * v if combiner is Combiner.PRODUCT else out + v
-    return out
 
 
 def gather(
@@ -211,17 +134,111 @@ class CompressedEmbedding(nn.Module):
             self.projection = nn.Parameter(torch.randn(mlet_dim, dim) / dim**0.5)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """The method alone (tests, small tools); a collection packs the tables and looks up
+        every feature at once instead (`packed_lookup`)."""
+        if self.bound:
+            raise RuntimeError(
+                "this method's tables live in a collection's table store: look ids up "
+                "through the collection"
+            )
         out = gather(self.tables, self.mapper(ids), self.combiner, self.sparse)
         return out @ self.projection if self.projection is not None else out
+
+    # -- packing into a collection's table store ------------------------------------------
+
+    @property
+    def bound(self) -> bool:
+        """Whether the tables are views of a collection's store (see `bind`)."""
+        return not isinstance(self.tables, nn.ParameterList)
+
+    def packed_specs(self) -> list[tuple[int, int]]:
+        """(rows, width) of each store table this method needs: a sum combiner reads all its
+        tables in one bag, so they stack into one store table; concat and product read one
+        bag per table, side by side in the store's output."""
+        widths = [t.shape[1] for t in self.tables]
+        if self.combiner is Combiner.SUM:
+            return [(sum(t.shape[0] for t in self.tables), widths[0])]
+        return [(t.shape[0], w) for t, w in zip(self.tables, widths, strict=True)]
+
+    def packed_row_offsets(self) -> list[int]:
+        """Offset of each of this method's tables inside its store table."""
+        if self.combiner is not Combiner.SUM:
+            return [0] * len(self.tables)
+        offsets, start = [], 0
+        for t in self.tables:
+            offsets.append(start)
+            start += t.shape[0]
+        return offsets
+
+    def packed_slots(self) -> int:
+        """Columns of `packed_lookup`'s rows: the reads of one id (at most)."""
+        return len(self.tables)
+
+    def packed_lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(rows [n, T] inside the store tables, read mask [n, T] or None = all read).
+
+        Lookup weights must be 0/1 (which rows an id reads); the store sums what is read.
+        """
+        lookup = self.mapper(ids)
+        rows = lookup.rows
+        if self.combiner is Combiner.SUM and len(self.tables) > 1:
+            rows = rows + self._row_offsets_tensor(rows.device)
+        mask = None if lookup.weights is None else lookup.weights != 0
+        return rows, mask
+
+    def _row_offsets_tensor(self, device: torch.device) -> torch.Tensor:
+        cached = getattr(self, "_offsets_cache", None)
+        if cached is None or cached.device != device:
+            cached = torch.tensor(self.packed_row_offsets(), dtype=torch.int64, device=device)
+            self._offsets_cache = cached
+        return cached
+
+    def bind(self, store_tables: list[torch.Tensor]) -> None:
+        """Hand the tables to a store: `store_tables` are the store's views (one per entry of
+        `packed_specs`), which from now on are this method's tables (collapse, byte counts
+        and CAFE's migrations read and write them there)."""
+        views = []
+        if self.combiner is Combiner.SUM:
+            (whole,) = store_tables
+            for start, t in zip(self.packed_row_offsets(), self.tables, strict=True):
+                views.append(whole[start : start + t.shape[0]])
+        else:
+            views = list(store_tables)
+        del self.tables
+        self.tables = views
+
+    def bind_row_states(self, row_states: Any) -> None:
+        """`row_states(i)`: the row-shaped optimizer states of store table i (see
+        `TableStore.row_states`), for methods that move state with rows."""
+        self._store_row_states = row_states
+
+    def table_row_states(self, table: int) -> list[torch.Tensor]:
+        """Row-shaped optimizer states of one of this method's (bound) tables, [rows, k]."""
+        if self.combiner is Combiner.SUM:
+            start, rows = self.packed_row_offsets()[table], self.tables[table].shape[0]
+            return [s[start : start + rows] for s in self._store_row_states(0)]
+        return self._store_row_states(table)
+
+    def observe_gradient_norms(self, norms: torch.Tensor, key: Any = None) -> None:
+        """Per-id L2 norm of the gradient of what each id of the last training lookup read
+        (before MLET's projection); adaptive methods (CAFE) rank ids by it."""
+
+    @property
+    def wants_gradient_norms(self) -> bool:
+        return False
 
     def extra_state_bytes(self) -> int:
         """Bytes of adaptive state outside parameters and mapper buffers (e.g. a sketch)."""
         return 0
 
     def training_bytes(self) -> int:
-        """Parameters plus every buffer the method holds while training (optimizer excluded)."""
+        """Tables, projection and every buffer the method holds while training (optimizer
+        excluded), wherever the tables live."""
+        tables = {id(t) for t in self.tables}
+        others = [p for p in self.parameters() if id(p) not in tables]
         return (
-            tensor_bytes(self.parameters())
+            tensor_bytes(self.tables)
+            + tensor_bytes(others)
             + tensor_bytes(self.buffers())
             + self.extra_state_bytes()
         )
@@ -268,75 +285,6 @@ class CompressedEmbedding(nn.Module):
 
     def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Called after each optimizer step; adaptive methods update their state here."""
-
-
-class ServingEmbedding(nn.Module):
-    """The serving form: a frozen mapper, plain d-wide tables (maybe quantised), a combiner."""
-
-    def __init__(
-        self,
-        mapper: Mapper,
-        tables: list[torch.Tensor | ServingTable | MixedServingTable],
-        combiner: Combiner,
-    ) -> None:
-        super().__init__()
-        from embeddings.methods.quantize import ServingTable
-
-        self.mapper = mapper
-        self.combiner = combiner
-        # Raw tensors are fp32 tables; anything else is already a serving table (any format).
-        self.tables = nn.ModuleList(
-            ServingTable.fp32(t) if isinstance(t, torch.Tensor) else t for t in tables
-        )
-        self.mapper.requires_grad_(False)
-
-    @torch.no_grad()
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        lookup = self.mapper(ids)
-        vectors = []
-        for t, table in enumerate(self.tables):
-            v = table.lookup(lookup.rows[:, t])
-            if lookup.weights is not None:
-                v = v * lookup.weights[:, t : t + 1].to(v.dtype)
-            vectors.append(v)
-        return combine(vectors, self.combiner)
-
-    def serving_bytes(self) -> int:
-        """Mapper tensors plus every table tensor (data, scale, bias, tier ids)."""
-        return self.mapper.state_bytes() + sum(t.nbytes() for t in self.tables)
-
-    def quantize(self, fmt: str) -> ServingEmbedding:
-        """A copy whose tables are stored row-wise in `fmt` (fp32, fp16, int8, int4)."""
-        from embeddings.methods.quantize import ServingTable
-
-        tables = [ServingTable.encode(t.dequantize(), fmt) for t in self.tables]
-        return ServingEmbedding(self.mapper, tables, self.combiner)
-
-    def quantize_mixed(
-        self, row_counts: list[torch.Tensor], budget_bytes: int
-    ) -> tuple[ServingEmbedding, MixedPrecisionReport]:
-        """Per-row bit widths from access counts so the whole embedding fits `budget_bytes`."""
-        from embeddings.methods.quantize import quantize_mixed
-
-        tables, report = quantize_mixed(
-            [[t.dequantize() for t in self.tables]],
-            [row_counts],
-            budget_bytes,
-            fixed_bytes=self.mapper.state_bytes(),
-        )
-        return ServingEmbedding(self.mapper, tables[0], self.combiner), report
-
-    @torch.no_grad()
-    def row_counts(self, values: torch.Tensor, counts: torch.Tensor) -> list[torch.Tensor]:
-        """How often each row of each table is read, given raw values and their counts."""
-        lookup = self.mapper(torch.as_tensor(values, dtype=torch.int64))
-        out = []
-        for t, table in enumerate(self.tables):
-            w = counts.to(torch.float64)
-            if lookup.weights is not None:
-                w = w * (lookup.weights[:, t] != 0)
-            out.append(torch.bincount(lookup.rows[:, t], weights=w, minlength=table.rows))
-        return out
 
 
 class MethodBytes(NamedTuple):
@@ -388,8 +336,6 @@ class MethodConfig(BaseModel):
         The collection calls it while validating, so a bad feature fails with its name; `build`
         calls it too. Subclasses extend it (calling super) with their own conditions.
         """
-        from embeddings.methods.mlet import check_mlet
-
         if num_embeddings < 1 or dim < 1:
             raise ValueError(f"need n ≥ 1 values and width d ≥ 1, got n={num_embeddings}, d={dim}")
         check_mlet(self.method, self.combiner(), dim, self.mlet_dim)
@@ -441,3 +387,26 @@ class RowsOrRatioConfig(MethodConfig):
 
     def at_ratio(self, ratio: float) -> RowsOrRatioConfig:
         return self.model_copy(update={"ratio": ratio, "rows": None})
+
+
+def with_mlet(base: MethodConfig | dict[str, Any], mlet_dim: int) -> MethodConfig:
+    """`base` (a method config or its dict) with MLET of width `mlet_dim` on top, validated
+    (the rule: `embeddings.methods.mlet`)."""
+    data = base.model_dump() if isinstance(base, MethodConfig) else dict(base)
+    data["mlet_dim"] = mlet_dim
+    if data.get("method") not in METHODS:
+        raise ValueError(f"unknown method {data.get('method')!r}; known: {sorted(METHODS)}")
+    return METHODS[data["method"]].model_validate(data)
+
+
+def build_mlet(
+    base: MethodConfig | dict[str, Any],
+    num_embeddings: int,
+    dim: int,
+    mlet_dim: int,
+    stats: FeatureStats | None = None,
+) -> CompressedEmbedding:
+    """Build `base` with MLET of width `mlet_dim`: tables k wide, a k×d projection after."""
+    config = with_mlet(base, mlet_dim)
+    config.check(num_embeddings, dim)
+    return config.build(num_embeddings, dim, stats)

@@ -11,27 +11,25 @@ array, so the serving form needs no sketch and scores exactly like the trained o
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import numba as nb
 import numpy as np
 import torch
 from pydantic import Field
-from torch.autograd.function import once_differentiable
 
 from embeddings import budget
-from embeddings.hashing import hash64, hash64_scalar, hash_bucket, seed_offset
+from embeddings.hashing import hash64_scalar, seed_offset
 from embeddings.hotsketch import PROMOTE, HotSketch, SketchEvents
+from embeddings.mapping import Combiner, FrozenCafeMapper, tensor_bytes
 from embeddings.methods.base import (
-    Combiner,
     CompressedEmbedding,
     FeatureStats,
-    Lookup,
-    Mapper,
     MethodConfig,
-    tensor_bytes,
+    gather,
 )
+
+__all__ = ["CafeConfig", "CafeEmbedding", "CafeMapper", "FrozenCafeMapper", "cafe_defaults"]
 
 # The artifact's defaults per compression ratio: (threshold, share of the budget for hashing).
 _DEFAULTS: tuple[tuple[float, float, float], ...] = (
@@ -53,25 +51,21 @@ def cafe_defaults(ratio: float) -> tuple[float, float]:
     return chosen[1], chosen[2]
 
 
-class CafeMapper(Mapper):
-    """Raw ids → hot row, or one or two hash rows. Live (a HotSketch) or frozen (sorted ids).
+class CafeMapper(FrozenCafeMapper):
+    """CAFE's live mapper: a HotSketch says which ids are hot (and their rows) or medium.
 
-    Tables: [hot, hash1, hash2]. Lookup weights: hot [1, 0, 0], medium [0, 1, 1],
-    cold [0, 1, 0]. One hash h = hash64(id, seed) places an id twice: its sketch bucket is
-    h mod buckets and its hash1 row (h div buckets) mod hash_rows, the part of h the bucket
-    did not use; hash2 rows use the hash with seed + 1.
+    Maps ids by the frozen form's rule (`embeddings.mapping.FrozenCafeMapper`, tables
+    [hot, hash1, hash2]) with the sketch in place of the sorted id array, and exports that
+    form: the sketch's hot and medium ids, sorted (`HotSketch.snapshot`). `Mapper.build`
+    of its export (kind "cafe") gives the frozen mapper, which serving keeps.
 
     Args:
         hot_rows: rows of the hot table.
         hash_rows: rows of each hash table.
-        buckets: the sketch's bucket count (also places hash1 rows, so frozen mappers keep it).
+        buckets: the sketch's bucket count (also places hash1 rows).
         seed: hash seed.
-        sketch: the live sketch (training), or None for a frozen mapper.
-        frozen_ids: frozen form: int64 [m] ids that are hot or medium, sorted.
-        frozen_rows: frozen form: int32 [m] hot row of each, -1 for medium.
+        sketch: the live sketch; it must hash with the mapper's buckets and seed.
     """
-
-    kind = "cafe"
 
     def __init__(
         self,
@@ -80,109 +74,55 @@ class CafeMapper(Mapper):
         buckets: int,
         seed: int = 0,
         sketch: HotSketch | None = None,
-        frozen_ids: torch.Tensor | None = None,
-        frozen_rows: torch.Tensor | None = None,
     ) -> None:
-        super().__init__()
-        if (sketch is None) == (frozen_ids is None):
-            raise ValueError("a CafeMapper is either live (a sketch) or frozen (sorted ids)")
-        if sketch is not None and (sketch.buckets != buckets or sketch.seed != seed):
+        if sketch is None:
+            raise ValueError("a live CafeMapper needs its sketch; the frozen form is "
+                             "FrozenCafeMapper (embeddings.mapping)")
+        if sketch.buckets != buckets or sketch.seed != seed:
             raise ValueError("the sketch must hash with the mapper's buckets and seed")
-        self.hot_rows = hot_rows
-        self.hash_rows = hash_rows
-        self.buckets = buckets
-        self.seed = seed
+        super().__init__(hot_rows, hash_rows, buckets, seed)
         self.sketch = sketch
-        if frozen_ids is not None:
-            self.register_buffer("frozen_ids", frozen_ids.to(torch.int64))
-            self.register_buffer("frozen_rows", frozen_rows.to(torch.int32))
 
     @property
     def frozen(self) -> bool:
-        return self.sketch is None
-
-    def hash(self, ids: torch.Tensor) -> torch.Tensor:
-        return hash64(ids, self.seed)
-
-    def hash1_rows(self, hashes: torch.Tensor) -> torch.Tensor:
-        return torch.div(hashes, self.buckets, rounding_mode="floor") % self.hash_rows
-
-    def hash2_rows(self, ids: torch.Tensor) -> torch.Tensor:
-        return hash_bucket(ids, self.hash_rows, self.seed + 1)
+        return False
 
     def classify(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hot row or -1, medium flag) of each id."""
-        if self.sketch is not None:
-            cpu = ids.detach().to("cpu", torch.int64).contiguous()
-            hot, medium = self.sketch.classify(cpu, self.hash(cpu).numpy())
-            return hot.to(ids.device), medium.to(ids.device)
-        ids = ids.contiguous()
-        m = self.frozen_ids.shape[0]
-        if m == 0:
-            hot = torch.full(ids.shape, -1, dtype=torch.int64, device=ids.device)
-            return hot, torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
-        pos = torch.searchsorted(self.frozen_ids, ids).clamp_(max=m - 1)
-        found = self.frozen_ids[pos] == ids
-        row = torch.where(found, self.frozen_rows[pos].to(torch.int64), -1)
-        return row, found & (row < 0)
-
-    def forward(self, ids: torch.Tensor) -> Lookup:
-        hot, medium = self.classify(ids)
-        is_hot = hot >= 0
-        rows = torch.stack(
-            [hot.clamp(min=0), self.hash1_rows(self.hash(ids)), self.hash2_rows(ids)], dim=1
-        )
-        weights = torch.stack([is_hot, ~is_hot, medium & ~is_hot], dim=1).to(torch.float32)
-        return Lookup(rows, weights)
+        """(hot row or -1, medium flag) of each id, as the sketch has them now."""
+        cpu = ids.detach().to("cpu", torch.int64).contiguous()
+        hot, medium = self.sketch.classify(cpu, self.hash(cpu).numpy())
+        return hot.to(ids.device), medium.to(ids.device)
 
     def export(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        config = {
-            "hot_rows": self.hot_rows,
-            "hash_rows": self.hash_rows,
-            "buckets": self.buckets,
-            "seed": self.seed,
-        }
-        if self.sketch is None:
-            return config, {"ids": self.frozen_ids, "rows": self.frozen_rows}
         ids, rows = self.sketch.snapshot()
-        return config, {"ids": torch.from_numpy(ids), "rows": torch.from_numpy(rows)}
-
-    @classmethod
-    def from_export(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> CafeMapper:
-        return cls(
-            config["hot_rows"],
-            config["hash_rows"],
-            config["buckets"],
-            config["seed"],
-            frozen_ids=tensors["ids"],
-            frozen_rows=tensors["rows"],
-        )
+        return self.geometry(), {"ids": torch.from_numpy(ids), "rows": torch.from_numpy(rows)}
 
     def state_bytes(self) -> int:
-        """Buffers (frozen mapping) plus, while training, every array of the sketch."""
-        sketch = self.sketch.nbytes() if self.sketch is not None else 0
-        return tensor_bytes(self.buffers()) + sketch
+        """Buffers plus every array of the sketch."""
+        return tensor_bytes(self.buffers()) + self.sketch.nbytes()
 
     def serving_bytes(self) -> int:
-        if self.sketch is None:
-            return tensor_bytes(self.buffers())
         # Counted, not snapshotted: an id int64 and a row int32 per hot or medium id.
         return self.sketch.frozen_size() * (8 + 4)
 
     def get_extra_state(self) -> dict[str, torch.Tensor]:
         # The sketch is numpy state outside parameters and buffers; checkpoints carry it here.
-        if self.sketch is None:
-            return {}
         return {k: torch.from_numpy(v.copy()) for k, v in self.sketch.arrays().items()}
 
     def set_extra_state(self, state: dict[str, torch.Tensor]) -> None:
-        if self.sketch is not None and state:
+        if state:
             # A checkpoint loaded with map_location=cuda brings these to the GPU.
             self.sketch.load_arrays({k: v.cpu().numpy() for k, v in state.items()})
 
 
 class CafeEmbedding(CompressedEmbedding):
     """A CAFE-compressed feature: hot table + two hash tables + HotSketch, summed (→ MLET).
+
+    Every lookup goes through the mapper's rule (hot row, or hash1 row, plus the hash2 row
+    of medium ids): alone through `CafeMapper`, inside a collection through the same rule
+    in one numba pass per batch (`packed_lookup`) that also keeps each id's sketch hash for
+    the update after the step. Importance is the L2 norm of the gradient of what each id
+    read (k wide under MLET), taken from the gradient of the looked-up vectors.
 
     Args:
         hot_rows: rows of the hot table (ids with a hot row read only it).
@@ -232,29 +172,63 @@ class CafeEmbedding(CompressedEmbedding):
         rows = [max(1, hot_rows), hash_rows, hash_rows]
         super().__init__(mapper, rows, Combiner.SUM, dim, mlet_dim, sparse)
         self.mapper: CafeMapper
-        # (ids, sketch hashes, hash2 rows of medium ids, gradient norms) of each training
-        # batch since the last step.
+        # (ids, sketch hashes, hash2 rows of medium ids or -1, gradient norms) of each
+        # training lookup since the last step.
         self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]] = []
+        self.last_key: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @property
     def sketch(self) -> HotSketch:
         assert self.mapper.sketch is not None
         return self.mapper.sketch
 
+    @property
+    def wants_gradient_norms(self) -> bool:
+        return True
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.bound:
+            return super().forward(ids)  # refuses, with the reason
+        out = gather(self.tables, self.mapper(ids), self.combiner, self.sparse)
+        if self.training and out.requires_grad:
+            cpu = ids.detach().to("cpu", torch.int64).contiguous()
+            key = (cpu.numpy(), self.mapper.hash(cpu).numpy(), np.full(len(cpu), -1, np.int64))
+            out.register_hook(lambda grad: self.observe_gradient_norms(grad.norm(dim=1), key))
+        return out @ self.projection if self.projection is not None else out
+
+    def packed_slots(self) -> int:
+        return 2  # a primary row (hot or hash1) and, for medium ids, a hash2 row
+
+    def packed_lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The mapper's rule over a batch in one pass: [primary row, hash2 row] per id in the
+        stacked [hot | hash1 | hash2] store table, the second read by medium ids only."""
         cpu = ids.detach().to("cpu", torch.int64).contiguous().numpy()
-        hashes, *route, tags = self.sketch.route(cpu, self.mapper.hash_rows, self.mapper.seed + 1)
+        _, hash1_at, hash2_at = self.packed_row_offsets()
+        sketch = self.sketch
+        hashes, rows, mask, tags = _packed_rows_kernel(
+            sketch.keys,
+            sketch.scores,
+            sketch.rows,
+            cpu,
+            seed_offset(self.mapper.seed),
+            seed_offset(self.mapper.seed + 1),
+            sketch.medium_fraction * sketch.threshold,
+            self.mapper.hash_rows,
+            hash1_at,
+            hash2_at,
+        )
         # Each medium id's hash2 row rides along to the sketch update as its tag, so a
         # promotion needs no hash to find the row it starts from.
-        plan = _Plan(
-            *(torch.from_numpy(a).to(ids.device, non_blocking=True) for a in route),
-            sparse=self.sparse,
-            # Gradient norms feed the sketch only from training steps.
-            sink=self._pending if self.training else None,
-            key=(cpu, hashes, tags),
-        )
-        out = _CafeLookup.apply(plan, *self.tables)
-        return out @ self.projection if self.projection is not None else out
+        self.last_key = (cpu, hashes, tags) if self.training else None
+        rows_t = torch.from_numpy(rows).to(ids.device, non_blocking=True)
+        return rows_t, torch.from_numpy(mask).to(ids.device, non_blocking=True)
+
+    def observe_gradient_norms(
+        self, norms: torch.Tensor, key: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    ) -> None:
+        key = key if key is not None else self.last_key
+        if key is not None:
+            self._pending.append((*key, norms.detach()))
 
     def extra_state_bytes(self) -> int:
         return self.sketch.nbytes()
@@ -265,6 +239,8 @@ class CafeEmbedding(CompressedEmbedding):
 
         Must follow every optimizer step of a training batch (the collection, the sharding
         router and the training loop call it): until then the batch's norms are held here.
+        `optimizer` is the tables' optimizer of a method used alone; a method bound to a
+        collection's store moves the store's optimizer state instead.
         """
         pending, self._pending = self._pending, []
         for ids, hashes, tags, norms in pending:
@@ -292,6 +268,39 @@ class CafeEmbedding(CompressedEmbedding):
         if not self._migrate_on_cpu(events, optimizer):
             self._migrate_tensors(events, optimizer)
 
+    def _event_rows(self, events: SketchEvents) -> tuple[np.ndarray, np.ndarray]:
+        """Each event's hash1 row, and hash2 row where the id is medium (-1 elsewhere):
+        from the hashes and tags the events carry, the mapper's rule for the rest."""
+        hashes, h2, medium = events.hashes.copy(), events.tags.copy(), events.medium
+        unknown = hashes < 0
+        if unknown.any():
+            hashes[unknown] = self.mapper.hash(torch.from_numpy(events.ids[unknown])).numpy()
+        unknown = medium & (h2 < 0)
+        if unknown.any():
+            h2[unknown] = self.mapper.hash2_rows(torch.from_numpy(events.ids[unknown])).numpy()
+        h2[~medium] = -1
+        return self.mapper.hash1_rows(torch.from_numpy(hashes)).numpy(), h2
+
+    def _state_pairs(
+        self, optimizer: torch.optim.Optimizer | None
+    ) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """(hot table's, hash1 table's) view of each row-shaped optimizer state, [rows, k];
+        None for a side that has none yet (a fresh row there)."""
+        if self.bound:
+            return list(zip(self.table_row_states(0), self.table_row_states(1), strict=True))
+        if optimizer is None:
+            return []
+        hot_t, hash1_t, _ = self.tables
+        hot_state = optimizer.state.get(hot_t) or {}
+        hash1_state = optimizer.state.get(hash1_t) or {}
+        pairs = []
+        for key in dict.fromkeys([*hot_state, *hash1_state]):
+            a = _row_view(hot_state.get(key), hot_t)
+            b = _row_view(hash1_state.get(key), hash1_t)
+            if a is not None or b is not None:
+                pairs.append((a, b))
+        return pairs
+
     @torch.no_grad()
     def _migrate_on_cpu(
         self, events: SketchEvents, optimizer: torch.optim.Optimizer | None
@@ -303,41 +312,24 @@ class CafeEmbedding(CompressedEmbedding):
         tables = list(self.tables)
         if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tables):
             return False
-        hot_t, hash1_t, _ = tables
-        pairs: list[tuple[np.ndarray, np.ndarray]] = []
-        if optimizer is not None:
-            hot_state = optimizer.state.get(hot_t) or {}
-            hash1_state = optimizer.state.get(hash1_t) or {}
-            for key in dict.fromkeys([*hot_state, *hash1_state]):
-                a = _row_state(hot_state.get(key), hot_t)
-                b = _row_state(hash1_state.get(key), hash1_t)
-                if a is False or b is False:
-                    return False
-                if a is None and b is None:
-                    continue
-                # A missing side is an empty array: the kernel zeroes rows it would copy.
-                a = np.empty((0, b.shape[1]), b.dtype) if a is None else a
-                b = np.empty((0, a.shape[1]), a.dtype) if b is None else b
-                if a.dtype != b.dtype or a.shape[1] != b.shape[1]:
-                    return False
-                pairs.append((a, b))
+        pairs = []
+        for a, b in self._state_pairs(optimizer):
+            if any(s is not None and (s.device.type != "cpu" or not s.is_contiguous())
+                   for s in (a, b)):
+                return False
+            a_np = None if a is None else a.numpy()
+            b_np = None if b is None else b.numpy()
+            # A missing side is an empty array: the kernel zeroes rows it would copy.
+            a_np = np.empty((0, b_np.shape[1]), b_np.dtype) if a_np is None else a_np
+            b_np = np.empty((0, a_np.shape[1]), a_np.dtype) if b_np is None else b_np
+            if a_np.dtype != b_np.dtype or a_np.shape[1] != b_np.shape[1]:
+                return False
+            pairs.append((a_np, b_np))
+        h1, h2 = self._event_rows(events)
         hot, hash1, hash2 = (t.detach().numpy() for t in tables)
-        h1 = _migrate_tables(
-            hot,
-            hash1,
-            hash2,
-            events.kind,
-            events.ids,
-            events.rows,
-            events.medium,
-            events.hashes,
-            events.tags,
-            seed_offset(self.mapper.seed),
-            seed_offset(self.mapper.seed + 1),
-            self.mapper.buckets,
-        )
-        for a, b in pairs:
-            _migrate_rows(a, b, events.kind, events.rows, h1)
+        _migrate_tables(hot, hash1, hash2, events.kind, events.rows, h1, h2)
+        for a_np, b_np in pairs:
+            _migrate_rows(a_np, b_np, events.kind, events.rows, h1)
         return True
 
     @torch.no_grad()
@@ -348,67 +340,89 @@ class CafeEmbedding(CompressedEmbedding):
         distinct hot rows, so each run of them is applied at once."""
         hot_t, hash1_t, hash2_t = self.tables
         device = hot_t.device
-        # Hashes and hash2 rows come with events from inserting the id; compute the others.
-        hashes, h2, medium = events.hashes.copy(), events.tags.copy(), events.medium
-        unknown = hashes < 0
-        if unknown.any():
-            hashes[unknown] = self.mapper.hash(torch.from_numpy(events.ids[unknown])).numpy()
-        unknown = medium & (h2 < 0)
-        if unknown.any():
-            h2[unknown] = self.mapper.hash2_rows(torch.from_numpy(events.ids[unknown])).numpy()
-        h1 = self.mapper.hash1_rows(torch.from_numpy(hashes)).to(device)
+        h1_np, h2_np = self._event_rows(events)
+        h1 = torch.from_numpy(h1_np).to(device)
         rows = torch.from_numpy(events.rows).to(device)
+        medium = h2_np >= 0
         # The hash2 vector each medium id reads beside its hash1 row.
         medium_at = torch.from_numpy(np.flatnonzero(medium)).to(device)
-        second = hash2_t.index_select(0, torch.from_numpy(h2[medium]).to(device))
+        second = hash2_t.index_select(0, torch.from_numpy(h2_np[medium]).to(device))
+        pairs = self._state_pairs(optimizer)
         kinds = events.kind
         bounds = [0, *(np.flatnonzero(np.diff(kinds)) + 1).tolist(), len(events)]
         for a, b in itertools.pairwise(bounds):
             r, h = rows[a:b], h1[a:b]
-            if kinds[a] == PROMOTE:
-                vectors = hash1_t.index_select(0, h)
-            else:
-                vectors = hot_t.index_select(0, r)
+            promote = kinds[a] == PROMOTE
+            vectors = hash1_t.index_select(0, h) if promote else hot_t.index_select(0, r)
             if second.shape[0]:
                 inside = (medium_at >= a) & (medium_at < b)
-                sign = 1.0 if kinds[a] == PROMOTE else -1.0
+                sign = 1.0 if promote else -1.0
                 vectors.index_add_(0, medium_at[inside] - a, second[inside], alpha=sign)
-            if kinds[a] == PROMOTE:
+            if promote:
                 hot_t.index_copy_(0, r, vectors)
-                _move_state(optimizer, hash1_t, h, hot_t, r)
             else:
                 # Two ids demoted onto one hash1 row: the later one's vector is kept there.
                 hash1_t.index_copy_(0, h, vectors)
-                _move_state(optimizer, hot_t, r, hash1_t, h)
+            for hot_state, hash1_state in pairs:
+                src, dst = (hash1_state, hot_state) if promote else (hot_state, hash1_state)
+                src_rows, dst_rows = (h, r) if promote else (r, h)
+                if dst is None:
+                    continue
+                if src is None:
+                    dst[dst_rows] = 0
+                else:
+                    dst[dst_rows] = src[src_rows].to(dst.dtype)
 
 
-def _row_state(value: Any, table: torch.Tensor) -> np.ndarray | bool | None:
-    """An optimizer state tensor of `table` as a [rows, width] array sharing its memory;
-    None if it is not row-shaped (or absent), False if it is but cannot be shared so."""
+def _row_view(value: Any, table: torch.Tensor) -> torch.Tensor | None:
+    """An optimizer state tensor of `table` as a [rows, k] view; None unless row-shaped."""
     if not (isinstance(value, torch.Tensor) and value.dim() >= 1):
         return None
     if value.shape[0] != table.shape[0]:
         return None
-    if value.device.type != "cpu" or not value.is_contiguous():
-        return False
-    return value.view(value.shape[0], -1).numpy()
+    return value.view(value.shape[0], -1)
 
 
 @nb.njit(cache=True)
-def _migrate_tables(hot, hash1, hash2, kinds, ids, rows, medium, hashes, tags, offset,
-                    second_offset, buckets):
+def _packed_rows_kernel(keys, scores, rows, ids, offset, second_offset, medium_threshold,
+                        hash_rows, hash1_at, hash2_at):
+    """`CafeMapper`'s rule for a batch, in rows of the stacked [hot | hash1 | hash2] table:
+    (sketch hashes, [primary, hash2] rows, which of them are read, hash2 row or -1)."""
+    n = ids.shape[0]
+    n_buckets = keys.shape[0]
+    out = np.empty((n, 2), np.int64)
+    read = np.zeros((n, 2), np.bool_)
+    hashes = np.empty(n, np.int64)
+    tags = np.full(n, -1, np.int64)
+    for i in range(n):
+        h = hash64_scalar(ids[i], offset)
+        hashes[i] = h
+        b = h % n_buckets
+        first = hash1_at + (h // n_buckets) % hash_rows
+        out[i, 1] = hash2_at
+        read[i, 0] = True
+        for k in range(keys.shape[1]):
+            sc = scores[b, k]
+            if sc > 0 and keys[b, k] == ids[i]:
+                if rows[b, k] > 0:
+                    first = rows[b, k] - 1
+                elif sc >= medium_threshold:
+                    t2 = hash64_scalar(ids[i], second_offset) % hash_rows
+                    out[i, 1] = hash2_at + t2
+                    read[i, 1] = True
+                    tags[i] = t2
+                break
+        out[i, 0] = first
+    return hashes, out, read, tags
+
+
+@nb.njit(cache=True)
+def _migrate_tables(hot, hash1, hash2, kinds, rows, h1, h2):
     """Apply promotions and demotions to the tables in event order (see
-    `CafeEmbedding.migrate`); returns each event's hash1 row for the state kernel. Events
-    from a re-rank or decay carry no hash or tag (-1): those are hashed here."""
-    n_rows = hash1.shape[0]
-    h1 = np.empty(kinds.shape[0], np.int64)
+    `CafeEmbedding.migrate`); h2 is the hash2 row of a medium id, -1 otherwise."""
     for e in range(kinds.shape[0]):
-        h = hashes[e] if hashes[e] >= 0 else hash64_scalar(ids[e], offset)
-        h1[e] = (h // buckets) % n_rows
         r = rows[e]
-        t2 = -1
-        if medium[e]:
-            t2 = tags[e] if tags[e] >= 0 else hash64_scalar(ids[e], second_offset) % n_rows
+        t2 = h2[e]
         if kinds[e] == PROMOTE:
             for c in range(hot.shape[1]):
                 hot[r, c] = hash1[h1[e], c] + hash2[t2, c] if t2 >= 0 else hash1[h1[e], c]
@@ -416,7 +430,6 @@ def _migrate_tables(hot, hash1, hash2, kinds, ids, rows, medium, hashes, tags, o
             # Two ids demoted onto one hash1 row: the later one's vector is kept there.
             for c in range(hot.shape[1]):
                 hash1[h1[e], c] = hot[r, c] - hash2[t2, c] if t2 >= 0 else hot[r, c]
-    return h1
 
 
 @nb.njit(cache=True)
@@ -433,114 +446,6 @@ def _migrate_rows(hot_state, hash1_state, kinds, rows, h1):
         elif kinds[e] != PROMOTE and has_hash1:
             for c in range(hash1_state.shape[1]):
                 hash1_state[h, c] = hot_state[r, c] if has_hot else 0
-
-
-@dataclass
-class _Plan:
-    """Where one batch reads (see `HotSketch.route`)."""
-
-    hot_rows: torch.Tensor
-    hash1_rows: torch.Tensor
-    inverse: torch.Tensor
-    medium_at: torch.Tensor
-    hash2_rows: torch.Tensor
-    sparse: bool
-    sink: list[tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]] | None
-    key: tuple[np.ndarray, np.ndarray, np.ndarray]
-
-
-class _CafeLookup(torch.autograd.Function):
-    """Read each id's rows and sum them, in one autograd node.
-
-    Forward reads each distinct primary row once (hot rows, then hash1 rows) into a small
-    buffer, expands it to batch order with one gather, and adds the hash2 rows of medium
-    ids. Backward sums the gradient per distinct row with one index_add, so the hot and
-    hash1 tables get coalesced sparse gradients (sorted distinct rows; the optimizer's
-    coalesce then costs nothing) over exactly the rows read, and hash2 the medium ids'
-    rows. The per-id gradient norm (the HotSketch importance: the gradient of what the id
-    read, k wide under MLET) goes to the plan's sink.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        plan: _Plan,
-        hot_t: torch.Tensor,
-        hash1_t: torch.Tensor,
-        hash2_t: torch.Tensor,
-    ) -> torch.Tensor:
-        n_hot = plan.hot_rows.shape[0]
-        rows = hash1_t.new_empty(n_hot + plan.hash1_rows.shape[0], hash1_t.shape[1])
-        torch.index_select(hot_t, 0, plan.hot_rows, out=rows[:n_hot])
-        torch.index_select(hash1_t, 0, plan.hash1_rows, out=rows[n_hot:])
-        out = rows.index_select(0, plan.inverse)
-        if plan.medium_at.numel():
-            out.index_add_(0, plan.medium_at, hash2_t.index_select(0, plan.hash2_rows))
-        ctx.plan = plan
-        ctx.shapes = (hot_t.shape, hash1_t.shape, hash2_t.shape)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        plan: _Plan = ctx.plan
-        if plan.sink is not None:
-            plan.sink.append((*plan.key, grad.norm(dim=1)))
-        n_hot = plan.hot_rows.shape[0]
-        per_row = grad.new_zeros(n_hot + plan.hash1_rows.shape[0], grad.shape[1])
-        per_row.index_add_(0, plan.inverse, grad)
-        parts = (
-            (plan.hot_rows, per_row[:n_hot], True),
-            (plan.hash1_rows, per_row[n_hot:], True),
-            (plan.hash2_rows, grad.index_select(0, plan.medium_at), False),
-        )
-        grads: list[torch.Tensor | None] = [None]
-        for (rows, values, coalesced), shape, needed in zip(
-            parts, ctx.shapes, ctx.needs_input_grad[1:], strict=True
-        ):
-            if not needed or not rows.numel():
-                # Not read: no gradient at all (an empty sparse one trips row-wise optimizers).
-                grads.append(None)
-            elif plan.sparse:
-                grads.append(
-                    torch.sparse_coo_tensor(
-                        rows.unsqueeze(0),
-                        values,
-                        shape,
-                        check_invariants=False,
-                        is_coalesced=coalesced,
-                    )
-                )
-            else:
-                grads.append(values.new_zeros(shape).index_add_(0, rows, values))
-        return tuple(grads)
-
-
-def _move_state(
-    optimizer: torch.optim.Optimizer | None,
-    src: torch.Tensor,
-    src_rows: torch.Tensor,
-    dst: torch.Tensor,
-    dst_rows: torch.Tensor,
-) -> None:
-    """Copy the row-shaped optimizer state of `src_rows` onto `dst_rows`; where `src` has
-    none yet, reset the destination rows to zero (a fresh row)."""
-    if optimizer is None:
-        return
-    dst_state = optimizer.state.get(dst)
-    if not dst_state:
-        return
-    src_state = optimizer.state.get(src) or {}
-    for key, target in dst_state.items():
-        if not (isinstance(target, torch.Tensor) and target.dim() >= 1):
-            continue
-        if target.shape[0] != dst.shape[0]:
-            continue
-        value = src_state.get(key)
-        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == src.shape[0]:
-            target[dst_rows] = value[src_rows].to(target.dtype)
-        else:
-            target[dst_rows] = 0
 
 
 class CafeConfig(MethodConfig):

@@ -11,86 +11,15 @@ MLPerf's `id mod 40M` does too.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-import torch
 from pydantic import Field
 
 from embeddings import budget
-from embeddings.hashing import hash_bucket
-from embeddings.methods.base import (
-    Combiner,
-    CompressedEmbedding,
-    FeatureStats,
-    Lookup,
-    Mapper,
-    MethodConfig,
-)
+from embeddings.mapping import Combiner, FullMapper
+from embeddings.methods.base import CompressedEmbedding, FeatureStats, MethodConfig
 
-
-class FullMapper(Mapper):
-    """Known values → their own row; other values → hashed into the spare rows.
-
-    Args:
-        rows: rows of the table.
-        values: int64 [m] known values, sorted ascending (m ≤ rows), or None.
-        value_rows: int32 [m] the row of each known value.
-        seed: hash seed for the values that have no row of their own.
-    """
-
-    kind = "full"
-
-    def __init__(
-        self,
-        rows: int,
-        values: torch.Tensor | None = None,
-        value_rows: torch.Tensor | None = None,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        self.rows = rows
-        self.seed = seed
-        self.known = 0 if values is None else int(values.shape[0])
-        if self.known > rows:
-            raise ValueError(f"{self.known} known values cannot own {rows} rows")
-        if values is not None:
-            self.register_buffer("values", values.to(torch.int64))
-            self.register_buffer("value_rows", value_rows.to(torch.int32))
-
-    @classmethod
-    def from_vocabulary(
-        cls, rows: int, vocabulary: torch.Tensor | None, seed: int = 0
-    ) -> FullMapper:
-        """The first `rows` values of `vocabulary` (most frequent first) own rows 0, 1, …"""
-        if vocabulary is None or len(vocabulary) == 0:
-            return cls(rows, seed=seed)
-        top = torch.as_tensor(vocabulary, dtype=torch.int64)[:rows]
-        values, order = torch.sort(top)
-        if not values.is_meta and len(values) > 1 and bool((values[1:] == values[:-1]).any()):
-            raise ValueError("the vocabulary holds a value twice")
-        return cls(rows, values, order.to(torch.int32), seed)
-
-    def forward(self, ids: torch.Tensor) -> Lookup:
-        spare = self.rows - self.known
-        if spare > 0:
-            fallback = self.known + hash_bucket(ids, spare, self.seed)
-        else:
-            fallback = hash_bucket(ids, self.rows, self.seed)
-        if not self.known:
-            return Lookup(fallback[:, None])
-        pos = torch.searchsorted(self.values, ids.contiguous()).clamp_(max=self.known - 1)
-        hit = self.values[pos] == ids
-        rows = torch.where(hit, self.value_rows[pos].to(torch.int64), fallback)
-        return Lookup(rows[:, None])
-
-    def export(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        config = {"rows": self.rows, "seed": self.seed}
-        tensors = {"values": self.values, "value_rows": self.value_rows} if self.known else {}
-        return config, tensors
-
-    @classmethod
-    def from_export(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> FullMapper:
-        return cls(config["rows"], tensors.get("values"), tensors.get("value_rows"), config["seed"])
+__all__ = ["FullConfig", "FullMapper"]
 
 
 class FullConfig(MethodConfig):

@@ -6,41 +6,13 @@ machine. The simplest compression, and the baseline every other method is measur
 
 from __future__ import annotations
 
-from typing import Any, Literal
-
-import torch
+from typing import Literal
 
 from embeddings import budget
-from embeddings.hashing import hash_bucket
-from embeddings.methods.base import (
-    Combiner,
-    CompressedEmbedding,
-    FeatureStats,
-    Lookup,
-    Mapper,
-    RowsOrRatioConfig,
-)
+from embeddings.mapping import Combiner, HashMapper
+from embeddings.methods.base import CompressedEmbedding, FeatureStats, RowsOrRatioConfig
 
-
-class HashMapper(Mapper):
-    """id → hash(id) mod rows: stateless."""
-
-    kind = "hash"
-
-    def __init__(self, rows: int, seed: int = 0) -> None:
-        super().__init__()
-        self.rows = rows
-        self.seed = seed
-
-    def forward(self, ids: torch.Tensor) -> Lookup:
-        return Lookup(hash_bucket(ids, self.rows, self.seed)[:, None])
-
-    def export(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        return {"rows": self.rows, "seed": self.seed}, {}
-
-    @classmethod
-    def from_export(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> HashMapper:
-        return cls(config["rows"], config["seed"])
+__all__ = ["HashConfig", "HashMapper"]
 
 
 class HashConfig(RowsOrRatioConfig):

@@ -14,91 +14,26 @@ serving read it the same way.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import Field
 
 from embeddings import budget
-from embeddings.hashing import hash_bucket
-from embeddings.methods.base import (
-    Combiner,
-    CompressedEmbedding,
-    FeatureStats,
-    Lookup,
-    Mapper,
-    RowsOrRatioConfig,
-)
+from embeddings.mapping import Combiner, LearnedHashMapper
+from embeddings.methods.base import CompressedEmbedding, FeatureStats, RowsOrRatioConfig
+
+__all__ = [
+    "LearnedHashConfig",
+    "LearnedHashMapper",
+    "fit_learned_hash",
+    "small_embeddings_from",
+    "weighted_kmeans",
+]
 
 # Distances are computed in chunks of at most this many (id, centroid) pairs.
 _PAIRS_PER_CHUNK = 1 << 24
-
-
-class LearnedHashMapper(Mapper):
-    """Mapped ids → their learned row; other ids → hash into the cluster rows.
-
-    Args:
-        rows: rows of the table.
-        own_rows: rows [0, own_rows) belong to one frequent id each; the rest are clusters.
-        seed: hash seed for ids without a learned row.
-        values: int64 [m] mapped ids, sorted ascending (None = none).
-        value_rows: int32 [m] the row of each mapped id.
-    """
-
-    kind = "learned_hash"
-
-    def __init__(
-        self,
-        rows: int,
-        own_rows: int,
-        seed: int = 0,
-        values: torch.Tensor | None = None,
-        value_rows: torch.Tensor | None = None,
-    ) -> None:
-        super().__init__()
-        if not 0 <= own_rows <= rows:
-            raise ValueError(f"own_rows must be in [0, rows={rows}], got {own_rows}")
-        self.rows = rows
-        self.own_rows = own_rows
-        self.seed = seed
-        if values is None:
-            values = torch.zeros(0, dtype=torch.int64)
-            value_rows = torch.zeros(0, dtype=torch.int32)
-        self.register_buffer("values", values.to(torch.int64))
-        self.register_buffer("value_rows", value_rows.to(torch.int32))
-
-    def fallback(self, ids: torch.Tensor) -> torch.Tensor:
-        """Row of an id with no learned row: hashed into the cluster rows (all rows if none)."""
-        spare = self.rows - self.own_rows
-        if spare > 0:
-            return self.own_rows + hash_bucket(ids, spare, self.seed)
-        return hash_bucket(ids, self.rows, self.seed)
-
-    def forward(self, ids: torch.Tensor) -> Lookup:
-        rows = self.fallback(ids)
-        m = self.values.shape[0]
-        if m:
-            pos = torch.searchsorted(self.values, ids).clamp_(max=m - 1)
-            hit = self.values[pos] == ids
-            rows = torch.where(hit, self.value_rows[pos].to(torch.int64), rows)
-        return Lookup(rows[:, None])
-
-    def export(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        config = {"rows": self.rows, "own_rows": self.own_rows, "seed": self.seed}
-        return config, {"values": self.values, "value_rows": self.value_rows}
-
-    @classmethod
-    def from_export(
-        cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]
-    ) -> LearnedHashMapper:
-        return cls(
-            config["rows"],
-            config["own_rows"],
-            config["seed"],
-            tensors["values"],
-            tensors["value_rows"],
-        )
 
 
 def weighted_kmeans(

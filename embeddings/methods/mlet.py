@@ -3,20 +3,15 @@ train a k-wide method followed by a k×d projection (k > d), serve it collapsed 
 
 The projection itself lives in `CompressedEmbedding` (base.py), which folds it into every
 table at collapse; this module is the composition rule: which base methods MLET may wrap,
-with which widths, and the refusal of QR by product. Any registered method config composes
-through the same builder, including CAFE and learned hashing once their modules exist.
+with which widths, and the refusal of QR by product. Every method config checks it
+(`MethodConfig.check`), so it depends on nothing of the methods; any registered method
+config composes through the same builder (`with_mlet`, `build_mlet` in base.py, next to the
+registry they read).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from embeddings.methods.base import (
-    Combiner,
-    CompressedEmbedding,
-    FeatureStats,
-    MethodConfig,
-)
+from embeddings.mapping import Combiner
 
 # k/d range the paper explores; wider buys nothing and narrower is barely MLET.
 MLET_MIN_RATIO = 2
@@ -45,27 +40,3 @@ def check_mlet(method: str, combiner: Combiner, dim: int, mlet_dim: int | None) 
             f"mlet_dim k={mlet_dim} must be a multiple of d={dim} with k/d from "
             f"{MLET_MIN_RATIO} to {MLET_MAX_RATIO}"
         )
-
-
-def with_mlet(base: MethodConfig | dict[str, Any], mlet_dim: int) -> MethodConfig:
-    """`base` (a method config or its dict) with MLET of width `mlet_dim` on top, validated."""
-    from embeddings.methods.base import METHODS
-
-    data = base.model_dump() if isinstance(base, MethodConfig) else dict(base)
-    data["mlet_dim"] = mlet_dim
-    if data.get("method") not in METHODS:
-        raise ValueError(f"unknown method {data.get('method')!r}; known: {sorted(METHODS)}")
-    return METHODS[data["method"]].model_validate(data)
-
-
-def build_mlet(
-    base: MethodConfig | dict[str, Any],
-    num_embeddings: int,
-    dim: int,
-    mlet_dim: int,
-    stats: FeatureStats | None = None,
-) -> CompressedEmbedding:
-    """Build `base` with MLET of width `mlet_dim`: tables k wide, a k×d projection after."""
-    config = with_mlet(base, mlet_dim)
-    config.check(num_embeddings, dim)
-    return config.build(num_embeddings, dim, stats)

@@ -12,52 +12,21 @@ float division loses digits).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-import torch
 from pydantic import Field, model_validator
 
 from embeddings import budget
-from embeddings.hashing import hash_bucket
+from embeddings.mapping import Combiner, QRMapper
 from embeddings.methods.base import (
-    Combiner,
     CompressedEmbedding,
     FeatureStats,
-    Lookup,
-    Mapper,
     MethodConfig,
     ordinary_bound,
 )
 from embeddings.methods.mlet import nonlinear_refusal
 
-
-class QRMapper(Mapper):
-    """id → (hash(id) mod n) // c in the quotient table, (hash(id) mod n) % c in the remainder."""
-
-    kind = "qr"
-
-    def __init__(self, num_embeddings: int, collisions: int, seed: int = 0) -> None:
-        super().__init__()
-        self.num_embeddings = num_embeddings
-        self.collisions = collisions
-        self.seed = seed
-
-    def forward(self, ids: torch.Tensor) -> Lookup:
-        index = hash_bucket(ids, self.num_embeddings, self.seed)
-        quotient = torch.div(index, self.collisions, rounding_mode="floor")
-        return Lookup(torch.stack([quotient, index - quotient * self.collisions], dim=1))
-
-    def export(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        config = {
-            "num_embeddings": self.num_embeddings,
-            "collisions": self.collisions,
-            "seed": self.seed,
-        }
-        return config, {}
-
-    @classmethod
-    def from_export(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> QRMapper:
-        return cls(config["num_embeddings"], config["collisions"], config["seed"])
+__all__ = ["QRConfig", "QRMapper", "qr_init_bounds"]
 
 
 def qr_init_bounds(combiner: Combiner, width: int) -> list[float]:

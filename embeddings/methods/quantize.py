@@ -1,281 +1,29 @@
-"""Serving tables: plain d-wide rows, stored fp32 or quantised row-wise, dequantised on lookup.
+"""Mixed-precision quantisation (after MPE, arXiv 2409.20305): each row of the serving tables
+stored in its own format, chosen from its access count so that the model fits a byte budget.
 
-Quantisation happens once, at export, on the collapsed tables; lookups return float32 so the
-combiner and the model above never see the storage format. Formats and their error bounds
-(x̂ the dequantised value of x, per row of the fp32 table it was encoded from):
-
-- fp32: exact.
-- fp16: |x − x̂| ≤ 2⁻¹¹·|x| (round to nearest; 2⁻²⁵ absolute below fp16's normal range).
-  Values beyond ±65504 are refused rather than stored as inf.
-- int8: q = round((x − min)/s) with s = (max − min)/255, x̂ = q·s + min, so
-  |x − x̂| ≤ s/2 = (max − min)/255/2 per row.
-- int4: the same with 15 levels, |x − x̂| ≤ (max − min)/15/2; two values packed per byte.
-- mixed (after MPE, arXiv 2409.20305): each row in one of the formats above, chosen from its
-  access count so that the model fits a byte budget; its own row's bound applies.
-
-int8/int4 rows carry an fp32 scale and bias (8 bytes); float32 arithmetic in the lookup adds
-at most a few units in the last place (~1e-7 relative) to these bounds.
+The formats, their row-wise encodings and error bounds are the serving form's
+(`embeddings.serving_tables`); this module is the planning that runs once at export, on the
+collapsed tables: which rows deserve the more precise formats. Single-format quantisation
+needs no planning (`ServingEmbedding.quantize`, `ServingCollection.quantize`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
-from embeddings.budget import MIXED_ID_BYTES, SERVING_FORMATS, row_bytes
-from embeddings.methods.base import tensor_bytes
+from embeddings.budget import MIXED_ID_BYTES, row_bytes
+from embeddings.serving_embedding import ServingCollection, ServingEmbedding
+from embeddings.serving_tables import FP16_UNIT, LEVELS, MixedServingTable, ServingTable
 
-_LEVELS = {"int8": 255, "int4": 15}
-_FP16_MAX = 65504.0
-_FP16_UNIT = 2.0**-11
-_FP16_SUBNORMAL = 2.0**-25
+if TYPE_CHECKING:
+    from embeddings.methods.base import FeatureStats
+
 # Precision order, best first: a format is only worth its bytes if it is more precise.
 _PRECISION = {"fp32": 0, "fp16": 1, "int8": 2, "int4": 3}
-
-
-def _round_down_f32(x: torch.Tensor) -> torch.Tensor:
-    """float64 → the largest float32 ≤ x (so a rounded bias never sits above the row's min)."""
-    y = x.to(torch.float32)
-    return torch.where(y.double() > x, torch.nextafter(y, torch.full_like(y, -torch.inf)), y)
-
-
-def _round_up_f32(x: torch.Tensor) -> torch.Tensor:
-    y = x.to(torch.float32)
-    return torch.where(y.double() < x, torch.nextafter(y, torch.full_like(y, torch.inf)), y)
-
-
-class ServingTable(nn.Module):
-    """One serving table in one storage format; `lookup(rows)` returns float32 rows.
-
-    Args:
-        fmt: "fp32", "fp16", "int8" or "int4".
-        data: the stored rows: float32/float16 [rows, width], uint8 [rows, width] for int8,
-            uint8 [rows, ceil(width / 2)] for int4 (even column in the low nibble).
-        width: the row width d.
-        scale, bias: float32 [rows] for int8/int4 (x̂ = q·scale + bias), None otherwise.
-    """
-
-    def __init__(
-        self,
-        fmt: str,
-        data: torch.Tensor,
-        width: int,
-        scale: torch.Tensor | None = None,
-        bias: torch.Tensor | None = None,
-    ) -> None:
-        super().__init__()
-        if fmt not in SERVING_FORMATS:
-            raise ValueError(f"unknown serving format {fmt!r}; known: {list(SERVING_FORMATS)}")
-        if (fmt in _LEVELS) != (scale is not None and bias is not None):
-            raise ValueError(f"format {fmt} needs scale and bias exactly when it is an int format")
-        self.fmt = fmt
-        self.width = width
-        self.register_buffer("data", data)
-        if scale is not None:
-            self.register_buffer("scale", scale)
-            self.register_buffer("bias", bias)
-
-    @property
-    def rows(self) -> int:
-        return self.data.shape[0]
-
-    @classmethod
-    def fp32(cls, table: torch.Tensor) -> ServingTable:
-        return cls("fp32", table.detach().to(torch.float32).contiguous(), table.shape[1])
-
-    @classmethod
-    @torch.no_grad()
-    def encode(cls, table: torch.Tensor, fmt: str) -> ServingTable:
-        """Store an fp32 [rows, width] table in `fmt`, row-wise."""
-        table = table.detach().to(torch.float32)
-        width = table.shape[1]
-        if fmt == "fp32":
-            return cls.fp32(table)
-        if fmt == "fp16":
-            if table.numel() and table.abs().max() > _FP16_MAX:
-                raise ValueError("table has values beyond fp16's range (±65504); keep it fp32")
-            return cls("fp16", table.to(torch.float16).contiguous(), width)
-        if fmt not in _LEVELS:
-            raise ValueError(f"unknown serving format {fmt!r}; known: {list(SERVING_FORMATS)}")
-        levels = _LEVELS[fmt]
-        x = table.double()
-        empty = x.shape[1] == 0
-        lo = x.min(1).values if not empty else torch.zeros(x.shape[0], dtype=torch.float64)
-        hi = x.max(1).values if not empty else lo
-        # Bias rounded down and scale up, so [bias, bias + levels·scale] still covers the row
-        # after float32 rounding and the s/2 bound holds.
-        bias = _round_down_f32(lo)
-        scale = _round_up_f32((hi - bias.double()) / levels)
-        step = torch.where(scale > 0, scale.double(), torch.ones_like(lo))
-        q = torch.round((x - bias.double()[:, None]) / step[:, None]).clamp_(0, levels)
-        q = q.to(torch.uint8)
-        if fmt == "int4":
-            if width % 2:
-                q = torch.cat([q, torch.zeros(q.shape[0], 1, dtype=torch.uint8)], dim=1)
-            q = q[:, 0::2] | (q[:, 1::2] << 4)
-        return cls(fmt, q.contiguous(), width, scale, bias)
-
-    def _decode(self, stored: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        if self.fmt in ("fp32", "fp16"):
-            return stored.to(torch.float32)
-        if self.fmt == "int4":
-            stored = torch.stack([stored & 0x0F, stored >> 4], dim=-1).flatten(-2)
-            stored = stored[:, : self.width]
-        scale = self.scale if rows is None else self.scale.index_select(0, rows)
-        bias = self.bias if rows is None else self.bias.index_select(0, rows)
-        return torch.addcmul(bias[:, None], stored.to(torch.float32), scale[:, None])
-
-    def lookup(self, rows: torch.Tensor) -> torch.Tensor:
-        if self.fmt == "fp32":
-            return torch.nn.functional.embedding(rows, self.data)
-        return self._decode(self.data.index_select(0, rows), rows)
-
-    def dequantize(self) -> torch.Tensor:
-        """The whole table as float32 [rows, width]."""
-        return self._decode(self.data, None)
-
-    def error_bound(self) -> torch.Tensor:
-        """Per-row bound on |x − x̂| against the fp32 table this was encoded from."""
-        if self.fmt == "fp32":
-            return torch.zeros(self.rows)
-        if self.fmt == "fp16":
-            peak = self.data.abs().amax(1).float() if self.width else torch.zeros(self.rows)
-            return peak * _FP16_UNIT / (1 - _FP16_UNIT) + _FP16_SUBNORMAL
-        return self.scale / 2
-
-    def nbytes(self) -> int:
-        return tensor_bytes(self.buffers())
-
-    def export(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """JSON config and tensors (safetensors-ready) that rebuild this table."""
-        config = {"fmt": self.fmt, "width": self.width, "rows": self.rows}
-        return config, {name: buf for name, buf in self.named_buffers()}
-
-    @classmethod
-    def from_export(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> ServingTable:
-        scale, bias = tensors.get("scale"), tensors.get("bias")
-        return cls(config["fmt"], tensors["data"], config["width"], scale, bias)
-
-
-class MixedServingTable(nn.Module):
-    """Rows of one table stored in several formats: a base format for most rows, and tiers
-    of promoted rows in more precise formats.
-
-    Each tier keeps the sorted int32 ids of its rows; the base table stores the remaining
-    rows in order, so a base row's slot is its id minus the number of promoted ids below it
-    and no per-row index is needed (4 bytes per promoted row, none per base row).
-    """
-
-    fmt = "mixed"
-
-    def __init__(
-        self, base: ServingTable, tiers: list[ServingTable], tier_ids: list[torch.Tensor]
-    ) -> None:
-        super().__init__()
-        self.width = base.width
-        self.base = base
-        self.tiers = nn.ModuleList(tiers)
-        for i, ids in enumerate(tier_ids):
-            self.register_buffer(f"ids{i}", ids.to(torch.int32).contiguous())
-
-    @property
-    def tier_ids(self) -> list[torch.Tensor]:
-        return [getattr(self, f"ids{i}") for i in range(len(self.tiers))]
-
-    @property
-    def rows(self) -> int:
-        return self.base.rows + sum(len(ids) for ids in self.tier_ids)
-
-    @classmethod
-    @torch.no_grad()
-    def encode(
-        cls, table: torch.Tensor, tier_of_row: torch.Tensor, formats: list[str]
-    ) -> MixedServingTable:
-        """Row r stored in formats[tier_of_row[r]]; formats[0] is the base format."""
-        tier_of_row = tier_of_row.to(torch.int64)
-        base = ServingTable.encode(table[tier_of_row == 0], formats[0])
-        tiers, ids = [], []
-        for level, fmt in enumerate(formats[1:], start=1):
-            rows = torch.nonzero(tier_of_row == level).flatten()
-            if len(rows):
-                tiers.append(ServingTable.encode(table[rows], fmt))
-                ids.append(rows)
-        return cls(base, tiers, ids)
-
-    def lookup(self, rows: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(rows.shape[0], self.width)
-        rows32 = rows.to(torch.int32)
-        promoted_below = torch.zeros_like(rows)
-        in_base = torch.ones_like(rows, dtype=torch.bool)
-        for table, ids in zip(self.tiers, self.tier_ids, strict=True):
-            pos = torch.searchsorted(ids, rows32)
-            hit = ids[pos.clamp(max=len(ids) - 1)] == rows32
-            out[hit] = table.lookup(pos[hit])
-            promoted_below += pos
-            in_base &= ~hit
-        out[in_base] = self.base.lookup((rows - promoted_below)[in_base])
-        return out
-
-    def dequantize(self) -> torch.Tensor:
-        return self.lookup(torch.arange(self.rows))
-
-    def error_bound(self) -> torch.Tensor:
-        out = torch.empty(self.rows)
-        promoted = torch.zeros(self.rows, dtype=torch.bool)
-        for table, ids in zip(self.tiers, self.tier_ids, strict=True):
-            out[ids.long()] = table.error_bound()
-            promoted[ids.long()] = True
-        out[~promoted] = self.base.error_bound()
-        return out
-
-    def formats(self) -> dict[str, int]:
-        """Rows stored in each format."""
-        counts = {self.base.fmt: self.base.rows}
-        for table in self.tiers:
-            counts[table.fmt] = counts.get(table.fmt, 0) + table.rows
-        return counts
-
-    def nbytes(self) -> int:
-        return tensor_bytes(self.buffers())
-
-    def export(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        base_cfg, base_tensors = self.base.export()
-        config: dict[str, Any] = {"fmt": "mixed", "width": self.width, "rows": self.rows}
-        config["base"] = base_cfg
-        config["tiers"] = []
-        tensors = {f"base.{k}": v for k, v in base_tensors.items()}
-        for i, (table, ids) in enumerate(zip(self.tiers, self.tier_ids, strict=True)):
-            cfg, ts = table.export()
-            config["tiers"].append(cfg)
-            tensors.update({f"tier{i}.{k}": v for k, v in ts.items()})
-            tensors[f"tier{i}.ids"] = ids
-        return config, tensors
-
-    @classmethod
-    def from_export(
-        cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]
-    ) -> MixedServingTable:
-        def part(prefix: str) -> dict[str, torch.Tensor]:
-            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-        base = ServingTable.from_export(config["base"], part("base."))
-        tiers = [
-            ServingTable.from_export(cfg, part(f"tier{i}."))
-            for i, cfg in enumerate(config["tiers"])
-        ]
-        ids = [tensors[f"tier{i}.ids"] for i in range(len(tiers))]
-        return cls(base, tiers, ids)
-
-
-def table_from_export(
-    config: dict[str, Any], tensors: dict[str, torch.Tensor]
-) -> ServingTable | MixedServingTable:
-    """Rebuild any serving table from its `export()`."""
-    kind = MixedServingTable if config["fmt"] == "mixed" else ServingTable
-    return kind.from_export(config, tensors)
 
 
 @dataclass
@@ -322,8 +70,8 @@ def _row_errors(table: torch.Tensor, fmt: str) -> torch.Tensor:
     if fmt == "fp32" or x.shape[1] == 0:
         return torch.zeros(x.shape[0], dtype=torch.float64)
     if fmt == "fp16":
-        return x.pow(2).sum(1) * _FP16_UNIT**2 / 3
-    step = (x.max(1).values - x.min(1).values) / _LEVELS[fmt]
+        return x.pow(2).sum(1) * FP16_UNIT**2 / 3
+    step = (x.max(1).values - x.min(1).values) / LEVELS[fmt]
     return step.pow(2) / 12 * x.shape[1]
 
 
@@ -428,3 +176,42 @@ def quantize_mixed(
         expected_mse=weighted_err / weight if weight else 0.0,
     )
     return out, report
+
+
+def quantize_embedding_mixed(
+    emb: ServingEmbedding, row_counts: list[torch.Tensor], budget_bytes: int
+) -> tuple[ServingEmbedding, MixedPrecisionReport]:
+    """`emb` with per-row formats from the access count of each row of each of its tables
+    (`ServingEmbedding.row_counts`), so that the whole embedding fits `budget_bytes`."""
+    tables, report = quantize_mixed(
+        [[t.dequantize() for t in emb.tables]],
+        [row_counts],
+        budget_bytes,
+        fixed_bytes=emb.mapper.state_bytes(),
+    )
+    return ServingEmbedding(emb.mapper, tables[0], emb.combiner), report
+
+
+def quantize_collection_mixed(
+    collection: ServingCollection, stats: Mapping[str, FeatureStats], budget_bytes: int
+) -> tuple[ServingCollection, MixedPrecisionReport]:
+    """Per-row formats from access frequencies so the whole collection fits `budget_bytes`.
+
+    Rows of features without statistics count as never read (they stay at the cheapest
+    format).
+    """
+    groups, counts = [], []
+    for name, emb in collection.embeddings.items():
+        tables = [t.dequantize() for t in emb.tables]
+        groups.append(tables)
+        if name in stats:
+            counts.append(emb.row_counts(stats[name].values, stats[name].counts))
+        else:
+            counts.append([torch.zeros(t.shape[0], dtype=torch.float64) for t in tables])
+    fixed = sum(emb.mapper.state_bytes() for emb in collection.embeddings.values())
+    tables, report = quantize_mixed(groups, counts, budget_bytes, fixed_bytes=fixed)
+    out = [
+        ServingEmbedding(emb.mapper, ts, emb.combiner)
+        for emb, ts in zip(collection.embeddings.values(), tables, strict=True)
+    ]
+    return ServingCollection(collection.names, out, collection.dim), report

@@ -10,31 +10,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from enum import Enum
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from embeddings.hashing import hash_bucket
-
-# Seed of the id → shard hash. Fixed forever (a checkpoint's shards depend on it) and far
-# from the small seeds methods use for their own row hashes, so the two hashes stay
-# independent: the ids that land on one shard still spread over all of its rows.
-SHARD_HASH_SEED = 0x5348415244  # "SHARD"
+# The id → shard hash lives with the one hash (serving's split features read it too); its
+# names stay importable from here.
+from embeddings.hashing import SHARD_HASH_SEED as SHARD_HASH_SEED
+from embeddings.hashing import shard_of as shard_of
 
 # Stateless tables below this many training bytes are copied to every worker by default: a
 # copy costs less than sending their ids and vectors across workers.
 DEFAULT_REPLICATE_BELOW_BYTES = 1 << 20
-
-
-def shard_of(ids: torch.Tensor, num_shards: int) -> torch.Tensor:
-    """Shard index in [0, num_shards) of each raw id of a split feature.
-
-    Args:
-        ids: int64 raw feature values, any shape, any device.
-        num_shards: how many parts the feature's id space is split into.
-    """
-    if num_shards == 1:
-        return torch.zeros_like(ids, dtype=torch.int64)
-    return hash_bucket(ids, num_shards, SHARD_HASH_SEED)
 
 
 class Placement(str, Enum):

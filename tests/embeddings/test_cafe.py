@@ -5,8 +5,9 @@ import torch
 from embeddings import budget
 from embeddings.collection import CollectionConfig, EmbeddingCollection
 from embeddings.hotsketch import DEMOTE, PROMOTE, SketchEvents
+from embeddings.mapping import FrozenCafeMapper
 from embeddings.methods.base import Mapper, tensor_bytes
-from embeddings.methods.cafe import CafeConfig, CafeEmbedding, CafeMapper, cafe_defaults
+from embeddings.methods.cafe import CafeConfig, CafeEmbedding, cafe_defaults
 from embeddings.optim import LazyAdam, RowWiseAdagrad
 
 
@@ -194,6 +195,7 @@ def test_export_round_trip_and_checkpoint_restore_the_same_mapping():
     train(emb, 60, values)
     config, tensors = emb.mapper.export()
     rebuilt = Mapper.build("cafe", config, tensors)
+    assert type(rebuilt) is FrozenCafeMapper and rebuilt.frozen and not emb.mapper.frozen
     again = rebuilt.export()
     assert again[0] == config
     assert all(torch.equal(again[1][k], tensors[k]) for k in tensors)
@@ -234,7 +236,7 @@ def test_collection_builds_cafe_by_ratio_and_forwards_after_step():
 
 
 def test_frozen_mapper_needs_no_sketch():
-    mapper = CafeMapper(
+    mapper = FrozenCafeMapper(
         4, 10, buckets=4, frozen_ids=torch.tensor([3, 9]), frozen_rows=torch.tensor([2, -1])
     )
     lookup = mapper(torch.tensor([9, 3, 5]))

@@ -11,10 +11,17 @@ from pydantic import ValidationError
 
 from embeddings import budget
 from embeddings.hashing import hash_bucket
-from embeddings.methods.base import METHODS, Combiner, FeatureStats, MethodConfig, tensor_bytes
+from embeddings.methods.base import (
+    METHODS,
+    Combiner,
+    FeatureStats,
+    MethodConfig,
+    build_mlet,
+    tensor_bytes,
+    with_mlet,
+)
 from embeddings.methods.full import FullConfig
 from embeddings.methods.hashing_trick import HashConfig
-from embeddings.methods.mlet import build_mlet, with_mlet
 from embeddings.methods.qr import QRConfig, QRMapper
 from embeddings.optim import RowWiseAdagrad
 from embeddings.serving_io import serving_state

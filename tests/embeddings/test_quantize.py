@@ -9,12 +9,8 @@ import pytest
 import torch
 
 from embeddings.budget import row_bytes, table_bytes
-from embeddings.methods.quantize import (
-    MixedServingTable,
-    ServingTable,
-    quantize_mixed,
-    table_from_export,
-)
+from embeddings.methods.quantize import quantize_mixed
+from embeddings.serving_tables import MixedServingTable, ServingTable, table_from_export
 
 
 def _table(rows: int = 300, width: int = 13, seed: int = 0) -> torch.Tensor:

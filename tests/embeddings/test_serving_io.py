@@ -8,8 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from embeddings.collection import CollectionConfig, EmbeddingCollection, ServingCollection
-from embeddings.methods.base import FeatureStats, ServingEmbedding, tensor_bytes
+from embeddings.collection import CollectionConfig, EmbeddingCollection
+from embeddings.mapping import tensor_bytes
+from embeddings.methods.base import FeatureStats
+from embeddings.methods.quantize import quantize_collection_mixed
+from embeddings.serving_embedding import ServingCollection, ServingEmbedding
 from embeddings.serving_io import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -41,7 +44,7 @@ def _collection() -> tuple[ServingCollection, torch.Tensor, dict[str, FeatureSta
 def test_collection_round_trip_scores_identically(tmp_path, fmt: str) -> None:
     serving, ids, stats = _collection()
     if fmt == "mixed":
-        serving, _ = serving.quantize_mixed(stats, serving.serving_bytes() // 2)
+        serving, _ = quantize_collection_mixed(serving, stats, serving.serving_bytes() // 2)
     elif fmt != "fp32":
         serving = serving.quantize(fmt)
     save_serving(serving, tmp_path)
