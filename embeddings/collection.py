@@ -478,12 +478,12 @@ class EmbeddingCollection(nn.Module):
             pre = out
         if self._norm_features and self.training and pre.requires_grad:
             pre.register_hook(self._norm_hook(keys))
+        # split, not slicing: the backward of a slice fills a zero tensor of the whole width.
+        widths = [(k or self._dim) * count for k, _, count in self._groups]
+        parts = pre.split(widths, dim=1) if len(widths) > 1 else [pre]
         blocks = []
-        col = 0
-        for k, start, count in self._groups:
-            width = k or self._dim
-            x = pre[:, col : col + width * count].reshape(n, count, width)
-            col += width * count
+        for (k, start, count), part in zip(self._groups, parts, strict=True):
+            x = part.reshape(n, count, k or self._dim)
             if k is not None:
                 projections = torch.stack([
                     self.embeddings[self.names[j]].projection
@@ -492,7 +492,9 @@ class EmbeddingCollection(nn.Module):
                 x = torch.bmm(x.transpose(0, 1), projections).transpose(0, 1)
             blocks.append(x)
         out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
-        return out if self._inverse is None else out.index_select(1, self._inverse)
+        if self._inverse is None:
+            return out
+        return out.index_select(1, self._inverse.to(out.device))
 
     def _norm_hook(self, keys: dict[str, Any]) -> Any:
         features = self._norm_features
