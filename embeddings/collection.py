@@ -434,9 +434,12 @@ class EmbeddingCollection(nn.Module):
             self._layout_cache[key] = (perm, offsets)
         return self._layout_cache[key]
 
-    def lookup_inputs(self, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def lookup_inputs(
+        self, sparse: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(indices, offsets) of the store call for a batch, and each adaptive feature's
-        lookup key (for its gradient-norm update)."""
+        lookup key (for its gradient-norm update). `valid` [n, F]: entries to read (the
+        others get empty bags: zero vectors)."""
         columns = sparse.t().contiguous()
         rows, masks, keys = [], [], {}
         any_mask = False
@@ -446,6 +449,10 @@ class EmbeddingCollection(nn.Module):
             r, m = emb.packed_lookup(columns[j])
             rows.append(r)
             masks.append(m)
+            if valid is not None:
+                keep = valid[:, j : j + 1]
+                m = keep.expand_as(r) if m is None else m & keep
+                masks[-1] = m
             any_mask |= m is not None
             if emb.wants_gradient_norms:
                 keys[name] = getattr(emb, "last_key", None)
@@ -466,10 +473,10 @@ class EmbeddingCollection(nn.Module):
             offsets = torch.cat([flat.new_zeros(1), flat.cumsum(0)])
         return indices, offsets, keys
 
-    def forward(self, sparse: torch.Tensor) -> torch.Tensor:
+    def forward(self, sparse: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         _check_ids(sparse, len(self.names))
         n = sparse.shape[0]
-        indices, offsets, keys = self.lookup_inputs(sparse)
+        indices, offsets, keys = self.lookup_inputs(sparse, valid)
         out = self.store(indices, offsets)
         if self._product:
             out = torch.cat([out, out.new_ones(n, 1)], dim=1)

@@ -172,18 +172,25 @@ class LazyAdam(torch.optim.Optimizer):
 
 def train_step(
     loss: torch.Tensor,
-    sparse_opt: torch.optim.Optimizer,
+    sparse_opt: torch.optim.Optimizer | None,
     dense_opt: torch.optim.Optimizer,
     embeddings: torch.nn.Module,
 ) -> None:
-    """One update: gradients of `loss`, both optimizers, then the embeddings' post-step hook
-    (CAFE's sketch update and row migration, which moves the sparse optimizer's state)."""
-    sparse_opt.zero_grad(set_to_none=True)
+    """One update: gradients of `loss` (a table store fused into backward updates its rows
+    there), both optimizers, then the embeddings' post-step hook (a fallback store's update,
+    CAFE's sketch update and row migration, which moves the optimizer's state)."""
+    if sparse_opt is not None:
+        sparse_opt.zero_grad(set_to_none=True)
     dense_opt.zero_grad(set_to_none=True)
     loss.backward()
-    sparse_opt.step()
+    if sparse_opt is not None:
+        sparse_opt.step()
     dense_opt.step()
-    embeddings.after_step(sparse_opt)
+    step = getattr(embeddings, "step", None)
+    if callable(step):
+        step(sparse_opt)
+    else:
+        embeddings.after_step(sparse_opt)
 
 
 def optimizer_state_bytes(

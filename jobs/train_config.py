@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from embeddings.collection import CollectionConfig
 from embeddings.models import ModelConfig, model_preset
+from embeddings.tables import TableOptimizer
 from jobs.config import ConfigError, format_validation_error
 
 
@@ -55,6 +56,11 @@ class OptimizerSettings(_Strict):
     sparse: Literal["rowwise_adagrad", "adam"] = "rowwise_adagrad"
     sparse_lr: float = Field(0.05, gt=0)
     dense_lr: float = Field(1e-3, gt=0)
+
+    def table_optimizer(self) -> TableOptimizer:
+        """The tables' optimizer (fused into FBGEMM's backward where it has a kernel)."""
+        kind = "rowwise_adagrad" if self.sparse == "rowwise_adagrad" else "lazy_adam"
+        return TableOptimizer(kind=kind, lr=self.sparse_lr)
 
 
 class ScheduleSettings(_Strict):

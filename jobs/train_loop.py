@@ -135,16 +135,25 @@ def build_embeddings(spec: RunSpec, ctx: _Context, seed: int, data_root: Path) -
         n = math.ceil(spec.cardinalities[i] / num_shards)
         return spec.method(name).build(n, dim, feature_stats)
 
-    return ShardedEmbeddingCollection(plan, make_module, dim, ctx.rank, ctx.world)
+    config = TrainConfig.model_validate(spec.config)
+    return ShardedEmbeddingCollection(
+        plan, make_module, dim, ctx.rank, ctx.world, device=ctx.device,
+        table_optimizer=config.optimizer.table_optimizer(),
+    )
 
 
 def _optimizers(config: TrainConfig, embeddings: nn.Module, dense: nn.Module):
-    tables = [p for m in [*embeddings.owned.values(), *embeddings.replicated.values()]
-              for p in m.tables]
-    ids = {id(p) for p in tables}
+    # Owned tables live in the local collection's store, which updates them itself (fused
+    # into backward under FBGEMM); the replicated ones take the row-wise optimizer here.
+    tables = [p for m in embeddings.replicated.values() for p in m.tables]
+    if embeddings.local is None:
+        tables += [p for m in embeddings.owned.values() for p in m.tables]
+    store = set() if embeddings.local is None else {
+        id(p) for p in embeddings.local.store.parameters()}
+    ids = {id(p) for p in tables} | store
     other = [p for p in embeddings.parameters() if id(p) not in ids and p.requires_grad]
     sparse_cls = RowWiseAdagrad if config.optimizer.sparse == "rowwise_adagrad" else LazyAdam
-    sparse_opt = sparse_cls(tables, lr=config.optimizer.sparse_lr)
+    sparse_opt = sparse_cls(tables, lr=config.optimizer.sparse_lr) if tables else None
     dense_opt = torch.optim.Adam([*dense.parameters(), *other], lr=config.optimizer.dense_lr)
     return sparse_opt, dense_opt
 
@@ -208,7 +217,7 @@ def _save(ckpt_dir: Path, ctx: _Context, progress: Progress, embeddings: nn.Modu
         "progress": progress.as_dict(),
         "embeddings": embeddings.state_dict(),
         "dense": (dense.module if hasattr(dense, "module") else dense).state_dict(),
-        "sparse_opt": sparse_opt.state_dict(),
+        "sparse_opt": sparse_opt.state_dict() if sparse_opt is not None else {},
         "dense_opt": dense_opt.state_dict(),
     }
     torch.save(state, ckpt_dir / RANK_FILE.format(rank=ctx.rank))
@@ -233,7 +242,8 @@ def _restore(ctx: _Context, embeddings: nn.Module, dense: nn.Module,
         state = torch.load(path, map_location=ctx.device, weights_only=True)
     embeddings.load_state_dict(state["embeddings"])
     (dense.module if hasattr(dense, "module") else dense).load_state_dict(state["dense"])
-    sparse_opt.load_state_dict(state["sparse_opt"])
+    if sparse_opt is not None:
+        sparse_opt.load_state_dict(state["sparse_opt"])
     dense_opt.load_state_dict(state["dense_opt"])
     return Progress(**state["progress"])
 
@@ -294,7 +304,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(os.environ.get("EMBPRESS_TORCH_THREADS", "1"))))
     torch.manual_seed(config.seed)
     dense: nn.Module = config.model_spec.build().to(ctx.device)
-    embeddings = build_embeddings(spec, ctx, config.seed, config.data.path).to(ctx.device)
+    embeddings = build_embeddings(spec, ctx, config.seed, config.data.path)
     sparse_opt, dense_opt = _optimizers(config, embeddings, dense)
     if ctx.distributed:
         # Buffers are broadcast before every forward only when the model has some (DLRM and

@@ -23,8 +23,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd import Variable
 
+from embeddings.collection import EmbeddingCollection
 from embeddings.hashing import hash64
+from embeddings.methods.base import CompressedEmbedding
 from embeddings.sharding.planner import SHARD_HASH_SEED, Placement, ShardingPlan
+from embeddings.tables import Backend, TableOptimizer
 
 ModuleFactory = Callable[[int, int, int], nn.Module]
 """make_module(feature_index, shard_index, num_shards) -> module with forward(ids[n]) -> [n, d].
@@ -137,6 +140,8 @@ class ShardedEmbeddingCollection(nn.Module):
         world_size: int | None = None,
         process_group: dist.ProcessGroup | None = None,
         device: torch.device | str | None = None,
+        table_optimizer: TableOptimizer | None = None,
+        backend: Backend = "auto",
     ) -> None:
         super().__init__()
         initialised = dist.is_available() and dist.is_initialized()
@@ -220,6 +225,16 @@ class ShardedEmbeddingCollection(nn.Module):
             "_column_order", None if identity else torch.tensor(order, dtype=torch.int64), False
         )
 
+        # The owned methods' tables go into one table-batched store: every owned slot is
+        # looked up in one call per step (methods that are not compressed-embedding methods,
+        # as in some tests, keep their own forward).
+        self.local: EmbeddingCollection | None = None
+        owned = dict(self.owned.items())
+        if owned and all(isinstance(m, CompressedEmbedding) for m in owned.values()):
+            sizes = {k: 0 for k in owned}
+            self.local = EmbeddingCollection.from_methods(
+                owned, sizes, embedding_dim, table_optimizer, backend, device
+            )
         if device is not None:
             self.to(device)
         self._replicated_params = [p for p in self.replicated.parameters() if p.requires_grad]
@@ -284,9 +299,14 @@ class ShardedEmbeddingCollection(nn.Module):
         else:
             if send_counts is None:
                 send_counts = torch.full((routed,), n, dtype=torch.int64, device=columns.device)
-            recv_counts = _all_to_all(
-                send_counts, [mine] * self.world_size, self._slots_per_rank, self.group
-            )
+            # Every rank's counts in one all_gather (not an all-to-all): a step then makes
+            # two all-to-alls forward (ids, vectors) and one backward, whatever the features.
+            gathered = send_counts.new_empty(self.world_size * send_counts.numel())
+            gather_one = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+            gather_one(gathered, send_counts.contiguous(), group=self.group)
+            gathered = gathered.view(self.world_size, -1)
+            first = sum(self._slots_per_rank[: self.rank])
+            recv_counts = gathered[:, first : first + mine].reshape(-1)
             per_rank_send = torch.stack([c.sum() for c in send_counts.split(self._slots_per_rank)])
             # Split sizes must be Python ints: one host sync for all of them.
             sizes = torch.cat([per_rank_send, recv_counts]).tolist()
@@ -313,6 +333,8 @@ class ShardedEmbeddingCollection(nn.Module):
             counts: ids per (source rank, owned slot), source-major.
         """
         mine = len(self._my_slots)
+        if self.local is not None:
+            return self._serve_batched(recv_ids, counts)
         pieces = recv_ids.split(counts)
         sources = range(len(counts) // mine)
         # Each module takes all of its ids at once, sources in rank order (as the rows of a
@@ -323,6 +345,48 @@ class ShardedEmbeddingCollection(nn.Module):
             vectors = self.owned[key](ids[0] if len(ids) == 1 else torch.cat(ids))
             per_slot.append(vectors.split([counts[r * mine + s] for r in sources]))
         return torch.cat([per_slot[s][r] for r in sources for s in range(mine)])
+
+    def _serve_batched(self, recv_ids: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """`_serve` through the local collection: one store lookup for every owned slot.
+
+        Ids arrive per (source rank, slot); each source's block becomes rows of an
+        [ids, slots] matrix. Slots of a split feature hold fewer ids than the others: their
+        column is padded, and the padding is read by no table (empty bags, zero vectors,
+        dropped on the way back).
+        """
+        mine = len(self._my_slots)
+        sources = len(counts) // mine
+        per_source = [counts[r * mine : (r + 1) * mine] for r in range(sources)]
+        equal = all(len(set(c)) == 1 for c in per_source)
+        blocks, valid_blocks = [], []
+        offset = 0
+        for c in per_source:
+            if equal:
+                block = recv_ids[offset : offset + mine * c[0]].view(mine, c[0]).t()
+                valid = None
+            else:
+                m = max(c)
+                pieces = recv_ids[offset : offset + sum(c)].split(c)
+                block = recv_ids.new_zeros((m, mine))
+                valid = torch.zeros((m, mine), dtype=torch.bool, device=recv_ids.device)
+                for s, piece in enumerate(pieces):
+                    block[: piece.numel(), s] = piece
+                    valid[: piece.numel(), s] = True
+            offset += sum(c)
+            blocks.append(block)
+            valid_blocks.append(valid)
+        matrix = blocks[0] if sources == 1 else torch.cat(blocks)
+        valid = None if equal else torch.cat(valid_blocks)
+        vectors = self.local(matrix, valid=valid)  # [rows, slots, d]
+        out, start = [], 0
+        for c, block in zip(per_source, blocks, strict=True):
+            part = vectors[start : start + block.shape[0]]
+            start += block.shape[0]
+            if equal:
+                out.append(part.transpose(0, 1).reshape(-1, self.embedding_dim))
+            else:
+                out += [part[: c[s], s] for s in range(mine)]
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def _on_replicated_grad(self, _: torch.Tensor) -> None:
         # Runs once per replicated parameter during backward; the all-reduce waits for the
@@ -406,6 +470,8 @@ class ShardedEmbeddingCollection(nn.Module):
         Args:
             optimizer: the sparse optimizer, for methods that move its state with rows.
         """
+        if self.local is not None:
+            self.local.store.step()
         for module in [*self.owned.values(), *self.replicated.values()]:
             hook = getattr(module, "after_step", None)
             if callable(hook):

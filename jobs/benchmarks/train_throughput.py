@@ -31,7 +31,7 @@ from torch import nn
 
 from data_pipeline.datasets import iter_local_batches
 from embeddings.collection import EmbeddingCollection
-from embeddings.optim import RowWiseAdagrad, train_step
+from embeddings.optim import train_step
 from jobs import synth
 from jobs.train import cardinalities_of, ensure_ray, run
 from jobs.train_config import TrainConfig
@@ -41,9 +41,9 @@ def plain_loop(config: TrainConfig, steps: int, warmup: int = 10) -> float:
     """Samples/s of the same model trained in this process, no Ray."""
     torch.manual_seed(config.seed)
     _, cards = cardinalities_of(config)
-    collection = EmbeddingCollection(config.collection(cards))
+    collection = EmbeddingCollection(config.collection(cards),
+                                     optimizer=config.optimizer.table_optimizer())
     dense = config.model_spec.build()
-    sparse_opt = RowWiseAdagrad(collection.table_parameters(), lr=config.optimizer.sparse_lr)
     dense_opt = torch.optim.Adam([*dense.parameters(), *collection.dense_parameters()],
                                  lr=config.optimizer.dense_lr)
     loss_fn = nn.BCEWithLogitsLoss()
@@ -59,7 +59,7 @@ def plain_loop(config: TrainConfig, steps: int, warmup: int = 10) -> float:
         if i == warmup + steps:
             break
         loss = loss_fn(dense(batch["dense"], collection(batch["sparse"])), batch["label"])
-        train_step(loss, sparse_opt, dense_opt, collection)
+        train_step(loss, None, dense_opt, collection)
     return steps * config.data.batch_size / (time.perf_counter() - t0)
 
 
