@@ -56,8 +56,8 @@ def _train(router: ShardedEmbeddingCollection, batches, rows: slice, world: int)
         calls = {"n": 0}
         real = dist.all_to_all_single
 
-        def counting(*args, _real=real, **kwargs):
-            calls["n"] += 1
+        def counting(*args, _real=real, _calls=calls, **kwargs):
+            _calls["n"] += 1
             return _real(*args, **kwargs)
 
         dist.all_to_all_single = counting
