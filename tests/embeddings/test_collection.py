@@ -22,6 +22,7 @@ from embeddings.methods.hashing_trick import HashConfig
 from embeddings.methods.qr import QRConfig
 from embeddings.methods.quantize import quantize_collection_mixed
 from embeddings.optim import RowWiseAdagrad
+from embeddings.tables import TableOptimizer
 
 # Criteo Terabyte's 26 cardinalities scaled down 1000× (at least 3 values each).
 SCALED = [max(3, n // 1000) for n in TERABYTE_CARDINALITIES]
@@ -177,3 +178,37 @@ def test_every_method_lists_each_method_and_each_allowed_mlet_composition() -> N
     # MLET over QR by product is refused, so it is no variant.
     assert all(raw.get("operation", "product") != "product"
                for raw in variants.values() if raw["method"] == "qr" and "mlet_dim" in raw)
+
+
+@pytest.mark.parametrize("method", [
+    {"method": "hash"}, {"method": "qr", "operation": "sum"}, {"method": "qr"},
+    {"method": "cafe"}, {"method": "hash", "mlet_dim": 32},
+])
+def test_fbgemm_store_and_torch_fallback_train_the_same_model(method: dict) -> None:
+    pytest.importorskip("fbgemm_gpu", reason="fbgemm_gpu is not installed here")
+    config = CollectionConfig(dim=16, cardinalities=SCALED, ratio=10, method=method)
+    g = torch.Generator().manual_seed(3)
+    head = torch.randn(26 * 16, generator=g) / 20
+    batches = [_ids(256, seed) % 5000 for seed in range(6)]
+    losses = {}
+    for backend in ("fbgemm", "torch"):
+        torch.manual_seed(0)
+        col = EmbeddingCollection(config, optimizer=TableOptimizer(lr=0.1), backend=backend)
+        assert col.fused == (backend == "fbgemm")
+        dense = col.dense_parameters()
+        opt = torch.optim.Adam(dense, lr=1e-2) if dense else None
+        curve = []
+        for batch in batches:
+            loss = (col(batch).flatten(1) @ head).sigmoid().mean()
+            if opt:
+                opt.zero_grad()
+            loss.backward()
+            if opt:
+                opt.step()
+            col.step()
+            curve.append(loss.item())
+        losses[backend] = (curve, col.collapse()(batches[0]))
+    (fb_curve, fb_out), (t_curve, t_out) = losses["fbgemm"], losses["torch"]
+    assert fb_curve[-1] != fb_curve[0]  # the tables trained
+    assert fb_curve == pytest.approx(t_curve, rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(fb_out, t_out, rtol=1e-4, atol=1e-5)
