@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# CPU build of torch first (local wheel); the project's range then installs nothing more.
 	$(PY) -m pip install --quiet torch==2.13.0
+	# FBGEMM's table-batched embedding, the CPU build paired with torch 2.13.
+	$(PY) -m pip install --quiet fbgemm-gpu-cpu==1.8.0
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
