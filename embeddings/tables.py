@@ -13,7 +13,7 @@ same values, so they train the same model.
 
 from __future__ import annotations
 
-import math
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -148,14 +148,21 @@ class FbgemmTables(TableStore):
             "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
             "lazy_adam": EmbOptimType.ADAM,
         }[optimizer.kind]
-        self.tbe = SplitTableBatchedEmbeddingBagsCodegen(
-            [(max(1, s.rows), s.width, location, compute) for s in specs],
-            optimizer=kind,
-            learning_rate=optimizer.lr,
-            eps=optimizer.eps,
-            pooling_mode=PoolingMode.SUM,
-            device=device,
-        )
+        # The constructor logs its whole optimizer configuration at INFO, once per worker
+        # and table store: noise in every job's output.
+        previous = logging.root.manager.disable
+        logging.disable(logging.INFO)
+        try:
+            self.tbe = SplitTableBatchedEmbeddingBagsCodegen(
+                [(max(1, s.rows), s.width, location, compute) for s in specs],
+                optimizer=kind,
+                learning_rate=optimizer.lr,
+                eps=optimizer.eps,
+                pooling_mode=PoolingMode.SUM,
+                device=device,
+            )
+        finally:
+            logging.disable(previous)
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         return self.tbe(indices, offsets)
@@ -308,10 +315,3 @@ def build_store(
     cls = FbgemmTables if chosen == "fbgemm" else TorchTables
     return cls(specs, optimizer, device)
 
-
-def store_bytes(specs: Sequence[TableSpec]) -> int:
-    return sum(s.rows * s.width * 4 for s in specs)
-
-
-def ceil_div(a: int, b: int) -> int:
-    return math.ceil(a / b)
