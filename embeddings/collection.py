@@ -288,17 +288,18 @@ class EmbeddingCollection(nn.Module):
     def from_methods(
         cls,
         methods: Mapping[str, CompressedEmbedding],
-        sizes: Mapping[str, int],
         dim: int,
+        sizes: Mapping[str, int] | None = None,
         optimizer: TableOptimizer | None = None,
         backend: Backend = "auto",
         device: torch.device | str | None = None,
     ) -> EmbeddingCollection:
         """A collection over methods built elsewhere (the sharder builds each worker's part,
-        seeded per feature and shard)."""
+        seeded per feature and shard). `sizes`: each feature's number of values, for the
+        plan (unknown where omitted)."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._setup(dict(methods), dict(sizes), dim, optimizer, backend, device)
+        self._setup(dict(methods), dict(sizes or {}), dim, optimizer, backend, device)
         self.config = None
         self.method_configs = {}
         self.ratio = None
@@ -519,20 +520,12 @@ class EmbeddingCollection(nn.Module):
         """After the backward pass: the table update where it was not fused, then every
         method's post-step hook (CAFE's sketch update and migrations)."""
         self.store.step()
-        for emb in self.embeddings.values():
-            emb.after_step(optimizer)
+        self.after_step(optimizer)
 
     def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """The methods' post-step hooks alone (the store's update is `step`'s)."""
         for emb in self.embeddings.values():
             emb.after_step(optimizer)
-
-    def set_learning_rate(self, lr: float) -> None:
-        self.store.set_learning_rate(lr)
-
-    def table_parameters(self) -> list[nn.Parameter]:
-        """The store's tensors (trained by the store's own optimizer)."""
-        return list(self.store.parameters())
 
     def dense_parameters(self) -> list[nn.Parameter]:
         """Everything else that trains (MLET projections): for the dense optimizer."""
@@ -549,7 +542,7 @@ class EmbeddingCollection(nn.Module):
         return [
             FeaturePlan(
                 name,
-                self._sizes[name],
+                self._sizes.get(name, 0),
                 self.dim,
                 (self.method_configs[name].method if name in self.method_configs
                  else type(emb).__name__)

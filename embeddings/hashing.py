@@ -34,9 +34,8 @@ def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
 
 def hash64(ids: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """Non-negative 63-bit hash of int64 ids; different seeds give independent hashes."""
-    fast = _cpu_kernel(ids)
-    if fast is not None:
-        return fast(ids, seed, 0)
+    if _numba_path(ids):
+        return _hash_on_cpu(ids, seed, 0)
     z = ids.to(torch.int64) + _signed(((seed + 1) * 0x9E3779B97F4A7C15) % (1 << 64))
     z = (z ^ _shr(z, 30)) * _M1
     z = (z ^ _shr(z, 27)) * _M2
@@ -63,36 +62,32 @@ def _hash64_scalar(value: np.int64, offset: np.uint64) -> np.int64:
 
 def hash_bucket(ids: torch.Tensor, buckets: int, seed: int = 0) -> torch.Tensor:
     """Row index in [0, buckets) for each id."""
-    fast = _cpu_kernel(ids)
-    if fast is not None:
-        return fast(ids, seed, buckets)
+    if _numba_path(ids):
+        return _hash_on_cpu(ids, seed, buckets)
     return hash64(ids, seed) % buckets
 
 
 _ARRAY_KERNEL: list[Any] = []
 
 
-def _cpu_kernel(ids: torch.Tensor) -> Any:
+def _numba_path(ids: torch.Tensor) -> bool:
     """On CPU, where numba is already loaded (training processes load it for CAFE's sketch),
-    the mixer as one compiled pass over the ids: torch's int64 ops take ~10 passes over
+    the mixer runs as one compiled pass over the ids: torch's int64 ops take ~10 passes over
     memory with a slow multiply, which made hashing most of a training step's mapping time.
     Serving never loads numba and keeps the torch form; both agree bit for bit (tested)."""
-    if ids.device.type != "cpu" or ids.dtype != torch.int64 or "numba" not in sys.modules:
-        return None
+    return ids.device.type == "cpu" and ids.dtype == torch.int64 and "numba" in sys.modules
+
+
+def _hash_on_cpu(ids: torch.Tensor, seed: int, buckets: int) -> torch.Tensor:
+    """`hash64` (buckets 0) or `hash_bucket` by the compiled array kernel."""
     if not _ARRAY_KERNEL:
         import numba as nb
 
-        kernel = nb.njit(_hash_array_kernel(__getattr__("hash64_scalar")))
-        _ARRAY_KERNEL.append(kernel)
-    kernel = _ARRAY_KERNEL[0]
-
-    def run(ids: torch.Tensor, seed: int, buckets: int) -> torch.Tensor:
-        flat = ids.detach().contiguous().reshape(-1).numpy()
-        out = np.empty(flat.shape[0], np.int64)
-        kernel(flat, seed_offset(seed), np.int64(buckets), out)
-        return torch.from_numpy(out).view(ids.shape)
-
-    return run
+        _ARRAY_KERNEL.append(nb.njit(_hash_array_kernel(__getattr__("hash64_scalar"))))
+    flat = ids.detach().contiguous().reshape(-1).numpy()
+    out = np.empty(flat.shape[0], np.int64)
+    _ARRAY_KERNEL[0](flat, seed_offset(seed), np.int64(buckets), out)
+    return torch.from_numpy(out).view(ids.shape)
 
 
 def _hash_array_kernel(scalar: Any) -> Any:

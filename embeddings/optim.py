@@ -186,11 +186,7 @@ def train_step(
     if sparse_opt is not None:
         sparse_opt.step()
     dense_opt.step()
-    step = getattr(embeddings, "step", None)
-    if callable(step):
-        step(sparse_opt)
-    else:
-        embeddings.after_step(sparse_opt)
+    embeddings.step(sparse_opt)
 
 
 def optimizer_state_bytes(

@@ -86,7 +86,6 @@ class TableStore(nn.Module):
     def __init__(self, specs: Sequence[TableSpec], optimizer: TableOptimizer) -> None:
         super().__init__()
         self.specs = list(specs)
-        self.optimizer_config = optimizer
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -103,18 +102,11 @@ class TableStore(nn.Module):
     def step(self) -> None:
         """Apply the update of the last backward pass (nothing where it was fused)."""
 
-    def set_learning_rate(self, lr: float) -> None:
-        raise NotImplementedError
-
     @torch.no_grad()
     def load_tables(self, tables: Sequence[torch.Tensor]) -> None:
         """Copy initial values in, one tensor per table."""
         for view, table in zip(self.weights(), tables, strict=True):
             view.copy_(table.to(view.device, view.dtype))
-
-    def nbytes(self) -> int:
-        """Bytes of the tables (optimizer state excluded)."""
-        return sum(s.rows * s.width * 4 for s in self.specs)
 
 
 class FbgemmTables(TableStore):
@@ -174,9 +166,6 @@ class FbgemmTables(TableStore):
         rows = self.specs[table].rows
         return [s.detach().view(rows, -1) for s in self.tbe.split_optimizer_states()[table]]
 
-    def set_learning_rate(self, lr: float) -> None:
-        self.tbe.set_learning_rate(lr)
-
 
 class TorchTables(TableStore):
     """Plain torch: one weight per distinct width (tables of that width stacked by rows), one
@@ -213,29 +202,22 @@ class TorchTables(TableStore):
         self.register_buffer(
             "_columns", None if identity else torch.tensor(columns, device=device), False
         )
-        # Per group: the position of each of its tables among all tables, and row offsets.
-        self._group_tables = [torch.tensor(g, dtype=torch.int64, device=device)
-                              for g in self.groups]
-        self._group_row_offsets = [
-            torch.tensor([self._row_offsets[t] for t in g], dtype=torch.int64, device=device)
-            for g in self.groups
-        ]
+        # Each table's first row inside its width's weight, and that weight's index.
+        self.register_buffer("_table_row_offset", torch.tensor(
+            self._row_offsets, dtype=torch.int64, device=device), False)
+        self.register_buffer("_table_group", torch.tensor(
+            [self._group_of[t] for t in range(len(specs))], dtype=torch.int64, device=device),
+            False)
         params = list(self.weight_list)
         if optimizer.kind == "rowwise_adagrad":
             self.optimizer = RowWiseAdagrad(params, lr=optimizer.lr, eps=optimizer.eps)
         else:
             self.optimizer = LazyAdam(params, lr=optimizer.lr, eps=optimizer.eps)
 
-    def _apply(self, fn: Any, recurse: bool = True) -> TorchTables:
-        super()._apply(fn, recurse)
-        self._group_tables = [fn(t) for t in self._group_tables]
-        self._group_row_offsets = [fn(t) for t in self._group_row_offsets]
-        return self
-
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         tables = len(self.specs)
         batch = (offsets.numel() - 1) // tables
-        if len(self.groups) == 1 and self._group_row_offsets[0].numel() == 1:
+        if tables == 1:
             weight = self.weight_list[0]
             return nn.functional.embedding_bag(
                 indices, weight, offsets, mode="sum", sparse=True, include_last_offset=True
@@ -244,18 +226,14 @@ class TorchTables(TableStore):
         bag_table = torch.repeat_interleave(
             torch.arange(tables, device=indices.device), lengths.sum(1)
         )
+        rows = indices + self._table_row_offset[bag_table]
         outs = []
         for g, weight in enumerate(self.weight_list):
-            group_tables = self._group_tables[g]
-            shift = torch.zeros(tables, dtype=torch.int64, device=indices.device)
-            shift[group_tables] = self._group_row_offsets[g]
             if len(self.groups) == 1:
-                idx = indices + shift[bag_table]
-                off = offsets
+                idx, off = rows, offsets
             else:
-                keep = torch.isin(bag_table, group_tables)
-                idx = (indices + shift[bag_table])[keep]
-                glen = lengths[group_tables].reshape(-1)
+                idx = rows[self._table_group[bag_table] == g]
+                glen = lengths[self._table_group == g].reshape(-1)
                 off = torch.cat([glen.new_zeros(1), glen.cumsum(0)])
             out = nn.functional.embedding_bag(
                 idx, weight, off, mode="sum", sparse=True, include_last_offset=True
@@ -287,10 +265,6 @@ class TorchTables(TableStore):
     def step(self) -> None:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-
-    def set_learning_rate(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict()}

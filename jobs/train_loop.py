@@ -117,12 +117,13 @@ def _stats_for(spec: RunSpec, data_root: Path) -> dict[str, FeatureStats]:
     return out
 
 
-def build_embeddings(spec: RunSpec, ctx: _Context, seed: int, data_root: Path) -> nn.Module:
+def build_embeddings(spec: RunSpec, config: TrainConfig, ctx: _Context) -> nn.Module:
     plan = ShardingPlan.model_validate(spec.plan)
     if plan.num_workers != ctx.world:
         plan = plan.relocate(ctx.world)
-    stats = _stats_for(spec, data_root)
-    dim = TrainConfig.model_validate(spec.config).model_spec.embedding_dim
+    stats = _stats_for(spec, config.data.path)
+    dim = config.model_spec.embedding_dim
+    seed = config.seed
 
     def make_module(i: int, s: int, num_shards: int) -> nn.Module:
         name = spec.names[i]
@@ -135,23 +136,17 @@ def build_embeddings(spec: RunSpec, ctx: _Context, seed: int, data_root: Path) -
         n = math.ceil(spec.cardinalities[i] / num_shards)
         return spec.method(name).build(n, dim, feature_stats)
 
-    config = TrainConfig.model_validate(spec.config)
     return ShardedEmbeddingCollection(
         plan, make_module, dim, ctx.rank, ctx.world, device=ctx.device,
         table_optimizer=config.optimizer.table_optimizer(),
     )
 
 
-def _optimizers(config: TrainConfig, embeddings: nn.Module, dense: nn.Module):
+def _optimizers(config: TrainConfig, embeddings: ShardedEmbeddingCollection, dense: nn.Module):
     # Owned tables live in the local collection's store, which updates them itself (fused
     # into backward under FBGEMM); the replicated ones take the row-wise optimizer here.
-    tables = [p for m in embeddings.replicated.values() for p in m.tables]
-    if embeddings.local is None:
-        tables += [p for m in embeddings.owned.values() for p in m.tables]
-    store = set() if embeddings.local is None else {
-        id(p) for p in embeddings.local.store.parameters()}
-    ids = {id(p) for p in tables} | store
-    other = [p for p in embeddings.parameters() if id(p) not in ids and p.requires_grad]
+    tables = embeddings.replicated_tables()
+    other = embeddings.dense_parameters()
     sparse_cls = RowWiseAdagrad if config.optimizer.sparse == "rowwise_adagrad" else LazyAdam
     sparse_opt = sparse_cls(tables, lr=config.optimizer.sparse_lr) if tables else None
     dense_opt = torch.optim.Adam([*dense.parameters(), *other], lr=config.optimizer.dense_lr)
@@ -304,7 +299,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(os.environ.get("EMBPRESS_TORCH_THREADS", "1"))))
     torch.manual_seed(config.seed)
     dense: nn.Module = config.model_spec.build().to(ctx.device)
-    embeddings = build_embeddings(spec, ctx, config.seed, config.data.path)
+    embeddings = build_embeddings(spec, config, ctx)
     sparse_opt, dense_opt = _optimizers(config, embeddings, dense)
     if ctx.distributed:
         # Buffers are broadcast before every forward only when the model has some (DLRM and

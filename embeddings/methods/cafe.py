@@ -226,7 +226,6 @@ class CafeEmbedding(CompressedEmbedding):
     def observe_gradient_norms(
         self, norms: torch.Tensor, key: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     ) -> None:
-        key = key if key is not None else self.last_key
         if key is not None:
             self._pending.append((*key, norms.detach()))
 

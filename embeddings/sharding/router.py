@@ -231,9 +231,8 @@ class ShardedEmbeddingCollection(nn.Module):
         self.local: EmbeddingCollection | None = None
         owned = dict(self.owned.items())
         if owned and all(isinstance(m, CompressedEmbedding) for m in owned.values()):
-            sizes = {k: 0 for k in owned}
             self.local = EmbeddingCollection.from_methods(
-                owned, sizes, embedding_dim, table_optimizer, backend, device
+                owned, embedding_dim, optimizer=table_optimizer, backend=backend, device=device
             )
         if device is not None:
             self.to(device)
@@ -464,11 +463,12 @@ class ShardedEmbeddingCollection(nn.Module):
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
 
-    def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Let every local module update its adaptive state after an optimizer step.
+    def step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """After the backward pass: the local store's update where it was not fused, then
+        every local module's post-step hook.
 
         Args:
-            optimizer: the sparse optimizer, for methods that move its state with rows.
+            optimizer: the replicated tables' optimizer, for methods that move its state.
         """
         if self.local is not None:
             self.local.store.step()
@@ -476,6 +476,21 @@ class ShardedEmbeddingCollection(nn.Module):
             hook = getattr(module, "after_step", None)
             if callable(hook):
                 hook(optimizer)
+
+    def replicated_tables(self) -> list[nn.Parameter]:
+        """Tables outside the local store (the replicated ones, and owned modules that are
+        not compression methods): they train with a row-wise optimizer of the caller's."""
+        modules = [*self.replicated.values()]
+        if self.local is None:
+            modules += list(self.owned.values())
+        return [p for m in modules for p in m.tables]
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        """Everything else that trains (MLET projections): for the dense optimizer."""
+        skip = {id(p) for p in self.replicated_tables()}
+        if self.local is not None:
+            skip |= {id(p) for p in self.local.store.parameters()}
+        return [p for p in self.parameters() if id(p) not in skip and p.requires_grad]
 
     def training_bytes(self) -> int:
         """Bytes this worker holds for its modules (the methods' own count where they have one)."""

@@ -9,6 +9,7 @@ from embeddings.mapping import FrozenCafeMapper
 from embeddings.methods.base import Mapper, tensor_bytes
 from embeddings.methods.cafe import CafeConfig, CafeEmbedding, cafe_defaults
 from embeddings.optim import LazyAdam, RowWiseAdagrad
+from embeddings.tables import TableOptimizer
 
 
 @pytest.fixture(autouse=True)
@@ -216,7 +217,7 @@ def test_collection_builds_cafe_by_ratio_and_forwards_after_step():
     config = CollectionConfig(
         dim=8, cardinalities=[50_000, 100], ratio=10, method={"method": "cafe", "mlet_dim": 16}
     )
-    collection = EmbeddingCollection(config)
+    collection = EmbeddingCollection(config, optimizer=TableOptimizer(lr=0.1))
     cafe, small = collection.embeddings.values()
     assert isinstance(cafe, CafeEmbedding) and small.mapper.kind == "full"
     hot, hashed = budget.cafe_rows(50_000, 10, 0.5, 8)
@@ -225,9 +226,7 @@ def test_collection_builds_cafe_by_ratio_and_forwards_after_step():
     sparse = torch.cat([ids, ids % 100], dim=1)
     collection.train()
     collection(sparse).sum().backward()
-    opt = RowWiseAdagrad(collection.table_parameters(), lr=0.1)
-    opt.step()
-    collection.after_step(opt)
+    collection.step()
     assert cafe.sketch.scores.sum() > 0
     served = collection.collapse()
     collection.eval()

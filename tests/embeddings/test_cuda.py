@@ -162,11 +162,11 @@ def test_sharded_collection_with_ddp_trains_over_nccl_as_on_cpu(nccl, batches,
         embeddings = ShardedEmbeddingCollection(plan, make, DIM, device=device)
         if ddp:
             model = nn.parallel.DistributedDataParallel(model, device_ids=[device])
-        tables = [p for m in embeddings.owned.values() for p in m.tables]
-        table_ids = {id(p) for p in tables}
-        others = [p for p in embeddings.parameters() if id(p) not in table_ids]
-        sparse_opt = sparse_optimizer(tables, lr=0.05)
-        dense_opt = torch.optim.Adam([*model.parameters(), *others], lr=1e-3)
+        # Owned tables train in the local store; replicated ones (none here) need their own.
+        tables = embeddings.replicated_tables()
+        sparse_opt = sparse_optimizer(tables, lr=0.05) if tables else None
+        dense_opt = torch.optim.Adam([*model.parameters(), *embeddings.dense_parameters()],
+                                     lr=1e-3)
         losses = []
         for batch in batches[:10]:
             logits = model(dense_x.to(device), embeddings(batch.to(device)))

@@ -17,7 +17,8 @@ from data_pipeline.stats import load_feature_stats
 from embeddings.collection import CollectionConfig, EmbeddingCollection
 from embeddings.metrics import roc_auc
 from embeddings.models import model_preset
-from embeddings.optim import RowWiseAdagrad, train_step
+from embeddings.optim import train_step
+from embeddings.tables import TableOptimizer
 from jobs import synth
 
 STEPS = 120
@@ -38,9 +39,10 @@ def validation_auc(data: Path, method: dict, ratio: float) -> float:
     cards = [stats.num_distinct(f) for f in stats.features]
     model_config = model_preset("dlrm-small")
     collection = EmbeddingCollection(CollectionConfig(
-        dim=model_config.embedding_dim, cardinalities=cards, ratio=ratio, method=method))
+        dim=model_config.embedding_dim, cardinalities=cards, ratio=ratio, method=method),
+        optimizer=TableOptimizer(lr=0.1))
     dense = model_config.build()
-    sparse_opt = RowWiseAdagrad(collection.table_parameters(), lr=0.1)
+    sparse_opt = None  # the tables train in the collection's store
     dense_opt = torch.optim.Adam([*dense.parameters(), *collection.dense_parameters()], lr=1e-3)
     loss_fn = nn.BCEWithLogitsLoss()
     for step, batch in enumerate(iter_local_batches(data, "train", BATCH, drop_last=True)):

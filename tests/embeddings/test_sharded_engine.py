@@ -69,7 +69,7 @@ def _train(router: ShardedEmbeddingCollection, batches, rows: slice, world: int)
             counts.append((forward, calls["n"] - forward))
         finally:
             dist.all_to_all_single = real
-        router.after_step(None)
+        router.step(None)
         total = loss.detach().clone()
         if world > 1:
             dist.all_reduce(total)
