@@ -163,7 +163,10 @@ def test_serving_form_equals_training_form_for_seen_and_unseen_ids(mlet_dim):
     train(emb, 300, values)
     assert PROMOTE in emb.kinds and DEMOTE in emb.kinds
     hot, medium = emb.mapper.classify(torch.from_numpy(values))
-    assert (hot >= 0).sum() == 60 and medium.any() and ((hot < 0) & ~medium).any()
+    # a demotion in the last step can leave a hot row free until the next promotion
+    held = len(emb.sketch.hot_ids())
+    assert held == 60 - emb.sketch.free_rows and held >= 55
+    assert (hot >= 0).sum() == held and medium.any() and ((hot < 0) & ~medium).any()
     emb.eval()
     serving = emb.collapse()
     assert serving.mapper.kind == "cafe" and serving.mapper.frozen
