@@ -35,6 +35,8 @@ class TableOptimizer(BaseModel):
             or "lazy_adam" (Adam over the rows a batch read).
         lr: learning rate.
         eps: added to the root of the accumulator (second moment).
+        weight_decay: L2 penalty on the rows a batch reads (g += weight_decay · row before
+            the update), so rows no batch touches cost nothing and never shrink.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -42,6 +44,7 @@ class TableOptimizer(BaseModel):
     kind: Literal["rowwise_adagrad", "lazy_adam"] = "rowwise_adagrad"
     lr: float = Field(0.05, gt=0)
     eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
 
 
 @dataclass(frozen=True)
@@ -62,14 +65,19 @@ def fbgemm_available() -> bool:
 
 def choose_backend(backend: Backend, optimizer: TableOptimizer, device: torch.device) -> str:
     """The backend a store gets: fbgemm where installed and where it has a kernel for the
-    optimizer on this device (fbgemm 1.8 refuses Adam on CPU), else torch."""
+    optimizer on this device (fbgemm 1.8 refuses Adam on CPU, and its CPU row-wise Adagrad
+    ignores `weight_decay`: measured, the rows come out as with no decay), else torch."""
+    cpu = device.type == "cpu"
     if backend != "auto":
         if backend == "fbgemm" and not fbgemm_available():
             raise RuntimeError("backend 'fbgemm' asked for, but fbgemm_gpu does not import here")
-        if backend == "fbgemm" and optimizer.kind == "lazy_adam" and device.type == "cpu":
+        if backend == "fbgemm" and optimizer.kind == "lazy_adam" and cpu:
             raise ValueError("fbgemm has no CPU kernel for Adam; use backend 'torch' or 'auto'")
+        if backend == "fbgemm" and optimizer.weight_decay and cpu:
+            raise ValueError("fbgemm 1.8's CPU kernel ignores weight_decay (the decay would "
+                             "silently not happen); use backend 'torch' or 'auto'")
         return backend
-    if optimizer.kind == "lazy_adam" and device.type == "cpu":
+    if (optimizer.kind == "lazy_adam" or optimizer.weight_decay) and cpu:
         return "torch"
     return "fbgemm" if fbgemm_available() else "torch"
 
@@ -131,6 +139,12 @@ class FbgemmTables(TableStore):
             ComputeDevice,
             SplitTableBatchedEmbeddingBagsCodegen,
         )
+        from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
+
+        if optimizer.weight_decay and device.type == "cpu":
+            # choose_backend keeps this from happening; a direct construction must not train
+            # a different model than the torch fallback without saying so.
+            raise ValueError("fbgemm 1.8's CPU kernel ignores weight_decay")
 
         if device.type == "cuda":
             location, compute = EmbeddingLocation.DEVICE, ComputeDevice.CUDA
@@ -150,6 +164,11 @@ class FbgemmTables(TableStore):
                 optimizer=kind,
                 learning_rate=optimizer.lr,
                 eps=optimizer.eps,
+                # L2 (g += wd·w inside the fused update): the rule of embeddings.optim, so
+                # both backends train the same model.
+                weight_decay=optimizer.weight_decay,
+                weight_decay_mode=(WeightDecayMode.L2 if optimizer.weight_decay
+                                   else WeightDecayMode.NONE),
                 pooling_mode=PoolingMode.SUM,
                 device=device,
             )
@@ -210,9 +229,11 @@ class TorchTables(TableStore):
             False)
         params = list(self.weight_list)
         if optimizer.kind == "rowwise_adagrad":
-            self.optimizer = RowWiseAdagrad(params, lr=optimizer.lr, eps=optimizer.eps)
+            self.optimizer = RowWiseAdagrad(params, lr=optimizer.lr, eps=optimizer.eps,
+                                            weight_decay=optimizer.weight_decay)
         else:
-            self.optimizer = LazyAdam(params, lr=optimizer.lr, eps=optimizer.eps)
+            self.optimizer = LazyAdam(params, lr=optimizer.lr, eps=optimizer.eps,
+                                      weight_decay=optimizer.weight_decay)
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         tables = len(self.specs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,17 +51,76 @@ class OptimizerSettings(_Strict):
     Args:
         sparse: optimizer of the embedding tables; it touches only the rows a batch used.
         sparse_lr: its learning rate.
+        sparse_weight_decay: L2 penalty on the embedding rows a batch reads (g += wd · row
+            before the row's update), applied lazily: rows no batch reads cost nothing and
+            keep their values. 0 turns it off. On CPU a non-zero value trains the tables
+            with the torch backend (FBGEMM 1.8's CPU kernel ignores weight decay).
         dense_lr: Adam's learning rate on the MLPs (and MLET projections).
+        dense_lr_decay: schedule of the dense learning rate over the run's steps: "none"
+            (constant), "linear" or "cosine" (from dense_lr down to dense_lr ·
+            dense_lr_floor at the last step), "step" (halved at each quarter of the run,
+            never below the floor). The rate is a function of the step alone, so a resumed
+            run continues exactly where the checkpoint left it.
+        dense_lr_floor: the fraction of dense_lr the decay ends at (0 < floor ≤ 1).
     """
 
     sparse: Literal["rowwise_adagrad", "adam"] = "rowwise_adagrad"
     sparse_lr: float = Field(0.05, gt=0)
+    sparse_weight_decay: float = Field(0.0, ge=0)
     dense_lr: float = Field(1e-3, gt=0)
+    dense_lr_decay: Literal["none", "linear", "cosine", "step"] = "none"
+    dense_lr_floor: float = Field(0.1, gt=0, le=1)
 
     def table_optimizer(self) -> TableOptimizer:
         """The tables' optimizer (fused into FBGEMM's backward where it has a kernel)."""
         kind = "rowwise_adagrad" if self.sparse == "rowwise_adagrad" else "lazy_adam"
-        return TableOptimizer(kind=kind, lr=self.sparse_lr)
+        return TableOptimizer(kind=kind, lr=self.sparse_lr, weight_decay=self.sparse_weight_decay)
+
+    def dense_lr_at(self, step: int, total_steps: int) -> float:
+        """The dense learning rate for the update that makes step `step` + 1 (0-based)."""
+        if self.dense_lr_decay == "none" or total_steps <= 1:
+            return self.dense_lr
+        t = min(1.0, step / (total_steps - 1))
+        floor = self.dense_lr_floor
+        if self.dense_lr_decay == "linear":
+            factor = 1 - (1 - floor) * t
+        elif self.dense_lr_decay == "cosine":
+            factor = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+        else:
+            factor = max(floor, 0.5 ** min(3, int(4 * step / total_steps)))
+        return self.dense_lr * factor
+
+
+class EarlyStopping(_Strict):
+    """Stop when the validation metric stops improving, and export the best model seen.
+
+    The metric is evaluated every `schedule.eval_every` steps, or at the end of every epoch
+    when eval_every is not set. Each time it improves by more than min_delta, every worker
+    saves its part of the model (one file per rank under <run folder>/best/); when it has
+    not improved for `patience` evaluations in a row, training stops. Either way the run
+    ends by loading the best state back, so the final metrics and the exported model are
+    the best evaluation's, not the last step's.
+
+    Args:
+        metric: "validation_auc" (higher is better) or "validation_log_loss" (lower is).
+        patience: evaluations without improvement before stopping.
+        min_delta: the least change that counts as an improvement.
+    """
+
+    metric: Literal["validation_auc", "validation_log_loss"] = "validation_auc"
+    patience: int = Field(2, ge=1)
+    min_delta: float = Field(0.0, ge=0)
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric == "validation_auc"
+
+    def improved(self, value: float, best: float | None) -> bool:
+        if best is None or math.isnan(best):
+            return not math.isnan(value)
+        if self.higher_is_better:
+            return value > best + self.min_delta
+        return value < best - self.min_delta
 
 
 class ScheduleSettings(_Strict):
@@ -74,6 +134,8 @@ class ScheduleSettings(_Strict):
         log_every: progress line (step, samples/s, loss) every N steps.
         band_features: features whose id frequency decides a row's band (rare/medium/hot)
             for per-band AUC; default: every feature with at least 1,000 values.
+        early_stopping: stop on a validation metric and export the best model (see
+            `EarlyStopping`); None trains the whole schedule and exports the last step.
     """
 
     epochs: int = Field(1, ge=1)
@@ -82,6 +144,7 @@ class ScheduleSettings(_Strict):
     checkpoint_every: int | None = Field(None, ge=1)
     log_every: int = Field(50, ge=1)
     band_features: list[str] | None = None
+    early_stopping: EarlyStopping | None = None
 
 
 class ScalingSettings(_Strict):
@@ -164,7 +227,8 @@ class TrainConfig(_Strict):
             with `kind: dlrm|dcn`.
         embeddings: the embedding collection (see `embeddings.collection.CollectionConfig`);
             `cardinalities` may be left out and are then read from the data's statistics;
-            `dim` defaults to the model's embedding_dim.
+            `dim` defaults to the model's `table_dim` (embedding_dim, + 1 when the model's
+            first_order term is on: its scalar is the tables' last column).
         seed: seeds initialisation and the data order.
     """
 
@@ -204,7 +268,8 @@ class TrainConfig(_Strict):
     def collection(self, cardinalities: list[int] | None = None) -> CollectionConfig:
         """The collection config with cardinalities filled in; errors name `embeddings.*`."""
         data = dict(self.embeddings)
-        data.setdefault("dim", self.model_spec.embedding_dim)
+        width = self.model_spec.table_dim
+        data.setdefault("dim", width)
         if "cardinalities" not in data:
             if cardinalities is None:
                 raise ConfigError("embeddings.cardinalities: not given and no data statistics")
@@ -212,11 +277,16 @@ class TrainConfig(_Strict):
         try:
             config = CollectionConfig.model_validate(data)
         except ValidationError as e:
-            raise ConfigError(format_validation_error("embeddings", e)) from None
-        if config.dim != self.model_spec.embedding_dim:
+            message = format_validation_error("embeddings", e)
+            if self.model_spec.first_order:
+                message += (f" (model.first_order makes every table {width} wide: d + 1, the "
+                            "first-order scalar being the last column)")
+            raise ConfigError(message) from None
+        if config.dim != width:
             raise ConfigError(
-                f"embeddings.dim={config.dim} differs from the model's embedding_dim="
-                f"{self.model_spec.embedding_dim}"
+                f"embeddings.dim={config.dim} differs from the model's table width {width} "
+                f"(embedding_dim={self.model_spec.embedding_dim}"
+                + (" + 1 for model.first_order)" if self.model_spec.first_order else ")")
             )
         return config
 

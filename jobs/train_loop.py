@@ -66,8 +66,13 @@ class Progress:
     step: int = 0
     samples: int = 0
     fingerprint: int = 0  # sum of row hashes (mod 2^63) of every trained row, when audited
+    # Early stopping's state, so a resumed run keeps counting from where it stopped.
+    best_value: float = math.nan
+    best_step: int = -1  # -1: no evaluation kept yet
+    evals_since_best: int = 0
+    stopped: int = 0  # 1 once early stopping ended training: a rerun trains no more
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
 
 
@@ -122,7 +127,7 @@ def build_embeddings(spec: RunSpec, config: TrainConfig, ctx: _Context) -> nn.Mo
     if plan.num_workers != ctx.world:
         plan = plan.relocate(ctx.world)
     stats = _stats_for(spec, config.data.path)
-    dim = config.model_spec.embedding_dim
+    dim = config.model_spec.table_dim  # d, + 1 for the first-order scalar
     seed = config.seed
 
     def make_module(i: int, s: int, num_shards: int) -> nn.Module:
@@ -148,7 +153,8 @@ def _optimizers(config: TrainConfig, embeddings: ShardedEmbeddingCollection, den
     tables = embeddings.replicated_tables()
     other = embeddings.dense_parameters()
     sparse_cls = RowWiseAdagrad if config.optimizer.sparse == "rowwise_adagrad" else LazyAdam
-    sparse_opt = sparse_cls(tables, lr=config.optimizer.sparse_lr) if tables else None
+    sparse_opt = sparse_cls(tables, lr=config.optimizer.sparse_lr,
+                            weight_decay=config.optimizer.sparse_weight_decay) if tables else None
     dense_opt = torch.optim.Adam([*dense.parameters(), *other], lr=config.optimizer.dense_lr)
     return sparse_opt, dense_opt
 
@@ -216,6 +222,29 @@ def _save(ckpt_dir: Path, ctx: _Context, progress: Progress, embeddings: nn.Modu
         "dense_opt": dense_opt.state_dict(),
     }
     torch.save(state, ckpt_dir / RANK_FILE.format(rank=ctx.rank))
+
+
+BEST_DIR = "best"
+
+
+def _save_best(config: TrainConfig, ctx: _Context, save: Any) -> None:
+    """Each rank writes its part of the best model so far under <run folder>/best/."""
+    best = config.run_dir / BEST_DIR
+    best.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=best) as d:
+        save(Path(d))
+        name = RANK_FILE.format(rank=ctx.rank)
+        # A crash mid-write must not leave a torn file where the best model was.
+        os.replace(Path(d) / name, best / name)
+
+
+def _load_best(config: TrainConfig, ctx: _Context, embeddings: nn.Module,
+               dense: nn.Module) -> None:
+    """Load this rank's part of the best model back (weights and adaptive state only)."""
+    path = config.run_dir / BEST_DIR / RANK_FILE.format(rank=ctx.rank)
+    state = torch.load(path, map_location=ctx.device, weights_only=True)
+    embeddings.load_state_dict(state["embeddings"])
+    (dense.module if hasattr(dense, "module") else dense).load_state_dict(state["dense"])
 
 
 def _restore(ctx: _Context, embeddings: nn.Module, dense: nn.Module,
@@ -326,8 +355,30 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     mine = range(ctx.rank * data_shards // ctx.world, (ctx.rank + 1) * data_shards // ctx.world)
     loss_curve: list[float] = []
     streams, steps = _train_streams(config, progress, mine, data_shards)
+    total_steps = steps * sched.epochs
+    if sched.max_steps is not None:
+        total_steps = min(total_steps, sched.max_steps)
+    stopping = sched.early_stopping
+    last_eval_step = -1
+
+    def judge(metrics: dict[str, Any]) -> None:
+        """Keep the model if this evaluation is the best; count towards patience if not."""
+        assert stopping is not None
+        value = float(metrics[stopping.metric])
+        if stopping.improved(value, progress.best_value):
+            progress.best_value, progress.best_step = value, progress.step
+            progress.evals_since_best = 0
+            _save_best(config, ctx, save)
+        else:
+            progress.evals_since_best += 1
+        if ctx.rank == 0:
+            print(f"[train] step {progress.step}: {stopping.metric} {value:.4f} (best "
+                  f"{progress.best_value:.4f} at step {progress.best_step}, "
+                  f"{progress.evals_since_best}/{stopping.patience} without improvement)",
+                  flush=True)
+
     t_first: float | None = None  # when the first batch was in hand: startup ends there
-    for batch in _zip_batches(streams):
+    for batch in _zip_batches(streams) if not progress.stopped else iter(()):
         if t_first is None:
             t_first = time.perf_counter()
         if config.fault and progress.step + 1 == config.fault.step \
@@ -337,6 +388,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         sparse = batch["sparse"].to(ctx.device)
         logits = dense(batch["dense"].to(ctx.device), embeddings(sparse))
         loss = loss_fn(logits, batch["label"].to(ctx.device))
+        # Set from the step every time (not a stateful scheduler): resuming needs nothing.
+        lr = config.optimizer.dense_lr_at(progress.step, total_steps)
+        for group in dense_opt.param_groups:
+            group["lr"] = lr
         train_step(loss, sparse_opt, dense_opt, embeddings)
         progress.step += 1
         progress.step_in_epoch += 1
@@ -353,20 +408,46 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                       f"loss {global_loss:.4f} {rate:,.0f} samples/s", flush=True)
                 if writer:
                     writer.add_scalar("train/loss", global_loss, progress.step)
+                    writer.add_scalar("train/dense_lr", lr, progress.step)
                     writer.add_scalar("train/samples_per_s", rate, progress.step)
-        evaluate_now = sched.eval_every and progress.step % sched.eval_every == 0
+        epoch_end = progress.step_in_epoch == steps
+        evaluate_now = bool(sched.eval_every and progress.step % sched.eval_every == 0) or (
+            stopping is not None and not sched.eval_every and epoch_end)
         checkpoint_now = sched.checkpoint_every and progress.step % sched.checkpoint_every == 0
         if evaluate_now:
             last_metrics = evaluate("validation", spec, config, ctx, embeddings, dense, stats)
+            last_eval_step = progress.step
             _log(writer, last_metrics, progress.step)
+            if stopping is not None:
+                judge(last_metrics)
+                if progress.evals_since_best >= stopping.patience:
+                    progress.stopped = 1
+        if progress.stopped:
+            # Count the stopping step's epoch as done, so a checkpoint reads consistently.
+            checkpoint_now = True
         if evaluate_now or checkpoint_now:
             metrics = {**last_metrics, **progress.as_dict(), "loss": loss.item()}
             _report(ctx, metrics, save if checkpoint_now else None)
+        if progress.stopped:
+            if ctx.rank == 0:
+                print(f"[train] early stopping at step {progress.step}: no improvement of "
+                      f"{stopping.metric} in {stopping.patience} evaluations", flush=True)
+            break
         if sched.max_steps is not None and progress.step >= sched.max_steps:
             break
-        if progress.step_in_epoch == steps:
+        if epoch_end:
             progress.epoch += 1
             progress.step_in_epoch = 0
+
+    if stopping is not None and not progress.stopped and last_eval_step != progress.step \
+            and progress.step > 0:
+        # The last steps since the last evaluation are a candidate too.
+        judge(evaluate("validation", spec, config, ctx, embeddings, dense, stats))
+    if stopping is not None and 0 <= progress.best_step != progress.step:
+        if ctx.rank == 0:
+            print(f"[train] restoring the best model: step {progress.best_step}, "
+                  f"{stopping.metric} {progress.best_value:.4f}", flush=True)
+        _load_best(config, ctx, embeddings, dense)
 
     # Throughput of training alone, from the first batch in hand (the data pipeline's
     # start-up is reported apart): the final evaluation below is not training either.
@@ -377,6 +458,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
              **evaluate("test", spec, config, ctx, embeddings, dense, stats)}
     _log(writer, final, progress.step)
     final.update(progress.as_dict())
+    if math.isnan(final["best_value"]):
+        del final["best_value"]  # no early stopping: nothing to report (and NaN is no JSON)
     if ctx.distributed:
         total = torch.tensor([progress.fingerprint], dtype=torch.int64, device=ctx.device)
         dist.all_reduce(total)

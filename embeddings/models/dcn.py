@@ -13,7 +13,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from embeddings.models.dlrm import mlp
+from embeddings.models.dlrm import mlp, split_first_order
 
 
 class DCNStructure(str, Enum):
@@ -43,6 +43,10 @@ class DCNConfig(BaseModel):
             is what keeps W affordable when D = 26·d is large.
         deep_mlp: hidden widths of the deep network (ReLU after each); the logit layer follows.
         structure: stacked or parallel.
+        first_order: add a first-order (wide) term: one scalar weight per id, summed over
+            the features into the logit, stored as one more embedding column (`table_dim`
+            = d + 1) so it is compressed, sharded, collapsed and served with the tables.
+        first_order_scale: factor on the summed scalars (see `DLRMConfig`).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -56,6 +60,8 @@ class DCNConfig(BaseModel):
     cross_rank: int | None = Field(None, ge=1)
     deep_mlp: list[int] = Field(default_factory=lambda: [64, 32])
     structure: DCNStructure = DCNStructure.STACKED
+    first_order: bool = False
+    first_order_scale: float = Field(0.1, gt=0)
 
     @model_validator(mode="after")
     def _check_shapes(self) -> DCNConfig:
@@ -64,6 +70,11 @@ class DCNConfig(BaseModel):
         if self.cross_layers == 0 and not self.deep_mlp:
             raise ValueError("a DCN needs cross layers, a deep network, or both")
         return self
+
+    @property
+    def table_dim(self) -> int:
+        """Width of each looked-up vector: d, plus the first-order scalar when on."""
+        return self.embedding_dim + int(self.first_order)
 
     @property
     def input_dim(self) -> int:
@@ -133,11 +144,8 @@ class DCN(nn.Module):
 
     def forward(self, dense: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
         c = self.config
-        if embedded.shape[1:] != (c.num_sparse, c.embedding_dim):
-            raise ValueError(
-                f"embedded must be [n, {c.num_sparse}, {c.embedding_dim}], got "
-                f"{list(embedded.shape)}"
-            )
+        embedded, wide = split_first_order(embedded, c.num_sparse, c.embedding_dim,
+                                           c.first_order, c.first_order_scale)
         bottom = self.bottom(dense)
         x0 = torch.cat([bottom, embedded.flatten(1).to(bottom.dtype)], dim=1)
         crossed = x0
@@ -147,4 +155,5 @@ class DCN(nn.Module):
             out = self.deep(crossed)
         else:
             out = torch.cat([crossed, self.deep(x0)], dim=1)
-        return self.head(out).squeeze(1)
+        logit = self.head(out).squeeze(1)
+        return logit if wide is None else logit + wide.to(logit.dtype)

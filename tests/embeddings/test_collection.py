@@ -33,16 +33,19 @@ def _ids(n: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 2**32, (n, 26), generator=g)
 
 
-def test_global_ratio_leaves_small_features_uncompressed_and_sizes_the_rest() -> None:
+def test_a_global_ratio_sizes_every_feature_and_the_collection_collapses_alike() -> None:
     config = CollectionConfig(dim=16, cardinalities=SCALED, ratio=100, method={"method": "hash"})
     col = EmbeddingCollection(config)
+    allocated = config.allocate()
+    assert allocated is not None and col.ratio == 100
     for name, n in config.sizes().items():
         emb = col.method(name)
-        if n <= 2000 / 100:
-            assert col.method_configs[name] == FullConfig()
-            assert emb.tables[0].shape[0] == n
+        if name in allocated.whole:
+            assert col.method_configs[name] == FullConfig() and emb.tables[0].shape[0] == n
         else:
-            assert emb.tables[0].shape[0] == budget.hash_rows(n, 100)
+            assert emb.tables[0].shape[0] == budget.hash_rows(n, allocated.ratio)
+    target = config.target_bytes()
+    assert target is not None and 0.95 * target <= col.serving_bytes() <= target
     out = col(_ids(64))
     assert out.shape == (64, 26, 16)
     serving = col.collapse()
@@ -50,7 +53,7 @@ def test_global_ratio_leaves_small_features_uncompressed_and_sizes_the_rest() ->
     assert (serving(_ids(64)) - out).abs().max() <= 1e-5
 
 
-def test_byte_budget_is_met_with_the_smallest_ratio_that_fits() -> None:
+def test_byte_budget_is_met_within_five_percent() -> None:
     full = EmbeddingCollection(CollectionConfig(dim=16, cardinalities=SCALED)).serving_bytes()
     target = full // 50
     config = CollectionConfig(
@@ -60,21 +63,23 @@ def test_byte_budget_is_met_with_the_smallest_ratio_that_fits() -> None:
         method={"method": "qr", "operation": "sum"},
     )
     col = EmbeddingCollection(config)
-    assert col.serving_bytes() <= target
-    assert col.serving_bytes() > 0.95 * target
-    assert col.ratio is not None and col.ratio > 1
-    looser = config.model_copy(update={"budget_bytes": None, "ratio": col.ratio * 0.98})
-    assert EmbeddingCollection(looser).serving_bytes() > target
+    assert 0.95 * target <= col.serving_bytes() <= target
+    assert col.ratio == pytest.approx(full / target, rel=1e-6)
+    allocated = config.allocate()
+    assert allocated is not None and allocated.planned_bytes == col.serving_bytes()
 
 
 def test_training_budget_counts_mlet_width() -> None:
     kw = {"dim": 8, "cardinalities": SCALED, "budget_bytes": 400_000}
     mlet = {"method": "hash", "mlet_dim": 32}
-    serving = EmbeddingCollection(CollectionConfig(**kw, method=mlet))
-    training = EmbeddingCollection(CollectionConfig(**kw, method=mlet, budget_memory="training"))
+    serving_config = CollectionConfig(**kw, method=mlet)
+    training_config = CollectionConfig(**kw, method=mlet, budget_memory="training")
+    serving = EmbeddingCollection(serving_config)
+    training = EmbeddingCollection(training_config)
     assert serving.serving_bytes() <= 400_000 < serving.training_bytes()
-    assert training.training_bytes() <= 400_000
-    assert training.ratio > serving.ratio
+    assert 0.95 * 400_000 <= training.training_bytes() <= 400_000
+    # k-wide tables while training: the compressed features are cut harder to fit.
+    assert training_config.allocate().ratio > serving_config.allocate().ratio
 
 
 def test_per_feature_configs_with_stats_and_mixed_methods() -> None:
@@ -180,20 +185,17 @@ def test_every_method_lists_each_method_and_each_allowed_mlet_composition() -> N
                for raw in variants.values() if raw["method"] == "qr" and "mlet_dim" in raw)
 
 
-@pytest.mark.parametrize("method", [
-    {"method": "hash"}, {"method": "qr", "operation": "sum"}, {"method": "qr"},
-    {"method": "cafe"}, {"method": "hash", "mlet_dim": 32},
-])
-def test_fbgemm_store_and_torch_fallback_train_the_same_model(method: dict) -> None:
-    pytest.importorskip("fbgemm_gpu", reason="fbgemm_gpu is not installed here")
+def _backend_curves(
+    method: dict, optimizer: TableOptimizer, device: str = "cpu"
+) -> dict[str, tuple[list[float], torch.Tensor]]:
     config = CollectionConfig(dim=16, cardinalities=SCALED, ratio=10, method=method)
     g = torch.Generator().manual_seed(3)
-    head = torch.randn(26 * 16, generator=g) / 20
-    batches = [_ids(256, seed) % 5000 for seed in range(6)]
+    head = torch.randn(26 * 16, generator=g).to(device) / 20
+    batches = [(_ids(256, seed) % 5000).to(device) for seed in range(6)]
     losses = {}
     for backend in ("fbgemm", "torch"):
         torch.manual_seed(0)
-        col = EmbeddingCollection(config, optimizer=TableOptimizer(lr=0.1), backend=backend)
+        col = EmbeddingCollection(config, optimizer=optimizer, backend=backend, device=device)
         assert col.fused == (backend == "fbgemm")
         dense = col.dense_parameters()
         opt = torch.optim.Adam(dense, lr=1e-2) if dense else None
@@ -207,8 +209,70 @@ def test_fbgemm_store_and_torch_fallback_train_the_same_model(method: dict) -> N
                 opt.step()
             col.step()
             curve.append(loss.item())
-        losses[backend] = (curve, col.collapse()(batches[0]))
+        losses[backend] = (curve, col.collapse()(batches[0]).cpu())
+    return losses
+
+
+@pytest.mark.parametrize("method", [
+    {"method": "hash"}, {"method": "qr", "operation": "sum"}, {"method": "qr"},
+    {"method": "cafe"}, {"method": "hash", "mlet_dim": 32},
+])
+def test_fbgemm_store_and_torch_fallback_train_the_same_model(method: dict) -> None:
+    pytest.importorskip("fbgemm_gpu", reason="fbgemm_gpu is not installed here")
+    losses = _backend_curves(method, TableOptimizer(lr=0.1))
     (fb_curve, fb_out), (t_curve, t_out) = losses["fbgemm"], losses["torch"]
     assert fb_curve[-1] != fb_curve[0]  # the tables trained
     assert fb_curve == pytest.approx(t_curve, rel=1e-5, abs=1e-6)
     torch.testing.assert_close(fb_out, t_out, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", [{"method": "hash"}, {"method": "cafe"}])
+def test_both_backends_apply_the_same_weight_decay_on_cuda(method: dict) -> None:
+    pytest.importorskip("fbgemm_gpu", reason="fbgemm_gpu is not installed here")
+    if not torch.cuda.is_available():
+        pytest.skip("FBGEMM applies weight decay only in its CUDA kernel (1.8)")
+    optimizer = TableOptimizer(lr=0.1, weight_decay=0.05)
+    decayed = _backend_curves(method, optimizer, "cuda")
+    plain = _backend_curves(method, TableOptimizer(lr=0.1), "cuda")
+    assert decayed["fbgemm"][0] == pytest.approx(decayed["torch"][0], rel=1e-4, abs=1e-5)
+    torch.testing.assert_close(decayed["fbgemm"][1], decayed["torch"][1], rtol=1e-3, atol=1e-4)
+    assert decayed["torch"][0][-1] != plain["torch"][0][-1]  # the decay did something
+
+
+def test_weight_decay_on_cpu_trains_with_torch_because_fbgemm_cpu_ignores_it() -> None:
+    pytest.importorskip("fbgemm_gpu", reason="fbgemm_gpu is not installed here")
+    from embeddings.tables import FbgemmTables, TableSpec, choose_backend
+
+    decayed = TableOptimizer(lr=0.1, weight_decay=0.5)
+    cpu = torch.device("cpu")
+    assert choose_backend("auto", decayed, cpu) == "torch"
+    assert choose_backend("auto", TableOptimizer(lr=0.1), cpu) == "fbgemm"
+    with pytest.raises(ValueError, match="ignores weight_decay"):
+        choose_backend("fbgemm", decayed, cpu)
+    with pytest.raises(ValueError, match="ignores weight_decay"):
+        FbgemmTables([TableSpec(10, 4)], decayed, cpu)
+    # The reason, kept as a canary: FBGEMM's CPU kernel given L2 decay updates a row
+    # exactly as without it. When this fails, a newer FBGEMM decays on CPU and the
+    # fallback above can go.
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import (
+        EmbeddingLocation,
+        PoolingMode,
+    )
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice,
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
+    from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
+
+    rows = []
+    for wd, mode in ((0.0, WeightDecayMode.NONE), (0.5, WeightDecayMode.L2)):
+        torch.manual_seed(0)
+        tbe = SplitTableBatchedEmbeddingBagsCodegen(
+            [(10, 4, EmbeddingLocation.HOST, ComputeDevice.CPU)],
+            optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=0.1,
+            weight_decay=wd, weight_decay_mode=mode, pooling_mode=PoolingMode.SUM, device=cpu,
+        )
+        tbe(torch.tensor([1, 3]), torch.tensor([0, 1, 2])).sum().backward()
+        rows.append(tbe.split_embedding_weights()[0].detach().clone())
+    assert torch.equal(rows[0], rows[1])

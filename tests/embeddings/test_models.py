@@ -169,3 +169,34 @@ def test_small_models_learn_a_planted_signal(name: str):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("config", [
+    DLRMConfig(first_order=True, first_order_scale=0.5),
+    DCNConfig(first_order=True, first_order_scale=0.5, cross_layers=1, deep_mlp=[8]),
+])
+def test_first_order_term_adds_each_ids_scalar_to_the_logit(config):
+    # The lookup is d + 1 wide; its last column is the per-id scalar, summed into the logit
+    # (scaled) and kept out of the interactions, so moving it moves the logit exactly.
+    torch.manual_seed(0)
+    model = config.build().eval()
+    assert config.table_dim == config.embedding_dim + 1
+    dense, embedded = torch.randn(5, 13), torch.randn(5, 26, config.table_dim)
+    shifted = embedded.clone()
+    shifted[:, 3, -1] += 2.0
+    shifted[:, 7, -1] -= 0.5
+    with torch.no_grad():
+        delta = model(dense, shifted) - model(dense, embedded)
+    torch.testing.assert_close(delta, torch.full((5,), 0.5 * 1.5))
+    with pytest.raises(ValueError, match=r"d \+ 1"):
+        model(dense, embedded[..., :-1])
+    # Without the term the width stays d and the config round-trips with its default off.
+    plain = type(config).model_validate({**config.model_dump(), "first_order": False})
+    assert plain.table_dim == plain.embedding_dim
+
+
+def test_first_order_scalars_get_gradients_through_the_logit():
+    model = DLRMConfig(first_order=True).build()
+    embedded = torch.randn(4, 26, 17, requires_grad=True)
+    model(torch.randn(4, 13), embedded).sum().backward()
+    torch.testing.assert_close(embedded.grad[..., -1], torch.full((4, 26), 0.1))

@@ -131,3 +131,31 @@ def test_optimizers_accept_an_empty_sparse_gradient():
         before = table.detach().clone()
         cls([table], lr=0.1).step()
         assert torch.equal(table.detach(), before)
+
+
+@pytest.mark.parametrize("opt_cls", [RowWiseAdagrad, LazyAdam])
+def test_weight_decay_shrinks_only_the_rows_a_batch_read(opt_cls) -> None:
+    # A zero upstream gradient isolates the decay: read rows move towards 0, the rest
+    # keep their exact values (decay is lazy, nothing is spent on untouched rows).
+    torch.manual_seed(0)
+    table = torch.nn.Parameter(torch.randn(50, 4))
+    before = table.detach().clone()
+    opt = opt_cls([table], lr=0.1, weight_decay=0.5)
+    ids = torch.tensor([3, 7, 3])
+    (torch.nn.functional.embedding(ids, table, sparse=True) * 0).sum().backward()
+    opt.step()
+    after = table.detach()
+    read = torch.zeros(50, dtype=torch.bool)
+    read[ids] = True
+    assert torch.equal(after[~read], before[~read])
+    assert bool((after[read].abs() < before[read].abs()).all())
+    assert bool((torch.sign(after[read]) == torch.sign(before[read])).all())
+
+
+def test_rowwise_adagrad_weight_decay_is_l2_added_to_the_gradient() -> None:
+    # FBGEMM's EXACT_ROWWISE_ADAGRAD with WeightDecayMode.L2: g += wd·w, then the usual rule.
+    table, before, _ = _sparse_step(RowWiseAdagrad, torch.tensor([2]), lr=0.1,
+                                    weight_decay=0.3)
+    g = torch.arange(1.0, 5.0) + 0.3 * before[2]
+    acc = g.pow(2).mean()
+    torch.testing.assert_close(table.detach()[2], before[2] - 0.1 * g / (acc.sqrt() + 1e-8))
