@@ -114,11 +114,15 @@ def ratio_for_budget(
     lo: float = 1.0,
     hi: float = 1e7,
     iterations: int = 60,
+    tolerance: float = 0.0,
 ) -> float:
     """The smallest compression ratio whose byte count fits `budget_bytes`.
 
     `bytes_at(ratio)` must not increase with the ratio. Bisection on log(ratio); the answer
-    always fits (the upper end of the last bracket). Raises when even `hi` does not fit.
+    always fits (the upper end of the last bracket). With `tolerance`, it stops at the first
+    ratio whose bytes fit within that fraction below the budget (each probe builds every
+    method on the meta device: the exact minimum is rarely worth 60 of them). Raises when
+    even `hi` does not fit.
     """
     if bytes_at(lo) <= budget_bytes:
         return lo
@@ -130,8 +134,11 @@ def ratio_for_budget(
     a, b = math.log(lo), math.log(hi)
     for _ in range(iterations):
         mid = (a + b) / 2
-        if bytes_at(math.exp(mid)) <= budget_bytes:
+        got = bytes_at(math.exp(mid))
+        if got <= budget_bytes:
             b = mid
+            if got >= (1 - tolerance) * budget_bytes and tolerance > 0:
+                break
         else:
             a = mid
     return math.exp(b)

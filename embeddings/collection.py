@@ -23,12 +23,12 @@ from torch import nn
 
 import embeddings.methods as _methods_package
 from embeddings import budget
+from embeddings.allocation import Allocated, Allocation, allocate
 from embeddings.methods.base import (
     METHODS,
     Combiner,
     CompressedEmbedding,
     FeatureStats,
-    MethodBytes,
     MethodConfig,
 )
 from embeddings.methods.full import FullConfig
@@ -74,22 +74,28 @@ def every_method(mlet_dim: int) -> dict[str, dict[str, Any]]:
 class CollectionConfig(BaseModel):
     """The embedding collection: which method each categorical feature gets, and how big.
 
-    Sizing follows one rule. With a global `ratio` (or a `budget_bytes`, from which the
-    ratio is solved), every feature is sized by that ratio: features with at most
-    2000 / ratio values stay uncompressed, the others get their method (from `features`,
-    else `method`) at that ratio. Without one, every feature's config is used as written
-    and must size itself (e.g. `{"method": "hash", "ratio": 10}`).
+    Sizing. With a global `ratio` or `budget_bytes` the collection has one budget (a ratio
+    r means the uncompressed fp32 bytes / r), spent over the features by `allocation`
+    (`embeddings.allocation`): some features stay whole, the others get their method (from
+    `features`, else `method`) at one ratio solved on their exact planned bytes, so the
+    model's realised bytes land on the budget whatever each method's overheads. Without
+    one, every feature's config is used as written and must size itself (e.g.
+    `{"method": "hash", "ratio": 10}`).
 
     Args:
         dim: embedding width d of every feature.
         cardinalities: distinct values of each feature, in feature order (sizes the tables).
         names: feature names; default C1..C<number of cardinalities> (Criteo's).
-        ratio: one compression ratio for the whole collection.
-        budget_bytes: one byte budget for the whole collection instead of a ratio; the
-            smallest ratio that fits is used.
-        budget_memory: which bytes `budget_bytes` counts: "serving" (the collapsed fp32
+        ratio: one compression ratio for the whole collection: the budget is the
+            uncompressed bytes / ratio.
+        budget_bytes: one byte budget for the whole collection instead of a ratio.
+        budget_memory: which bytes the budget counts: "serving" (the collapsed fp32
             model: tables and mapper state) or "training" (parameters, buffers and adaptive
             state such as sketches; optimizer state excluded).
+        allocation: how the budget is spread: "fill" keeps the smallest features whole
+            while each costs at most an equal share of what is left (measured better:
+            see the README's quality table), "uniform" keeps features of at most
+            2000 / ratio values whole and gives the rest one ratio (the CAFE artifact's).
         features: a method config per feature name, overriding `method` for that feature.
         method: the method of every feature not in `features`.
     """
@@ -102,6 +108,7 @@ class CollectionConfig(BaseModel):
     ratio: float | None = Field(None, ge=1)
     budget_bytes: int | None = Field(None, gt=0)
     budget_memory: Literal["serving", "training"] = "serving"
+    allocation: Allocation = "fill"
     features: dict[str, AnyMethodConfig] = Field(default_factory=dict)
     method: AnyMethodConfig = Field(default_factory=FullConfig)
 
@@ -159,43 +166,40 @@ class CollectionConfig(BaseModel):
     def sizes(self) -> dict[str, int]:
         return dict(zip(self.feature_names, self.cardinalities, strict=True))
 
-    def at_ratio(self, ratio: float) -> dict[str, MethodConfig]:
-        """Every feature's method config under the global sizing rule at `ratio`."""
-        out: dict[str, MethodConfig] = {}
-        for name, n in self.sizes().items():
-            if budget.stays_uncompressed(n, ratio):
-                out[name] = FullConfig()
-            else:
-                out[name] = self.features.get(name, self.method).at_ratio(ratio)
-        return out
+    def uncompressed_bytes(self) -> int:
+        """Bytes of every feature as a plain fp32 n×d table: what a ratio divides."""
+        return sum(budget.uncompressed_bytes(n, self.dim) for n in self.cardinalities)
+
+    def target_bytes(self) -> int | None:
+        """The one budget of a globally sized collection (None when each feature sizes
+        itself): `budget_bytes`, or the uncompressed bytes over `ratio`."""
+        if self.budget_bytes is not None:
+            return self.budget_bytes
+        if self.ratio is not None:
+            return int(self.uncompressed_bytes() / self.ratio)
+        return None
+
+    def allocate(self, stats: Mapping[str, FeatureStats] | None = None) -> Allocated | None:
+        """The global budget spent over the features by `allocation` (None when each
+        feature sizes itself). Solved on exact planned bytes, `stats` included because
+        vocabularies and id maps count."""
+        target = self.target_bytes()
+        if target is None:
+            return None
+        methods = {n: self.features.get(n, self.method) for n in self.feature_names}
+        what = "budget_bytes" if self.budget_bytes is not None else "ratio"
+        return allocate(self.sizes(), self.dim, methods, target, self.allocation,
+                        self.budget_memory, stats, what)
 
     def resolve(
         self, stats: Mapping[str, FeatureStats] | None = None
     ) -> tuple[dict[str, MethodConfig], float | None]:
-        """Each feature's final method config, and the global ratio used (None if none).
-
-        A byte budget is solved on exact byte counts (meta-device builds, so nothing is
-        allocated), `stats` included because vocabularies count.
-        """
-        if self.ratio is not None:
-            return self.at_ratio(self.ratio), self.ratio
-        if self.budget_bytes is None:
+        """Each feature's final method config, and the requested ratio: `ratio`, or the
+        uncompressed bytes over `budget_bytes` (None when each feature sizes itself)."""
+        allocated = self.allocate(stats)
+        if allocated is None:
             return {n: self.features.get(n, self.method) for n in self.feature_names}, None
-        sizes = self.sizes()
-        cache: dict[tuple[str, str], MethodBytes] = {}
-
-        def bytes_at(ratio: float) -> int:
-            total = 0
-            for name, config in self.at_ratio(ratio).items():
-                key = (name, config.model_dump_json())
-                if key not in cache:
-                    feature_stats = stats.get(name) if stats else None
-                    cache[key] = config.planned_bytes(sizes[name], self.dim, feature_stats)
-                total += getattr(cache[key], self.budget_memory)
-            return total
-
-        ratio = budget.ratio_for_budget(bytes_at, self.budget_bytes)
-        return self.at_ratio(ratio), ratio
+        return allocated.configs, self.ratio or self.uncompressed_bytes() / allocated.budget_bytes
 
 
 def _sizes(data: dict[str, Any]) -> dict[str, int] | None:

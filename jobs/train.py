@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 from data_pipeline.shards import read_manifest
+from data_pipeline.stats import FeatureStats as DataFeatureStats
 from data_pipeline.stats import load_feature_stats
 from embeddings import budget
 from embeddings.collection import CollectionConfig
@@ -29,9 +30,28 @@ C = TypeVar("C", bound=TrainConfig)
 
 # Methods whose mapper adapts while training (their copies would drift apart if replicated).
 ADAPTIVE_METHODS = frozenset({"cafe"})
-# Methods that cannot even be sized without the feature's frequency statistics.
-STATS_REQUIRED_METHODS = frozenset({"learned_hash"})
 BAND_MIN_VALUES = 1000
+
+
+class LazyFeatureStats(Mapping[str, FeatureStats]):
+    """One feature's statistics at a time, read when first asked for."""
+
+    def __init__(self, stats: DataFeatureStats) -> None:
+        self._stats, self._cache = stats, {}
+        self._names = list(stats.features)
+
+    def __getitem__(self, name: str) -> FeatureStats:
+        if name not in self._names:
+            raise KeyError(name)
+        if name not in self._cache:
+            self._cache[name] = FeatureStats(*self._stats.counts(name))
+        return self._cache[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def cardinalities_of(config: TrainConfig) -> tuple[list[str], list[int]]:
@@ -65,15 +85,20 @@ def plan_run(config: TrainConfig, verbose: bool = True) -> RunSpec:
     names, cards = cardinalities_of(config)
     collection: CollectionConfig = config.collection(cards)
     names = collection.feature_names
-    methods, ratio = collection.resolve()
     sizes = collection.sizes()
-    needs_stats = [n for n in names if methods[n].method in STATS_REQUIRED_METHODS]
-    stats = load_feature_stats(config.data.path) if needs_stats else None
+    stats = load_feature_stats(config.data.path)
+    # Planned bytes are the built ones only with the statistics the workers build from
+    # (vocabularies of whole features, learned hashing's id map): read where needed.
+    feature_stats = LazyFeatureStats(stats)
+    allocated = collection.allocate(feature_stats)
+    methods = allocated.configs if allocated else collection.resolve()[0]
+    ratio = None if allocated is None else (
+        collection.ratio or collection.uncompressed_bytes() / allocated.budget_bytes)
     features = []
     serving = 0
     for name in names:
-        feature_stats = FeatureStats(*stats.counts(name)) if name in needs_stats else None
-        nbytes = methods[name].planned_bytes(sizes[name], collection.dim, feature_stats)
+        nbytes = methods[name].planned_bytes(sizes[name], collection.dim,
+                                             feature_stats.get(name))
         serving += nbytes.serving
         features.append(FeatureSize(name=name, bytes=nbytes.training,
                                     stateless=methods[name].method not in ADAPTIVE_METHODS))
@@ -88,11 +113,14 @@ def plan_run(config: TrainConfig, verbose: bool = True) -> RunSpec:
             raise ConfigError(f"schedule.band_features: unknown features {unknown}")
         band_columns = [names.index(n) for n in wanted]
     if verbose:
-        print("[train] embedding methods per feature (ratio "
-              f"{ratio if ratio is not None else 'per feature'}):")
-        for name in names:
-            shown = methods[name].model_dump(exclude_defaults=True)
-            print(f"  {name:<4} n={sizes[name]:>10,}  {shown}")
+        if allocated is not None:
+            print(f"[train] one budget over the features ({collection.allocation} allocation):")
+            print("\n".join(allocated.describe(sizes, collection.dim)))
+        else:
+            print("[train] embedding methods per feature:")
+            for name in names:
+                shown = methods[name].model_dump(exclude_defaults=True)
+                print(f"  {name:<4} n={sizes[name]:>10,}  {shown}")
         uncompressed = sum(budget.uncompressed_bytes(n, collection.dim) for n in sizes.values())
         print(realised_ratio(ratio, uncompressed, serving))
         print(plan.describe(), flush=True)

@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -55,6 +55,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "learned_hash": {"method": "learned_hash"},
 }
 RATIOS = (10.0, 100.0, 1000.0)
+ALLOCATIONS = ("fill", "uniform", "sqrt")
+# MLET where its papers claim it: full tables at small d, with and without MLET (k = 4d, 16d).
+MLET_DIMS = (4, 8, 16)
+MLET_FACTORS = (4, 16)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,17 +81,45 @@ def build_parser() -> argparse.ArgumentParser:
                         help="training config of every cell (default: %(default)s)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS))
+    parser.add_argument("--allocations", nargs="+", default=["fill"], choices=ALLOCATIONS,
+                        help="how the budget is spread over the features (the first is the "
+                             "default's; the others add rows to compare; default: fill)")
+    parser.add_argument("--mlet", action="store_true",
+                        help=f"add the MLET rows: full tables at d = {MLET_DIMS} with and "
+                             f"without MLET at k = {MLET_FACTORS} × d")
     parser.add_argument("--max-steps", type=int,
                         help="cut every cell's training short (smoke runs)")
     return parser
 
 
-def _cells(methods: list[str], ratios: list[float]) -> list[tuple[str, float | None]]:
-    return [(UNCOMPRESSED, None)] + [(m, r) for m in methods for r in ratios]
+class Cell(NamedTuple):
+    """One trained model of the table."""
+
+    method: str
+    ratio: float | None = None
+    allocation: str = "fill"
+    dim: int | None = None  # the model's d, for the MLET rows (None: the config's)
+    mlet_factor: int | None = None
+
+    @property
+    def key(self) -> str:
+        if self.dim is not None:
+            return f"full d={self.dim}" + (f" mlet k={self.mlet_factor}d" if self.mlet_factor
+                                          else "")
+        if self.ratio is None:
+            return self.method
+        return f"{self.method}@{self.ratio:g}x" + (
+            "" if self.allocation == "fill" else f"/{self.allocation}")
 
 
-def _key(method: str, ratio: float | None) -> str:
-    return method if ratio is None else f"{method}@{ratio:g}x"
+def _cells(methods: list[str], ratios: list[float], allocations: list[str],
+           mlet: bool = False) -> list[Cell]:
+    cells = [Cell(UNCOMPRESSED)]
+    cells += [Cell(m, r, a) for a in allocations for m in methods for r in ratios]
+    if mlet:
+        cells += [Cell("full", dim=d, mlet_factor=f)
+                  for d in MLET_DIMS for f in (None, *MLET_FACTORS)]
+    return cells
 
 
 def _done(results: Path) -> dict[str, dict[str, Any]]:
@@ -97,24 +129,37 @@ def _done(results: Path) -> dict[str, dict[str, Any]]:
     return {r["cell"]: r for r in rows}
 
 
-def _embeddings(method: str, ratio: float | None, dim: int) -> dict[str, Any]:
-    if method == UNCOMPRESSED:
-        return {"method": {"method": "full"}}
-    spec = dict(METHODS[method])
+def _embeddings(cell: Cell, dim: int) -> dict[str, Any]:
+    if cell.method in (UNCOMPRESSED, "full"):
+        mlet = {"mlet_dim": cell.mlet_factor * dim} if cell.mlet_factor else {}
+        return {"method": {"method": "full", **mlet}}
+    spec = dict(METHODS[cell.method])
     if spec.get("mlet_dim") == "4d":
         spec["mlet_dim"] = 4 * dim
-    return {"method": spec, "ratio": ratio}
+    return {"method": spec, "ratio": cell.ratio, "allocation": cell.allocation}
 
 
-def train_cell(base: TrainConfig, out: Path, method: str, ratio: float | None,
+def _model(base: TrainConfig, cell: Cell) -> dict[str, Any]:
+    """The config's model, at the cell's d for the MLET rows (DLRM's bottom MLP ends at d)."""
+    model = base.model_spec.model_dump()
+    if cell.dim is not None:
+        model["embedding_dim"] = cell.dim
+        if "bottom_mlp" in model:
+            model["bottom_mlp"] = [*model["bottom_mlp"][:-1], cell.dim]
+    return model
+
+
+def train_cell(base: TrainConfig, out: Path, cell: Cell,
                max_steps: int | None) -> dict[str, Any]:
     """Train one cell in this process and return its exported metrics."""
-    key = _key(method, ratio)
-    name = key.replace("@", "_")
+    key = cell.key
+    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in key)
     schedule = base.schedule.model_copy(update={"max_steps": max_steps} if max_steps else {})
+    model = _model(base, cell)
     config = TrainConfig.model_validate({
         **base.model_dump(),
-        "embeddings": _embeddings(method, ratio, base.model_spec.embedding_dim),
+        "model": model,
+        "embeddings": _embeddings(cell, model["embedding_dim"]),
         "schedule": schedule.model_dump(),
         "scaling": {**base.scaling.model_dump(), "num_workers": 0},
         "run": {"storage_path": out / "runs", "name": name},
@@ -129,7 +174,8 @@ def train_cell(base: TrainConfig, out: Path, method: str, ratio: float | None,
     keep = ("validation_auc", "validation_auc_rare", "validation_auc_medium",
             "validation_auc_hot", "validation_rows_rare", "validation_log_loss",
             "serving_bytes", "training_bytes_rank0", "samples")
-    return {"cell": key, "method": method, "ratio": ratio,
+    return {"cell": key, "method": cell.method, "ratio": cell.ratio,
+            "allocation": cell.allocation,
             **{k: metrics.get(k) for k in keep}, "seconds": round(time.perf_counter() - t0)}
 
 
@@ -157,31 +203,37 @@ def _fmt(x: Any, digits: int = 4) -> str:
     return "—" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{digits}f}"
 
 
-def print_table(done: dict[str, dict[str, Any]], methods: list[str], ratios: list[float],
+def _auc_cell(row: dict[str, Any]) -> str:
+    return f"{_fmt(row.get('validation_auc'))} / {_fmt(row.get('validation_auc_rare'))}"
+
+
+def print_table(done: dict[str, dict[str, Any]], cells: list[Cell], ratios: list[float],
                 teacher: dict[str, Any]) -> None:
     full = done.get(UNCOMPRESSED, {})
-    print("\nvalidation AUC, overall / rows with a rare id")
-    head = f"{'method':<14}" + "".join(f"{f'{r:g}x':>22}" for r in ratios)
+    full_bytes = full.get("serving_bytes")
+    print("\nvalidation AUC, overall / rows with a rare id (bytes: realised serving bytes, "
+          "fp32, and the ratio they give)")
+    head = f"{'method':<22}" + "".join(f"{f'{r:g}x':>34}" for r in ratios)
     print(head)
     for name, row in (("teacher", teacher), (UNCOMPRESSED, full)):
-        cell = f"{_fmt(row.get('validation_auc'))} / {_fmt(row.get('validation_auc_rare'))}"
-        print(f"{name:<14}{cell:>22}   (all ratios)")
-    for m in methods:
-        cells = []
+        print(f"{name:<22}{_auc_cell(row):>34}   (all ratios)")
+    rows = dict.fromkeys((c.method, c.allocation) for c in cells if c.ratio is not None)
+    for method, allocation in rows:
+        shown = []
         for r in ratios:
-            row = done.get(_key(m, r), {})
-            cells.append(f"{_fmt(row.get('validation_auc'))} / "
-                         f"{_fmt(row.get('validation_auc_rare'))}")
-        print(f"{m:<14}" + "".join(f"{c:>22}" for c in cells))
-    if full.get("serving_bytes"):
-        print("\nserving bytes (measured ratio to uncompressed)")
-        print(head)
-        for m in methods:
-            cells = []
-            for r in ratios:
-                b = done.get(_key(m, r), {}).get("serving_bytes")
-                cells.append("—" if not b else f"{b:,} ({full['serving_bytes'] / b:.0f}x)")
-            print(f"{m:<14}" + "".join(f"{c:>22}" for c in cells))
+            row = done.get(Cell(method, r, allocation).key, {})
+            b = row.get("serving_bytes")
+            size = f" {full_bytes / b:.0f}x" if b and full_bytes else ""
+            shown.append(_auc_cell(row) + size)
+        label = method if allocation == "fill" else f"{method} ({allocation})"
+        print(f"{label:<22}" + "".join(f"{c:>34}" for c in shown))
+    mlet = [c for c in cells if c.dim is not None]
+    if mlet:
+        print("\nMLET over full tables (k = factor × d), overall / rare-id AUC, serving bytes")
+        for c in mlet:
+            row = done.get(c.key, {})
+            b = row.get("serving_bytes")
+            print(f"{c.key:<22}{_auc_cell(row):>34}  {b or 0:>12,}")
     if full.get("validation_auc") and teacher.get("validation_auc"):
         gap = teacher["validation_auc"] - full["validation_auc"]
         print(f"\nuncompressed vs teacher: {full['validation_auc']:.4f} vs "
@@ -208,13 +260,13 @@ def main(argv: list[str] | None = None) -> int:
     ensure_ray(num_cpus=os.cpu_count())
     results = out / RESULTS
     done = _done(results)
-    cells = _cells(args.methods, args.ratios)
-    for i, (method, ratio) in enumerate(cells):
-        key = _key(method, ratio)
+    cells = _cells(args.methods, args.ratios, args.allocations, args.mlet)
+    for i, cell in enumerate(cells):
+        key = cell.key
         if key in done:
             continue
         print(f"[quality] cell {i + 1}/{len(cells)}: {key}", flush=True)
-        row = train_cell(base, out, method, ratio, args.max_steps)
+        row = train_cell(base, out, cell, args.max_steps)
         print(f"[quality] {key}: AUC {_fmt(row['validation_auc'])} rare "
               f"{_fmt(row['validation_auc_rare'])} ({row['seconds']} s)", flush=True)
         with results.open("a") as f:
@@ -222,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         done[key] = row
     print(f"\ncompression quality on {data} ({read_manifest(data)['rows']:,} rows), "
           f"config {args.config}")
-    print_table(done, args.methods, args.ratios, teacher_row(data))
+    print_table(done, cells, args.ratios, teacher_row(data))
     return 0
 
 

@@ -1,0 +1,105 @@
+"""One budget over the features: every method lands within ±5% of it or is refused with the
+largest ratio it can reach; the rules keep the features they should whole."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from data_pipeline.schema import TERABYTE_CARDINALITIES
+from embeddings import budget
+from embeddings.collection import CollectionConfig, EmbeddingCollection
+from embeddings.methods.base import FeatureStats
+
+# Criteo Terabyte's 26 cardinalities scaled down 1000× (at least 3 values each).
+SCALED = [max(3, n // 1000) for n in TERABYTE_CARDINALITIES]
+METHODS = {
+    "hash": {"method": "hash"},
+    "qr product": {"method": "qr"},
+    "qr concat": {"method": "qr", "operation": "concat"},
+    "mlet(hash)": {"method": "hash", "mlet_dim": 64},
+    "cafe": {"method": "cafe"},
+    "learned_hash": {"method": "learned_hash"},
+}
+
+
+def _stats() -> dict[str, FeatureStats]:
+    out = {}
+    for i, n in enumerate(SCALED):
+        counts = (1e6 / np.arange(1, n + 1) ** 1.1).astype(np.int64) + 1
+        out[f"C{i + 1}"] = FeatureStats(np.arange(n, dtype=np.int64) * 7919 + 1, counts)
+    return out
+
+
+@pytest.mark.parametrize("rule", ["fill", "uniform", "sqrt"])
+@pytest.mark.parametrize("ratio", [10, 100, 1000])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_meets_the_budget_within_five_percent_or_says_how_far_it_can_go(
+    method: str, ratio: float, rule: str
+) -> None:
+    config = CollectionConfig(dim=16, cardinalities=SCALED, ratio=ratio, method=METHODS[method],
+                              allocation=rule)
+    target = config.target_bytes()
+    assert target == int(config.uncompressed_bytes() / ratio)
+    try:
+        allocated = config.allocate(_stats())
+    except ValueError as e:
+        # Only QR has a floor (2·sqrt(n) rows a feature) above these budgets.
+        assert method.startswith("qr"), e
+        reach = float(str(e).split("largest ratio it can reach here is ")[1].rstrip("x"))
+        assert str(e).startswith("ratio: ") and 1 < reach < ratio
+        return
+    assert 0.95 * target <= allocated.planned_bytes <= target
+    assert allocated.planned_bytes == sum(allocated.feature_bytes.values())
+
+
+@pytest.mark.parametrize("method", ["hash", "cafe", "mlet(hash)"])
+def test_built_collections_hold_the_planned_bytes(method: str) -> None:
+    config = CollectionConfig(dim=16, cardinalities=SCALED, ratio=100, method=METHODS[method])
+    col = EmbeddingCollection(config)
+    allocated = config.allocate()
+    assert allocated is not None
+    assert col.serving_bytes() == allocated.planned_bytes
+    assert 0.95 * config.target_bytes() <= col.serving_bytes() <= config.target_bytes()
+
+
+def test_fill_keeps_small_features_whole_while_each_costs_at_most_an_equal_share() -> None:
+    config = CollectionConfig(dim=16, cardinalities=SCALED, ratio=100, method=METHODS["hash"])
+    allocated = config.allocate()
+    sizes = config.sizes()
+    whole = sorted(allocated.whole, key=lambda name: sizes[name])
+    compressed = [n for n in sizes if n not in whole]
+    assert whole and compressed
+    assert max(sizes[n] for n in whole) <= min(sizes[n] for n in compressed)
+    # The next feature would have cost more than its share of what was left.
+    left = config.target_bytes() - sum(budget.uncompressed_bytes(sizes[n], 16) for n in whole)
+    nxt = min(compressed, key=lambda name: sizes[name])
+    assert budget.uncompressed_bytes(sizes[nxt], 16) * len(compressed) > left
+    for name in compressed:
+        assert allocated.configs[name].ratio == pytest.approx(allocated.ratio)
+
+
+def test_uniform_is_the_artifact_rule_and_sqrt_gives_small_features_more() -> None:
+    kw = {"dim": 16, "cardinalities": SCALED, "ratio": 1000, "method": METHODS["hash"]}
+    uniform = CollectionConfig(**kw, allocation="uniform").allocate()
+    sizes = dict(zip(CollectionConfig(**kw).feature_names, SCALED, strict=True))
+    assert set(uniform.whole) == {n for n, v in sizes.items() if v <= 2000 / uniform.ratio}
+    sqrt = CollectionConfig(**kw, allocation="sqrt").allocate()
+    largest = max(SCALED)
+    for name, n in sizes.items():
+        if name not in sqrt.whole:
+            expected = sqrt.ratio * math.sqrt(n / largest)
+            assert sqrt.configs[name].ratio == pytest.approx(expected)
+    big, small = max(sizes, key=sizes.get), "C11"  # 2,953 values
+    assert sqrt.configs[small].ratio < sqrt.configs[big].ratio
+    assert uniform.configs[small].ratio == uniform.configs[big].ratio
+
+
+def test_the_plan_prints_each_feature_and_requested_against_planned() -> None:
+    config = CollectionConfig(dim=16, cardinalities=SCALED, ratio=100, method=METHODS["cafe"])
+    lines = config.allocate().describe(config.sizes(), 16)
+    assert len(lines) == 2 + len(SCALED)
+    assert "whole" in "\n".join(lines) and "cafe" in lines[1 + SCALED.index(max(SCALED))]
+    assert lines[-1].startswith(f"  requested {config.target_bytes():,} serving bytes (100.0x)")
