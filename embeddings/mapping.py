@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from embeddings.hashing import hash64, hash_bucket
+from embeddings.hashing import _M1, _M2, _MASK63, _shr, hash64, hash_bucket, seed_offset
 
 
 class Combiner(str, Enum):
@@ -53,6 +53,26 @@ def combine(vectors: list[torch.Tensor], combiner: Combiner) -> torch.Tensor:
     for v in vectors[1:]:
         out = out * v if combiner is Combiner.PRODUCT else out + v
     return out
+
+
+def hash_columns(ids: torch.Tensor, seeds: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
+    """`hash_bucket(ids[:, j], buckets[j], seeds[j])` for every column j in one pass.
+
+    Args:
+        ids: int64 [n, k] raw values, one feature per column.
+        seeds: int64 [k] the offsets `hash64` adds for each column's seed (`seed_offsets`).
+        buckets: int64 [k] rows of each column's table.
+    """
+    z = ids + seeds
+    z = (z ^ _shr(z, 30)) * _M1
+    z = (z ^ _shr(z, 27)) * _M2
+    z = z ^ _shr(z, 31)
+    return (z & _MASK63) % buckets
+
+
+def seed_offsets(seeds: list[int]) -> torch.Tensor:
+    """int64 [k]: what `hash64` adds to an id for each seed, as signed 64-bit values."""
+    return torch.tensor([int(seed_offset(s).astype("int64")) for s in seeds], dtype=torch.int64)
 
 
 class Mapper(nn.Module):

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from embeddings.models import ModelConfig
-from embeddings.serving_embedding import FeatureEmbedding, SplitServingEmbedding
+from embeddings.serving_embedding import FeatureEmbedding, SplitServingEmbedding, TableBatchedLookup
 from embeddings.serving_io import embedding_from_state, embedding_state, unshared_tensors
 
 SCHEMA_VERSION = 1
@@ -57,11 +57,12 @@ class ServingModel(nn.Module):
         self.dense = dense.eval()
         self.names = list(names)
         self.embeddings = nn.ModuleList(embeddings)
+        # One lookup call for all features (see TableBatchedLookup), not one per feature.
+        self.lookup = TableBatchedLookup(list(self.embeddings), model_config.embedding_dim)
 
     @torch.no_grad()
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-        embedded = torch.stack([e(sparse[:, j]) for j, e in enumerate(self.embeddings)], dim=1)
-        return self.dense(dense, embedded)
+        return self.dense(dense, self.lookup(sparse))
 
     def embedding_bytes(self) -> int:
         return sum(e.serving_bytes() for e in self.embeddings)

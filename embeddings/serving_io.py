@@ -101,13 +101,15 @@ def serving_from_state(
 
 
 def unshared_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors, cloning only those that share memory with an earlier one
+    """Contiguous CPU tensors, cloning only those that share memory with an earlier one or
+    are views into a larger storage, such as the tables a TableBatchedLookup packed
     (safetensors refuses shared storage)."""
     out, seen = {}, set()
     for name, t in tensors.items():
         t = t.detach().to("cpu").contiguous()
         key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else None
-        if key is not None and key in seen:
+        partial = t.numel() and t.untyped_storage().nbytes() != t.numel() * t.element_size()
+        if partial or (key is not None and key in seen):
             t = t.clone()
         seen.add(key)
         out[name] = t

@@ -32,6 +32,9 @@ LOCAL_DRAIN_S = "2"
 # Scoring awaits nothing but the batch, and loading a model runs off the loop, so one loop
 # serves as well: measured here, ~10% less replica CPU a request, 1-row and 256-row alike.
 USER_CODE_THREAD_ENV = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
+# End-to-end limit Serve puts on a request (its `request_timeout_s`, answered 408); the body
+# itself has a shorter deadline (services.guard).
+REQUEST_TIMEOUT_S = 60.0
 
 DESCRIPTION = """\
 Serve an exported embpress model (model.json + weights.safetensors, written by
@@ -47,6 +50,7 @@ examples:
   python -m jobs.serve --model runs/small_synthetic/model
   python -m jobs.serve --model runs/small_synthetic/model --direct-ingress   # lowest latency
   python -m jobs.serve --check runs/small_synthetic/model                    # check, then exit
+  RAY_ADDRESS=auto python -m jobs.serve --urls      # the running app's proxy and direct URLs
 """
 
 
@@ -63,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--model", metavar="DIR", help="exported model directory to serve")
     what.add_argument("--check", metavar="DIR",
                       help="check a model directory (files, checksum, loads) and exit")
+    what.add_argument("--urls", action="store_true",
+                      help="print the running application's URLs, one per line (the "
+                           "direct-ingress port changes when a replica is replaced) and exit")
     parser.add_argument("--version", help="version answers carry (default: model.json's, "
                                           "else the weights' checksum)")
     parser.add_argument("--host", default="127.0.0.1",
@@ -93,6 +100,12 @@ def check_model(directory: str) -> dict[str, Any]:
         loaded = load_for_serving(ScoringSettings(model_dir=str(Path(directory).resolve())))
     except ModelFileError as exc:
         raise ServeStartError(str(exc)) from None
+    except Exception as exc:  # shapes that disagree with model.json, a bad config, …
+        reason = " ".join(str(exc).split())  # state_dict errors span many lines
+        if len(reason) > 300:
+            reason = f"{reason[:300]}… ({len(reason):,} characters)"
+        raise ServeStartError(f"{directory}: cannot load the model: {type(exc).__name__}: "
+                              f"{reason}") from None
     return {**loaded.document, "version": loaded.version}
 
 
@@ -114,6 +127,11 @@ def check_port(host: str, port: int, what: str) -> None:
 def start_service(args: argparse.Namespace) -> tuple[dict[str, list[str]], bool]:
     """Start Ray (if needed) and Serve, deploy, and return the URLs; True if Ray was started."""
     joining = bool(os.environ.get("RAY_ADDRESS"))
+    # Slow-upload guard and uvicorn settings in the proxy and direct-ingress servers; read
+    # by those processes as they start, so set before ray.init like the flags below.
+    from services.guard import CALLBACK, CALLBACK_ENV
+
+    os.environ.setdefault(CALLBACK_ENV, CALLBACK)
     if args.direct_ingress:
         if joining:
             print(f"serve: note: joining RAY_ADDRESS's cluster; direct ingress works only if "
@@ -148,13 +166,34 @@ def start_service(args: argparse.Namespace) -> tuple[dict[str, list[str]], bool]
         app_args["max_batch_rows"] = max(8192, args.max_rows_per_request)
     if args.replicas:
         app_args["num_replicas"] = args.replicas
-    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.start(http_options={"host": args.host, "port": args.port,
+                              "request_timeout_s": REQUEST_TIMEOUT_S})
     serve.run(build_app(app_args), name=APP_NAME, route_prefix="/")
     return application_urls(APP_NAME), started
 
 
+def print_urls(app_name: str = APP_NAME) -> int:
+    """The running application's URLs (proxy first), for clients of the direct path."""
+    import ray
+
+    from services.app import application_urls
+
+    try:
+        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=False)
+        urls = application_urls(app_name)
+    except Exception as exc:  # no cluster, no Serve, no such app
+        print(f"serve: error: cannot read the URLs of {app_name!r}: {type(exc).__name__}: "
+              f"{' '.join(str(exc).split())[:300]}", file=sys.stderr)
+        return 2
+    for url in urls["proxy"] + urls["direct"]:
+        print(url)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.urls:
+        return print_urls()
     try:
         document = check_model(args.check or args.model)
         if args.check:

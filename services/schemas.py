@@ -25,15 +25,19 @@ from pydantic import (
 from typing_extensions import TypedDict
 
 from data_pipeline.schema import DENSE_COLUMNS, NUM_DENSE, NUM_SPARSE, SPARSE_COLUMNS
+from services.bodies import clip, name_bad_escape, shorten
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 # A ceiling no configuration can raise: it bounds what one body can make the replica parse.
 # The deployment's own (smaller) maximum is `ScoringSettings.max_rows_per_request`.
 HARD_MAX_ROWS = 65_536
 
+# A JSON number with no fraction (14 and 14.0 alike: JSON Schema's "integer" admits both,
+# so the service does too), within int32. Strict: "7" and true are not numbers.
 DenseValue = Annotated[
-    Annotated[int, Strict(), Field(ge=INT32_MIN, le=INT32_MAX)] | None,
-    Field(description="integer feature (int32), or null when missing", examples=[5, None]),
+    Annotated[float, Strict(), Field(ge=INT32_MIN, le=INT32_MAX, multiple_of=1)] | None,
+    Field(description="integer feature (int32; 14 and 14.0 alike), or null when missing",
+          examples=[5, None]),
 ]
 # 1–8 hex digits like the TSV reader accepts (a 32-bit hash, leading zeros optional); "" and
 # null both mean missing, as an empty TSV field does.
@@ -158,10 +162,8 @@ class ReadyResponse(BaseModel):
     """Whether this replica can score, and with which model."""
 
     ready: bool
-    version: str | None = Field(description="version being served (null before the first)")
-    reload_error: str | None = Field(
-        None, description="why the most recent model change was refused (the served model "
-        "is unchanged); null when the last change succeeded")
+    version: str | None = Field(description="version being served (null before the first); "
+                                "a refused model change is in GET /v1/model and the log")
 
 
 _REQUEST = TypeAdapter(ScoreRequest)
@@ -186,8 +188,10 @@ class _ArrayFirstRequest(BaseModel):
 
 _ARRAY_FIRST = TypeAdapter(_ArrayFirstRequest)
 # Errors past this many are counted, not listed: a 4,096-row garbage body must not make a
-# megabyte-sized error answer.
+# megabyte-sized error answer. Every echoed key or value is clipped too (`clip`), and the
+# answer kept under MAX_ERROR_BYTES whatever the body held.
 MAX_LISTED_ERRORS = 20
+MAX_ERROR_BYTES = 4000
 
 
 def parse_score_request(body: bytes) -> ScoreRequest | _ArrayFirstRequest:
@@ -214,23 +218,45 @@ def _column(loc: tuple[Any, ...]) -> str | None:
     return None
 
 
-def _message(error: dict[str, Any], column: str | None) -> str:
+def _shown(value: Any) -> str:
+    return clip(value) if isinstance(value, str) else shorten(repr(value), 32)
+
+
+def _message(error: dict[str, Any], column: str | None, body: bytes) -> str:
     kind = error["type"]
     value = error.get("input")
     if column in SPARSE_COLUMNS:
         if kind == "string_too_long":
-            return f"more than 8 hex digits: {value!r}"
+            return f"more than 8 hex digits: {_shown(value)}"
         if kind == "string_pattern_mismatch":
-            return f"not a hex value: {value!r}"
-    if column in DENSE_COLUMNS and kind in ("int_type", "int_from_float"):
-        return f"not an integer or null: {value!r}"
+            return f"not a hex value: {_shown(value)}"
+    if column in DENSE_COLUMNS and kind in ("float_type", "multiple_of"):
+        return f"not an integer or null: {_shown(value)}"
+    if kind == "json_invalid" and "escape" in error["msg"]:
+        return _escape_message(error["msg"], body)
     if kind in ("too_short", "too_long") and error["loc"][-1:] in (("dense",), ("categorical",)):
         want = NUM_DENSE if error["loc"][-1] == "dense" else NUM_SPARSE
         got = len(value) if isinstance(value, list) else "?"
         return f"{got} values, expected {want}"
     if kind == "extra_forbidden" and isinstance(error["loc"][-1], str):
-        return f"unknown field {error['loc'][-1]!r} (rows have I1..I13 and C1..C26)"
-    return error["msg"]
+        return f"unknown field {clip(error['loc'][-1])} (rows have I1..I13 and C1..C26)"
+    return shorten(error["msg"])
+
+
+def _escape_message(msg: str, body: bytes) -> str:
+    """pydantic-core's escape errors name a column, not the escape: name it."""
+    where = msg.rpartition(" at line ")[2]
+    line, _, column = where.partition(" column ")
+    if not (line.isdigit() and column.isdigit()):
+        return msg
+    offset = sum(len(x) + 1 for x in body.split(b"\n")[: int(line) - 1]) + int(column)
+    escape = name_bad_escape(body, offset)
+    if escape is None:
+        return msg
+    why = ("a lone UTF-16 surrogate is not a character"
+           if escape[2:3].lower() == "d" and len(escape) == 6 and escape[3:4].lower() in "89abcdef"
+           else "not a valid JSON escape")
+    return f"Invalid JSON: escape {escape} at line {line} column {column}: {why}"
 
 
 def _path(loc: tuple[Any, ...]) -> str:
@@ -238,12 +264,17 @@ def _path(loc: tuple[Any, ...]) -> str:
     parts = [p for p in loc if p not in ("arrays", "named")]
     out = ""
     for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+        if isinstance(p, int):
+            out += f"[{p}]"
+        else:
+            name = p if len(str(p)) <= 32 else clip(str(p))
+            out += f".{name}" if out else str(name)
     return out or "body"
 
 
-def describe_errors(exc: ValidationError) -> ErrorResponse:
-    """A pydantic error list as messages that name the row and the field."""
+def describe_errors(exc: ValidationError, body: bytes = b"") -> ErrorResponse:
+    """A pydantic error list as messages that name the row and the field, under
+    MAX_ERROR_BYTES however long the keys and values it echoes."""
     items = []
     errors = exc.errors(include_url=False)
     for error in errors[:MAX_LISTED_ERRORS]:
@@ -252,16 +283,22 @@ def describe_errors(exc: ValidationError) -> ErrorResponse:
         column = _column(loc)
         field = column or next((p for p in reversed(loc) if isinstance(p, str)
                                 and p not in ("arrays", "named")), None)
+        if field is not None and len(field) > 32:
+            field = clip(field)
         path = _path(loc)
         if column and not path.endswith(column):
             path = f"{path} ({column})"
         if error["type"] == "json_invalid":
             path, field = "body", None
         items.append(ErrorItem(row=row, field=field, loc=path,
-                               msg=_message(error, column), type=error["type"]))
-    more = len(errors) - len(items)
-    head = f"{items[0].loc}: {items[0].msg}"
-    if len(errors) > 1:
-        head += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''}"
-        head += f", {more} not listed)" if more else ")"
-    return ErrorResponse(detail=head, errors=items)
+                               msg=_message(error, column, body), type=error["type"]))
+    while True:  # list fewer problems until the answer fits
+        more = len(errors) - len(items)
+        head = f"{items[0].loc}: {items[0].msg}"
+        if len(errors) > 1:
+            head += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''}"
+            head += f", {more} not listed)" if more else ")"
+        answer = ErrorResponse(detail=head, errors=items)
+        if len(items) == 1 or len(answer.model_dump_json()) <= MAX_ERROR_BYTES:
+            return answer
+        items = items[:-1]

@@ -25,10 +25,10 @@ Why it is shaped this way:
 # No `from __future__ import annotations` here: Serve's class-based FastAPI views read the
 # route signatures at runtime, and a string "Request" would turn into a query parameter.
 import asyncio
-import email.message
 import hmac
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +44,15 @@ from ray import serve
 
 from data_pipeline.schema import NUM_DENSE, NUM_SPARSE
 from embeddings.serving import ModelFileError, ServingModel, load_model
+from services.bodies import (
+    BodyError,
+    check_content_type,
+    decode_body,
+    refuse_duplicate_keys,
+    shorten,
+)
 from services.features import model_inputs
+from services.guard import UploadGuard
 from services.schemas import (
     HARD_MAX_ROWS,
     REQUEST_EXAMPLES,
@@ -63,6 +71,7 @@ logger = logging.getLogger("ray.serve")
 TOKEN_ENV = "EMBPRESS_API_TOKEN"
 TOKEN_FILE_ENV = "EMBPRESS_API_TOKEN_FILE"
 THREADS_ENV = "EMBPRESS_TORCH_THREADS"
+DOCS_ENV = "EMBPRESS_DOCS"
 # Rows per forward pass. Measured on dlrm-small, one thread: 3.7 µs/row at 1,024 rows
 # against 7.5 at 256 and 7.2 at 8,192 (large batches fall out of cache), so a merged batch
 # is scored in slices of this size.
@@ -200,30 +209,55 @@ def _error(status: int, detail: str, errors: list[ErrorItem] | None = None,
                     media_type="application/json")
 
 
-def _is_json(content_type: str | None) -> bool:
-    if not content_type:
-        return False
-    if content_type == "application/json":  # nearly every request: skip the parsing below
-        return True
-    message = email.message.Message()
-    message["content-type"] = content_type
-    kind = message.get_content_type()
-    return kind == "application/json" or (kind.startswith("application/")
-                                           and kind.endswith("+json"))
+# What a client may see of model.json: the model's shape and quality, never where it was
+# trained or stored (the training config holds data and run paths).
+PUBLIC_MODEL_KEYS = ("format", "schema_version", "version", "features", "num_dense",
+                     "embedding_dim", "model", "serving_bytes", "metrics", "quantize",
+                     "weights_sha256")
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~])(?:[A-Za-z]:\\|/)[^\s'\"():,]+")
+
+
+def without_paths(text: str) -> str:
+    """A message with every absolute path replaced (answers must not map the server's disk)."""
+    return _ABSOLUTE_PATH.sub("<path>", text)
+
+
+def _public(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _public(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_public(v) for v in value]
+    return without_paths(value) if isinstance(value, str) else value
+
+
+def public_model(document: dict[str, Any]) -> dict[str, Any]:
+    """model.json as clients see it: features, dims, methods, bytes, metrics; no paths."""
+    shown = {k: document[k] for k in PUBLIC_MODEL_KEYS if k in document}
+    shown["methods"] = sorted({_method(e) for e in document.get("embeddings", {}).values()})
+    return _public(shown)
+
+
+def _method(embedding: dict[str, Any]) -> str:
+    """A feature's serving form in a word: its mapper kind(s) and table formats."""
+    parts = embedding.get("parts") or [embedding]
+    kinds = sorted({str(p.get("mapper", {}).get("kind", "?")) for p in parts})
+    formats = sorted({str(t.get("fmt", "fp32")) for p in parts for t in p.get("tables", [])})
+    return "+".join(kinds) + (f" ({'/'.join(formats)})" if formats else "")
 
 
 class ModelInfo(BaseModel):
-    """What this replica serves: the version, where it came from, its model.json."""
+    """What this replica serves: its version, settings and the model's public description."""
 
     version: str
-    model_dir: str
     loaded_at: float = Field(description="Unix time the model was loaded")
     replica: str = Field(description="the Serve replica that answered (changes only when "
                          "a replica is replaced, not when its model is swapped)")
     reload_error: str | None = Field(
-        description="why the latest model change was refused (this model kept serving)")
-    settings: dict[str, Any]
-    model: dict[str, Any] = Field(description="the model's model.json")
+        description="why the latest model change was refused (this model kept serving); "
+                    "the full reason is in the replica's log")
+    settings: dict[str, Any] = Field(description="batching and size limits")
+    model: dict[str, Any] = Field(description="features, dimensions, methods, serving bytes, "
+                                  "metrics, version (from model.json, without paths)")
 
 
 DESCRIPTION = """\
@@ -239,7 +273,23 @@ When the server has a token configured, `/v1/score` and `/v1/model` need
 `Authorization: Bearer <token>`; `/healthz` and `/readyz` never do.
 """
 
-app = FastAPI(title="embpress scoring", version="1", description=DESCRIPTION)
+def _docs_enabled() -> bool:
+    """EMBPRESS_DOCS=on/off; by default off when a token is set (the pages load their
+    scripts from a public CDN, and an open page maps the API for anyone)."""
+    choice = os.environ.get(DOCS_ENV, "").strip().lower()
+    if choice in ("on", "1", "true"):
+        return True
+    if choice in ("off", "0", "false"):
+        return False
+    return not BearerAuth.from_env().enabled
+
+
+_DOCS = _docs_enabled()
+app = FastAPI(title="embpress scoring", version="1", description=DESCRIPTION,
+              docs_url="/docs" if _DOCS else None, redoc_url="/redoc" if _DOCS else None)
+# Inside the replica too, for clusters started without the proxy callback
+# (services.guard): here an upload holds a scoring slot, so at most a quarter of them.
+app.add_middleware(UploadGuard, max_uploading=16, where="replica")
 
 _SECURED = [{"bearer": []}]
 _ERRORS = {
@@ -265,7 +315,12 @@ def _openapi() -> dict[str, Any]:
     request = TypeAdapter(ScoreRequest).json_schema(ref_template="#/components/schemas/{model}")
     schemas.update(request.pop("$defs", {}))
     schemas["ScoreRequest"] = request
-    components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    if BearerAuth.from_env().enabled:
+        # Declared only when the routes do ask for it: without a token they answer anyone.
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        for path in ("/v1/score", "/v1/model"):
+            for operation in schema["paths"].get(path, {}).values():
+                operation["security"] = _SECURED
     app.openapi_schema = schema
     return schema
 
@@ -343,8 +398,9 @@ class ScoringDeployment:
                 if self.loaded is None:
                     # Nothing to keep serving: fail the replica so the deploy fails, with this.
                     raise ModelFileError(reason) from exc
-                self.reload_error = f"{reason} (still serving version {self.loaded.version})"
-                logger.error(self.reload_error)
+                logger.error("%s (still serving version %s)", reason, self.loaded.version)
+                self.reload_error = (f"{shorten(without_paths(reason), 300)} (still serving "
+                                     f"version {self.loaded.version})")
                 return
             self._score_batch.set_max_batch_size(settings.max_batch_rows)
             self._score_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
@@ -393,7 +449,6 @@ class ScoringDeployment:
                     "schema": {"$ref": "#/components/schemas/ScoreRequest"},
                     "examples": REQUEST_EXAMPLES}},
             },
-            "security": _SECURED,
         },
     )
     async def score(self, request: Request) -> Response:
@@ -402,33 +457,27 @@ class ScoringDeployment:
         settings = self.settings
         if self.loaded is None or settings is None:
             return _error(503, "no model loaded yet; see GET /readyz")
-        if not _is_json(request.headers.get("content-type")):
-            return _error(415, "Content-Type must be application/json, got "
-                               f"{request.headers.get('content-type')!r}")
         max_bytes = settings.max_rows_per_request * BYTES_PER_ROW
         too_big = _error(413, f"body over this deployment's limit of {max_bytes:,} bytes "
                               f"({settings.max_rows_per_request:,} rows per request)")
-        declared = request.headers.get("content-length", "")
+        headers = request.headers
+        declared = headers.get("content-length", "")
+        encoding = headers.get("content-encoding")
         if declared.isdigit() and int(declared) > max_bytes:
             return too_big
-        if declared.isdigit():
-            body = await request.body()
-        else:
-            # Chunked upload of unknown size: stop reading once it is over the limit
-            # instead of holding whatever a client cares to send.
-            parts, size = [], 0
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > max_bytes:
-                    return too_big
-                parts.append(chunk)
-            body = b"".join(parts)
-        if len(body) > max_bytes:
-            return too_big
         try:
+            check_content_type(headers.get("content-type"))
+            # UploadGuard has read the whole body within its deadline and size limit.
+            body = await request.body()
+            if len(body) > max_bytes:
+                return too_big
+            body = decode_body(body, encoding, max_bytes)
             parsed = parse_score_request(body)
+            refuse_duplicate_keys(body, parsed.rows)
+        except BodyError as exc:
+            return _error(exc.status, exc.detail)
         except ValidationError as exc:
-            described = describe_errors(exc)
+            described = describe_errors(exc, body)
             return Response(described.model_dump_json(), status_code=422,
                             media_type="application/json")
         rows = parsed.rows
@@ -443,7 +492,8 @@ class ScoringDeployment:
             probabilities, version = await self._score_batch((dense, sparse))
         except Exception as exc:  # a model failure is the server's fault, never the row's
             logger.exception("scoring failed")
-            return _error(500, f"scoring failed: {type(exc).__name__}: {exc}")
+            return _error(500, f"scoring failed: {type(exc).__name__}: "
+                               f"{shorten(without_paths(str(exc)))}")
         answer = ScoreResponse.model_construct(version=version,
                                                probabilities=probabilities.tolist())
         return Response(answer.model_dump_json(), media_type="application/json")
@@ -457,24 +507,22 @@ class ScoringDeployment:
     async def readyz(self) -> Response:
         loaded = self.loaded
         body = ReadyResponse(ready=loaded is not None,
-                             version=loaded.version if loaded else None,
-                             reload_error=self.reload_error)
+                             version=loaded.version if loaded else None)
         return JSONResponse(body.model_dump(), status_code=200 if loaded else 503)
 
     @app.get("/v1/model", response_model=ModelInfo, responses={401: _ERRORS[401],
                                                                  503: _ERRORS[503]},
-             summary="The served model's version and model.json",
-             openapi_extra={"security": _SECURED})
+             summary="The served model's version, settings and description")
     async def model_info(self, request: Request) -> Response:
         if (denied := self._unauthorised(request)) is not None:
             return denied
         loaded, settings = self.loaded, self.settings
         if loaded is None or settings is None:
             return _error(503, "no model loaded yet; see GET /readyz")
-        info = ModelInfo(version=loaded.version, model_dir=loaded.model_dir,
-                         loaded_at=loaded.loaded_at, replica=self.replica,
-                         reload_error=self.reload_error,
-                         settings=settings.model_dump(), model=loaded.document)
+        info = ModelInfo(version=loaded.version, loaded_at=loaded.loaded_at,
+                         replica=self.replica, reload_error=self.reload_error,
+                         settings=settings.model_dump(exclude={"model_dir"}),
+                         model=public_model(loaded.document))
         return Response(info.model_dump_json(), media_type="application/json")
 
 

@@ -1,7 +1,8 @@
 """The scoring client's side of things, without a server: what it sends and how it fails.
 
 Its run against a real service (4,000 rows, labelled input with rejects, a missing token)
-is in tests/services/test_scoring_service.py, which has the service running.
+is in tests/services/test_scoring_service.py, which has the service running. Rows come from
+the real Criteo samples where present, else from the synthetic generator in the same format.
 """
 
 from __future__ import annotations
@@ -13,7 +14,24 @@ import pyarrow as pa
 import pytest
 
 from data_pipeline.criteo import CriteoReader, read_criteo
+from data_pipeline.synthetic import SynthConfig, write_tsv_day
 from jobs import score
+
+
+@pytest.fixture(scope="module")
+def criteo_samples(request: pytest.FixtureRequest,
+                   tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real samples (required in CI), else 4,000 synthetic rows with and without label."""
+    try:
+        return request.getfixturevalue("real_data")
+    except pytest.skip.Exception:
+        out = tmp_path_factory.mktemp("synthetic-samples")
+        write_tsv_day(SynthConfig(rows=4000, seed=7), str(out), 0)
+        lines = (out / "day_0").read_text().splitlines()
+        (out / "criteo_kaggle_sample.tsv").write_text("\n".join(lines) + "\n")
+        (out / "criteo_kaggle_unlabeled_sample.tsv").write_text(
+            "".join(line.partition("\t")[2] + "\n" for line in lines))
+        return out
 
 
 def _text_rows(tsv: Path) -> list[tuple[list, list]]:
@@ -27,8 +45,8 @@ def _text_rows(tsv: Path) -> list[tuple[list, list]]:
 
 @pytest.mark.parametrize("name", ["criteo_kaggle_unlabeled_sample.tsv",
                                   "criteo_kaggle_sample.tsv"])
-def test_request_rows_carry_the_file_values(real_data, name):
-    tsv = real_data / name
+def test_request_rows_carry_the_file_values(criteo_samples, name):
+    tsv = criteo_samples / name
     table, _, rejects = read_criteo(tsv)
     assert not rejects
     rows = score.request_rows(table)
@@ -38,11 +56,11 @@ def test_request_rows_carry_the_file_values(real_data, name):
     assert sent == _text_rows(tsv)
 
 
-def test_chunks_keep_order_and_size(real_data):
-    reader = CriteoReader(real_data / "criteo_kaggle_unlabeled_sample.tsv", block_size=1 << 16)
+def test_chunks_keep_order_and_size(criteo_samples):
+    reader = CriteoReader(criteo_samples / "criteo_kaggle_unlabeled_sample.tsv", block_size=1 << 16)
     chunks = list(score._chunks(reader, 300))
     assert [c.num_rows for c in chunks] == [300] * 13 + [100]
-    whole, _, _ = read_criteo(real_data / "criteo_kaggle_unlabeled_sample.tsv")
+    whole, _, _ = read_criteo(criteo_samples / "criteo_kaggle_unlabeled_sample.tsv")
     assert pa.concat_tables(chunks).equals(whole)
 
 
@@ -52,10 +70,10 @@ def _closed_port() -> int:
         return sock.getsockname()[1]  # closed again on return: nothing listens there
 
 
-def test_unreachable_service_is_a_clear_error(real_data, capsys):
+def test_unreachable_service_is_a_clear_error(criteo_samples, capsys):
     url = f"http://127.0.0.1:{_closed_port()}"
     code = score.main(["--url", url, "--input",
-                       str(real_data / "criteo_kaggle_unlabeled_sample.tsv"), "--no-progress"])
+                       str(criteo_samples / "criteo_kaggle_unlabeled_sample.tsv"), "--no-progress"])
     assert code == 1
     assert f"cannot reach {url}/readyz" in capsys.readouterr().err
 

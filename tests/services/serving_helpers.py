@@ -21,7 +21,24 @@ from embeddings.models import model_preset
 from embeddings.serving import ServingModel, export_model, load_model
 
 UNLABELLED = "criteo_kaggle_unlabeled_sample.tsv"
+LABELLED = "criteo_kaggle_sample.tsv"
 TOKEN = "test-token-5f1c"
+# The slow-upload guard's deadline in the Serve tests (set for the session by conftest).
+BODY_DEADLINE_S = 2.0
+
+
+def synthetic_samples(directory: Path, seed: int = 7) -> Path:
+    """The real samples' two files, made by the synthetic generator: 13,000 labelled rows
+    and the first 4,000 of them without their label (what the service tests need)."""
+    from data_pipeline.synthetic import SynthConfig, write_tsv_day
+
+    write_tsv_day(SynthConfig(rows=13_000, seed=seed), str(directory), 0)
+    labelled = (directory / "day_0").read_text()
+    (directory / LABELLED).write_text(labelled)
+    lines = labelled.splitlines()[:4000]
+    (directory / UNLABELLED).write_text("".join(line.partition("\t")[2] + "\n"
+                                                for line in lines))
+    return directory
 
 
 def build_test_model(seed: int) -> ServingModel:

@@ -28,8 +28,8 @@ def _named(row: dict) -> dict:
 
 
 @pytest.mark.parametrize("shape", ["arrays", "named"])
-def test_request_rows_become_exactly_the_offline_inputs(real_data, shape):
-    tsv = real_data / "criteo_kaggle_unlabeled_sample.tsv"
+def test_request_rows_become_exactly_the_offline_inputs(criteo_samples, shape):
+    tsv = criteo_samples / "criteo_kaggle_unlabeled_sample.tsv"
     rows = raw_tsv_rows(tsv)
     if shape == "named":
         rows = [_named(r) for r in rows]
@@ -42,8 +42,8 @@ def test_request_rows_become_exactly_the_offline_inputs(real_data, shape):
     np.testing.assert_array_equal(sparse, offline["sparse"])
 
 
-def test_labelled_rows_too(real_data):
-    tsv = real_data / "criteo_kaggle_sample.tsv"
+def test_labelled_rows_too(criteo_samples):
+    tsv = criteo_samples / "criteo_kaggle_sample.tsv"
     rows = raw_tsv_rows(tsv)[:2000]
     dense, sparse = model_inputs(parse_score_request(json.dumps({"rows": rows}).encode()).rows)
     table, _, _ = read_criteo(tsv)

@@ -9,7 +9,9 @@ directory and a token swapped in), so model changes take the production path: Se
 from __future__ import annotations
 
 import copy
+import gzip
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,11 +22,12 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from serving_helpers import TOKEN, offline_probabilities, raw_tsv_rows
+from serving_helpers import BODY_DEADLINE_S, TOKEN, offline_probabilities, raw_tsv_rows
 
 from data_pipeline.schema import DENSE_COLUMNS, SPARSE_COLUMNS
 from jobs import score as score_job
 from jobs.ports import free_port
+from services.app import application_urls
 from services.scoring import TOKEN_ENV
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,6 +84,14 @@ def service(ray_cluster, model_dirs) -> Iterator[str]:
     _wait(lambda: httpx.get(f"{url}/readyz").status_code == 200, 120, "the app to be ready")
     yield url
     serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def direct(service: str) -> str:
+    """The replica's own URL (direct ingress is on for the test session, see conftest)."""
+    urls = application_urls(APP)["direct"]
+    assert len(urls) == 1, urls
+    return urls[0]
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +255,9 @@ def test_scoring_routes_need_the_token_health_routes_do_not(service, rows):
         assert anonymous.get("/healthz").json() == {"status": "ok"}
         ready = anonymous.get("/readyz")
         assert ready.status_code == 200 and ready.json()["ready"] is True
-        assert anonymous.get("/docs").status_code == 200
+        # A token is set, so the docs pages (scripts from a public CDN) are off.
+        assert anonymous.get("/docs").status_code == 404
+        assert anonymous.get("/redoc").status_code == 404
         schema = anonymous.get("/openapi.json").json()
     request = schema["components"]["schemas"]["ScoreRequest"]
     assert request["examples"] and "rows" in request["properties"]
@@ -257,9 +270,13 @@ def test_scoring_routes_need_the_token_health_routes_do_not(service, rows):
 
 
 def test_model_info_names_version_settings_and_model(http, model_dirs):
-    info = http.get("/v1/model").json()
+    response = http.get("/v1/model")
+    info = response.json()
     assert info["version"] == "v1"
-    assert info["model_dir"] == str(model_dirs["v1"])
+    assert "model_dir" not in info and "model_dir" not in info["settings"]
+    assert str(model_dirs["v1"].parent) not in response.text and '"/' not in response.text
+    assert "hash (fp32)" in info["model"]["methods"]
+    assert info["model"]["serving_bytes"]["embeddings"] > 0
     assert info["settings"]["max_rows_per_request"] == MAX_ROWS
     assert info["reload_error"] is None
     assert info["model"]["features"] == list(SPARSE_COLUMNS)
@@ -283,10 +300,10 @@ def test_client_scores_a_tsv_file(service, unlabelled_tsv, offline_scores, tmp_p
                                atol=1e-5, rtol=0)
 
 
-def test_client_labelled_file_with_a_bad_line(service, real_data, model_dirs, tmp_path,
+def test_client_labelled_file_with_a_bad_line(service, criteo_samples, model_dirs, tmp_path,
                                               capsys, monkeypatch):
     monkeypatch.setenv(TOKEN_ENV, TOKEN)  # the token from the environment this time
-    lines = (real_data / "criteo_kaggle_sample.tsv").read_text().splitlines()[:700]
+    lines = (criteo_samples / "criteo_kaggle_sample.tsv").read_text().splitlines()[:700]
     good = tmp_path / "good.tsv"
     good.write_text("\n".join(lines) + "\n")
     fields = lines[5].split("\t")
@@ -363,11 +380,14 @@ def _served(http: httpx.Client) -> dict[str, Any]:
 def test_model_swaps_under_load_without_a_failed_request(service, http, rows, model_dirs,
                                                          offline_scores):
     before = _served(http)
-    with Load(service, rows) as load:
+    direct = application_urls(APP)["direct"]
+    with Load(service, rows) as load, Load(direct[0], rows) as direct_load:
         _apply(_app_config(model_dirs["v2"], "v2"))
         _wait(lambda: _served(http)["version"] == "v2", 60, "version v2 to be served")
-    assert len(load.answers) > 20
-    assert load.failures() == []
+    assert len(load.answers) > 20 and len(direct_load.answers) > 20
+    assert load.failures() == [] and direct_load.failures() == []
+    # Swapped in place, so the direct-ingress port did not move.
+    assert application_urls(APP)["direct"] == direct
     versions = [v for _, v in load.answers]
     assert versions[0] == "v1" and versions[-1] == "v2"
     # One replica, swapped in one assignment: never v1 again once v2 has answered.
@@ -397,10 +417,11 @@ def test_broken_model_dir_is_refused_and_the_old_model_keeps_serving(
     assert load.failures() == []
     assert {v for _, v in load.answers} == {"v1"}
     info = _served(http)
-    assert info["version"] == "v1" and info["model_dir"] == str(model_dirs["v1"])
-    assert expected in info["reload_error"] and str(model_dirs[broken]) in info["reload_error"]
-    ready = httpx.get(f"{service}/readyz").json()
-    assert ready["ready"] is True and expected in ready["reload_error"]
+    assert info["version"] == "v1"
+    # The reason, without the server's paths (the full one is in the replica's log).
+    assert expected in info["reload_error"] and str(model_dirs[broken]) not in info["reload_error"]
+    ready = httpx.get(f"{service}/readyz")
+    assert ready.json() == {"ready": True, "version": "v1"} and "/" not in ready.text
     got, version = _score(http, rows[:64])
     assert version == "v1"
     np.testing.assert_allclose(got, offline_scores["v1"][:64], atol=1e-5, rtol=0)
@@ -429,3 +450,128 @@ def test_a_new_app_with_a_broken_model_dir_fails_to_deploy_with_the_reason(
     assert _served(http)["version"] == "v1"  # the other app never noticed
     _apply(good)
     _wait(lambda: "embpress-broken" not in serve.status().applications, 60, "cleanup")
+
+
+# ---------------------------------------------------------------- hostile and busy clients
+
+
+def _raw(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    return sock
+
+
+def _head(url: str, length: int, extra: str = "") -> bytes:
+    host = url.removeprefix("http://")
+    return (f"POST /v1/score HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {length}\r\n{extra}\r\n"
+            ).encode()
+
+
+def _status(sock: socket.socket) -> int:
+    data = b""
+    while b"\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return -1  # closed without an answer
+        data += chunk
+    return int(data.split(b" ", 2)[1])
+
+
+@pytest.mark.parametrize("path", ["proxy", "direct"])
+def test_slow_uploads_leave_good_requests_answered(path, service, direct, rows):
+    url = service if path == "proxy" else direct
+    slow = []
+    try:
+        for _ in range(100):  # more than the replica's 64 scoring slots
+            sock = _raw(url)
+            sock.sendall(_head(url, 390) + b'{"row')
+            slow.append(sock)
+        took = []
+        with httpx.Client(base_url=url, headers=AUTH, timeout=10) as client:
+            for i in range(10):
+                start = time.perf_counter()
+                response = client.post("/v1/score", json={"rows": rows[i:i + 4]})
+                took.append(time.perf_counter() - start)
+                assert response.status_code == 200, response.text
+        assert max(took) < 1.0, took
+        # The slow ones are answered 408 once their deadline passes, and their slots freed.
+        for sock in slow[:5]:
+            assert _status(sock) == 408
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+@pytest.mark.parametrize("path", ["proxy", "direct"])
+def test_a_body_shorter_than_its_length_gets_408_within_the_deadline(path, service, direct,
+                                                                     rows):
+    url = service if path == "proxy" else direct
+    body = json.dumps({"rows": rows[:1]}).encode()
+    with _raw(url) as sock:
+        start = time.perf_counter()
+        sock.sendall(_head(url, len(body) + 10) + body)
+        assert _status(sock) == 408
+        assert time.perf_counter() - start < BODY_DEADLINE_S + 1.5
+
+
+def _bad(http: httpx.Client, content: bytes, **headers: str) -> httpx.Response:
+    return http.post("/v1/score", content=content,
+                     headers={"Content-Type": "application/json", **headers})
+
+
+@pytest.mark.parametrize("case", ["long key", "20 long keys", "long C3", "long I5"])
+def test_echoes_of_huge_input_stay_small(case, http):
+    n = 1_500_000  # under the test deployment's 2 MiB body limit
+    row = {"long key": {"K" * n: 1},
+           "20 long keys": {f"{k:02d}" + "K" * 80_000: 1 for k in range(20)},
+           "long C3": {"C3": "a" * n}, "long I5": {"I5": "9" * n}}[case]
+    response = _bad(http, json.dumps({"rows": [row]}).encode())
+    assert response.status_code == 422
+    assert len(response.content) < 4096
+    assert "characters)" in response.json()["detail"]
+
+
+def test_duplicate_keys_are_refused_naming_the_key(http, rows):
+    good = json.dumps(rows[0])
+    response = _bad(http, f'{{"rows": [{{"x": 1}}], "rows": [{good}]}}'.encode())
+    assert response.status_code == 422 and "duplicate key 'rows'" in response.json()["detail"]
+    row = f'{{"dense": {json.dumps(rows[1]["dense"])}, {good[1:]}'
+    response = _bad(http, f'{{"rows": [{row}]}}'.encode())
+    assert response.status_code == 422 and "duplicate key 'dense'" in response.json()["detail"]
+
+
+def test_content_negotiation(http, rows, offline_scores):
+    body = json.dumps({"rows": rows[:300]}).encode()
+    response = _bad(http, gzip.compress(body), **{"Content-Encoding": "gzip"})
+    assert response.status_code == 200, response.text
+    np.testing.assert_allclose(response.json()["probabilities"], offline_scores["v1"][:300],
+                               atol=1e-5, rtol=0)
+    bomb = gzip.compress(b" " * (64 * 1024 * 1024))  # 64 MiB of spaces in ~64 KiB
+    response = _bad(http, bomb, **{"Content-Encoding": "gzip"})
+    assert response.status_code == 413 and "inflates past" in response.json()["detail"]
+    response = _bad(http, body, **{"Content-Encoding": "br"})
+    assert response.status_code == 415 and "'br'" in response.json()["detail"]
+    response = _bad(http, body.decode().encode("utf-16"),
+                    **{"Content-Type": "application/json; charset=utf-16"})
+    assert response.status_code == 415 and "'utf-16'" in response.json()["detail"]
+    response = _bad(http, body, **{"Content-Type": "application/json; charset=UTF-8"})
+    assert response.status_code == 200
+    response = _bad(http, b'{"rows": [{"C1": "\\ud800"}]}')
+    assert response.status_code == 422
+    assert "escape \\ud800 " in response.json()["detail"]
+    assert "surrogate" in response.json()["detail"]
+
+
+def test_schema_matches_what_is_accepted_and_no_server_banner(http, direct, rows):
+    schema = http.get("/openapi.json").json()["components"]["schemas"]
+    dense = schema["ArrayRow"]["properties"]["dense"]["items"]["anyOf"][0]
+    assert dense["type"] == "number" and dense["multipleOf"] == 1
+    row = copy.deepcopy(rows[0])
+    row["dense"] = [14.0 if v is not None else None for v in row["dense"]]
+    response = http.post("/v1/score", json={"rows": [row]})
+    assert response.status_code == 200, response.text
+    assert "server" not in response.headers
+    with httpx.Client(base_url=direct, headers=AUTH, timeout=30) as client:
+        response = client.post("/v1/score", json={"rows": [row]})
+        assert response.status_code == 200 and "server" not in response.headers

@@ -88,3 +88,20 @@ def test_export_errors(model_dirs, tmp_path, capsys):
                             "--quantize", "int8"]) == 0
     assert "already quantised" in run("--model-dir", str(int8), "--out", str(tmp_path / "d"),
                                       "--quantize", "int4")
+
+
+def test_check_of_weights_that_disagree_with_model_json_is_one_line(model_dirs, tmp_path,
+                                                                     capsys):
+    # Same weights (the checksum still passes), a model.json that declares other shapes.
+    bent = tmp_path / "bent"
+    bent.mkdir()
+    for name in ("weights.safetensors", MODEL_FILE):
+        (bent / name).write_bytes((model_dirs["v1"] / name).read_bytes())
+    document = json.loads((bent / MODEL_FILE).read_text())
+    document["model"]["top_mlp"] = [32, 32, 1]
+    (bent / MODEL_FILE).write_text(json.dumps(document))
+    assert serve_job.main(["--check", str(bent)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("serve: error: ") and "Traceback" not in lines[0]
