@@ -58,7 +58,8 @@ class ServingModel(nn.Module):
         self.names = list(names)
         self.embeddings = nn.ModuleList(embeddings)
         # One lookup call for all features (see TableBatchedLookup), not one per feature.
-        self.lookup = TableBatchedLookup(list(self.embeddings), model_config.embedding_dim)
+        # table_dim: d, + 1 where the model's first-order scalar is the tables' last column.
+        self.lookup = TableBatchedLookup(list(self.embeddings), model_config.table_dim)
 
     @torch.no_grad()
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
