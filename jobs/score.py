@@ -30,6 +30,10 @@ from data_pipeline.schema import DENSE_COLUMNS, LABEL, SPARSE_COLUMNS
 TOKEN_ENV = "EMBPRESS_API_TOKEN"
 DEFAULT_BATCH = 1024
 RETRIES = 3
+# A direct-ingress port belongs to one replica and changes when Serve replaces it.
+MOVED_HINT = ("if this was a replica's direct-ingress port, a rolling restart may have moved "
+              "it: `RAY_ADDRESS=auto python -m jobs.serve --urls` prints the current URLs, "
+              "and the Serve proxy's port never moves")
 
 DESCRIPTION = """\
 Score Criteo rows with a running embpress scoring service (python -m jobs.serve, or
@@ -132,7 +136,7 @@ class ScoringClient:
         try:
             return self.http.get(path)
         except httpx.HTTPError as exc:
-            raise ScoringError(f"cannot reach {self.url}{path}: {exc}") from None
+            raise ScoringError(f"cannot reach {self.url}{path}: {exc}; {MOVED_HINT}") from None
 
     def max_rows(self) -> int | None:
         """The service's rows-per-request limit; raises ScoringError when it cannot serve."""
@@ -166,7 +170,8 @@ class ScoringClient:
                 problem = _explain(response)
             if attempt < RETRIES:
                 time.sleep(0.5 * 2**attempt)
-        raise ScoringError(f"POST /v1/score failed {RETRIES + 1} times; last: {problem}")
+        hint = f"; {MOVED_HINT}" if "Connect" in problem else ""
+        raise ScoringError(f"POST /v1/score failed {RETRIES + 1} times; last: {problem}{hint}")
 
 
 def score_file(
