@@ -12,6 +12,11 @@ means B = the uncompressed fp32 bytes of every feature / r). It is spent by one 
 - `sqrt`: every feature gets rows in proportion to the square root of its values (its
   ratio grows as sqrt(n)), whole where that reaches n: small features keep relatively more,
   none is cut to a row or two while a large one keeps thousands.
+- `frequency`: an id earns a row of its own when it was seen at least c times (one c for
+  every feature, from the data's statistics), a rarer id count / c of a row, and each
+  feature's table gets the rows its ids earned: the frequent ids of every feature ranked
+  together, as CAFE's shared hot table ranks them while training; a feature all of whose
+  ids earn rows stays whole.
 
 Either way r' is solved on the methods' exact planned bytes (mapper state, CAFE's id map,
 learned hashing's id array, rounding of rows all counted), so what a method realises lands
@@ -27,11 +32,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
+
 from embeddings import budget
 from embeddings.methods.base import FeatureStats, MethodBytes, MethodConfig
 from embeddings.methods.full import FullConfig
 
-Allocation = Literal["uniform", "fill", "sqrt"]
+Allocation = Literal["uniform", "fill", "sqrt", "frequency"]
 Memory = Literal["serving", "training"]
 
 # The solver's bracket of ratios for the compressed features.
@@ -43,8 +50,9 @@ _TOLERANCE = 0.005
 
 @dataclass
 class Allocated:
-    """The outcome: each feature's sized method config, the ratio r' the compressed
-    features got, the budget and the planned bytes it realises."""
+    """The outcome: each feature's sized method config, the solved knob (`ratio`: the
+    compressed features' ratio; under sqrt the largest feature's; under frequency the
+    count that earns a row), the budget and the planned bytes it realises."""
 
     configs: dict[str, MethodConfig]
     ratio: float
@@ -53,6 +61,14 @@ class Allocated:
     whole: list[str] = field(default_factory=list)
     feature_bytes: dict[str, int] = field(default_factory=dict)
     memory: Memory = "serving"
+    rule: Allocation = "fill"
+
+    def _knob(self) -> str:
+        if self.rule == "frequency":
+            return f"ids seen at least {self.ratio:,.0f} times earn a row"
+        if self.rule == "sqrt":
+            return f"the largest feature at {self.ratio:,.1f}x, the others by sqrt(values)"
+        return f"compressed features at {self.ratio:,.1f}x"
 
     def describe(self, sizes: Mapping[str, int], dim: int) -> list[str]:
         """The plan as lines: each feature's method, bytes and ratio, then requested vs
@@ -71,8 +87,8 @@ class Allocated:
             f"  requested {self.budget_bytes:,} {self.memory} bytes "
             f"({uncompressed / self.budget_bytes:,.1f}x), planned {self.planned_bytes:,} "
             f"({uncompressed / max(1, self.planned_bytes):,.1f}x, "
-            f"{100 * (self.planned_bytes / self.budget_bytes - 1):+.1f}%); compressed "
-            f"features sized at {self.ratio:,.1f}x, {len(self.whole)} kept whole")
+            f"{100 * (self.planned_bytes / self.budget_bytes - 1):+.1f}%); "
+            f"{self._knob()}, {len(self.whole)} kept whole")
         return lines
 
 
@@ -107,6 +123,32 @@ def _whole_by_fill(sizes: Mapping[str, int], full_bytes: Callable[[str], int],
     return whole
 
 
+def _sorted_counts(sizes: Mapping[str, int],
+                   stats: Mapping[str, FeatureStats] | None,
+                   ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    missing = [n for n in sizes if not stats or stats.get(n) is None]
+    if missing:
+        raise ValueError(
+            f"allocation 'frequency' ranks ids by their counts in the data's statistics; "
+            f"none for {missing[:5]}{'…' if len(missing) > 5 else ''}: choose allocation "
+            f"fill, sqrt or uniform, or give the statistics"
+        )
+    assert stats is not None
+    out = {}
+    for name in sizes:
+        ascending = np.sort(stats[name].counts.numpy().astype(np.float64))
+        out[name] = (ascending, np.cumsum(ascending))
+    return out
+
+
+def _earned_rows(ascending: np.ndarray, prefix: np.ndarray, knob: float) -> float:
+    """Rows a feature earns at count `knob`: one per id seen at least `knob` times, and
+    count / knob of a row per rarer id (they share rows in proportion to their traffic),
+    so the total moves smoothly with the knob and the solver can land on the budget."""
+    rare = int(np.searchsorted(ascending, knob))
+    return (len(ascending) - rare) + (prefix[rare - 1] / knob if rare else 0.0)
+
+
 def allocate(
     sizes: Mapping[str, int],
     dim: int,
@@ -130,29 +172,41 @@ def allocate(
     whole = _whole_by_fill(sizes, full_bytes, budget_bytes) if rule == "fill" else []
 
     largest = max(sizes.values())
+    counts = _sorted_counts(sizes, stats) if rule == "frequency" else {}
+    # The knob the solver turns: the compressed features' ratio, the largest feature's
+    # (sqrt), or the count an id needs to earn a row (frequency).
+    highest = _HIGHEST_RATIO
+    if counts:
+        highest = float(sum(int(c[1][-1]) for c in counts.values()) + 1) * _HIGHEST_RATIO
 
-    def configs_at(ratio: float) -> dict[str, MethodConfig]:
+    def ratio_of(name: str, n: int, knob: float) -> float:
+        if rule == "sqrt":
+            return knob * math.sqrt(n / largest)
+        if rule == "frequency":
+            return n / max(_earned_rows(*counts[name], knob), 1e-9)
+        return knob
+
+    def configs_at(knob: float) -> dict[str, MethodConfig]:
         out: dict[str, MethodConfig] = {}
         for name, n in sizes.items():
-            own = ratio
+            own = ratio_of(name, n, knob)
             if rule == "fill":
                 keep = name in whole
-            elif rule == "sqrt":
-                own = ratio * math.sqrt(n / largest)
-                keep = own <= 1.0
+            elif rule == "uniform":
+                keep = budget.stays_uncompressed(n, own)
             else:
-                keep = budget.stays_uncompressed(n, ratio)
+                keep = own <= 1.0
             out[name] = full if keep else method_of[name].at_ratio(own)
         return out
 
-    def bytes_at(ratio: float) -> int:
-        return sum(bytes_of(name, c) for name, c in configs_at(ratio).items())
+    def bytes_at(knob: float) -> int:
+        return sum(bytes_of(name, c) for name, c in configs_at(knob).items())
 
     try:
-        ratio = budget.ratio_for_budget(bytes_at, budget_bytes, _LOWEST_RATIO, _HIGHEST_RATIO,
+        ratio = budget.ratio_for_budget(bytes_at, budget_bytes, _LOWEST_RATIO, highest,
                                         tolerance=_TOLERANCE)
     except ValueError:
-        smallest = bytes_at(_HIGHEST_RATIO)
+        smallest = bytes_at(highest)
         uncompressed = sum(budget.uncompressed_bytes(n, dim) for n in sizes.values())
         methods = sorted({method_of[n].method for n in sizes if n not in whole})
         raise ValueError(
@@ -164,4 +218,4 @@ def allocate(
     whole_names = [n for n, c in configs.items() if c.method == "full"]
     per_feature = {name: bytes_of(name, c) for name, c in configs.items()}
     return Allocated(configs, ratio, budget_bytes, sum(per_feature.values()), whole_names,
-                     per_feature, memory)
+                     per_feature, memory, rule)

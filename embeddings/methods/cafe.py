@@ -452,8 +452,9 @@ class CafeConfig(MethodConfig):
 
     Args:
         ratio: compression ratio; sizes the tables as the artifact does (`budget.cafe_rows`)
-            and picks the default threshold and hash share. Features with at most
-            2000 / ratio values stay uncompressed.
+            and picks the default threshold and hash share. (The artifact's rule that
+            features of at most 2000 / ratio values stay whole is the collection's
+            `uniform` allocation.)
         threshold: sketch score at which an id becomes hot; default from the ratio.
         hash_share: share of the row budget given to the hash tables; default from the ratio.
         adaptive: CAFE+'s adaptive threshold (re-rank when 1.2 × hot rows ids are above it).
@@ -491,12 +492,6 @@ class CafeConfig(MethodConfig):
         self, num_embeddings: int, dim: int, stats: FeatureStats | None = None
     ) -> CompressedEmbedding:
         self.check(num_embeddings, dim)
-        assert self.ratio is not None
-        if budget.stays_uncompressed(num_embeddings, self.ratio):
-            from embeddings.methods.full import FullConfig
-
-            full = FullConfig(mlet_dim=self.mlet_dim, sparse=self.sparse, seed=self.seed)
-            return full.build(num_embeddings, dim, stats)
         hot, hashed, threshold = self.sizes(num_embeddings, dim)
         return CafeEmbedding(
             hot,

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from data_pipeline.schema import TERABYTE_CARDINALITIES
 from embeddings import budget
@@ -25,7 +26,8 @@ METHODS = {
 }
 
 
-def _stats() -> dict[str, FeatureStats]:
+@pytest.fixture(scope="module")
+def stats() -> dict[str, FeatureStats]:
     out = {}
     for i, n in enumerate(SCALED):
         counts = (1e6 / np.arange(1, n + 1) ** 1.1).astype(np.int64) + 1
@@ -33,18 +35,18 @@ def _stats() -> dict[str, FeatureStats]:
     return out
 
 
-@pytest.mark.parametrize("rule", ["fill", "uniform", "sqrt"])
+@pytest.mark.parametrize("rule", ["fill", "uniform", "sqrt", "frequency"])
 @pytest.mark.parametrize("ratio", [10, 100, 1000])
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_meets_the_budget_within_five_percent_or_says_how_far_it_can_go(
-    method: str, ratio: float, rule: str
+    method: str, ratio: float, rule: str, stats: dict[str, FeatureStats]
 ) -> None:
     config = CollectionConfig(dim=16, cardinalities=SCALED, ratio=ratio, method=METHODS[method],
                               allocation=rule)
     target = config.target_bytes()
     assert target == int(config.uncompressed_bytes() / ratio)
     try:
-        allocated = config.allocate(_stats())
+        allocated = config.allocate(stats)
     except ValueError as e:
         # Only QR has a floor (2·sqrt(n) rows a feature) above these budgets.
         assert method.startswith("qr"), e
@@ -103,3 +105,23 @@ def test_the_plan_prints_each_feature_and_requested_against_planned() -> None:
     assert len(lines) == 2 + len(SCALED)
     assert "whole" in "\n".join(lines) and "cafe" in lines[1 + SCALED.index(max(SCALED))]
     assert lines[-1].startswith(f"  requested {config.target_bytes():,} serving bytes (100.0x)")
+
+
+def test_frequency_gives_each_feature_the_rows_its_frequent_ids_earn(
+    stats: dict[str, FeatureStats],
+) -> None:
+    config = CollectionConfig(dim=16, cardinalities=SCALED, ratio=100, method=METHODS["hash"],
+                              allocation="frequency")
+    allocated = config.allocate(stats)
+    threshold = allocated.ratio
+    for name, n in config.sizes().items():
+        counts = stats[name].counts.double()
+        # A row per id seen at least `threshold` times, count / threshold of one per rarer id.
+        earned = float(torch.clamp(counts / threshold, max=1.0).sum())
+        if name in allocated.whole:
+            assert earned >= n - 1e-6
+        else:
+            assert allocated.configs[name].ratio == pytest.approx(n / earned)
+    assert allocated.whole and len(allocated.whole) < len(SCALED)
+    with pytest.raises(ValueError, match="allocation 'frequency' ranks ids by their counts"):
+        config.allocate()

@@ -44,10 +44,15 @@ def test_defaults_and_sizes_follow_the_artifact():
     assert hashed == 50_000 and threshold == 20
 
 
-def test_features_with_at_most_2000_over_ratio_values_stay_uncompressed():
-    config = CafeConfig(ratio=10)
-    assert config.build(200, 8).mapper.kind == "full"
-    assert isinstance(config.build(201, 8), CafeEmbedding)
+def test_the_artifact_keeps_features_of_at_most_2000_over_ratio_values_whole():
+    # The artifact's rule is a collection-wide one: the `uniform` allocation applies it;
+    # a CAFE config alone builds CAFE at any size (tiny tables are the allocator's call).
+    config = CollectionConfig(dim=8, cardinalities=[100, 300, 50_000], ratio=10,
+                              method={"method": "cafe"}, allocation="uniform")
+    allocated = config.allocate()
+    # The whole feature's bytes are paid by the others: they are cut a little harder.
+    assert 10 < allocated.ratio < 2000 / 100 and allocated.whole == ["C1"]
+    assert isinstance(CafeConfig(ratio=10).build(200, 8), CafeEmbedding)
 
 
 def hash_rows(emb: CafeEmbedding, value: int) -> tuple[int, int]:
@@ -223,8 +228,10 @@ def test_collection_builds_cafe_by_ratio_and_forwards_after_step():
     collection = EmbeddingCollection(config, optimizer=TableOptimizer(lr=0.1))
     cafe, small = collection.embeddings.values()
     assert isinstance(cafe, CafeEmbedding) and small.mapper.kind == "full"
-    hot, hashed = budget.cafe_rows(50_000, 10, 0.5, 8)
-    assert [t.shape[0] for t in cafe.tables] == [hot, hashed, hashed] == [1000, 2500, 2500]
+    sized = collection.method_configs["C1"]
+    assert sized.ratio > 10  # the whole feature's bytes come out of the one budget
+    hot, hashed = budget.cafe_rows(50_000, sized.ratio, 0.5, 8)
+    assert [t.shape[0] for t in cafe.tables] == [hot, hashed, hashed]
     ids = torch.from_numpy(np.random.default_rng(5).zipf(1.3, size=512)).view(-1, 1)
     sparse = torch.cat([ids, ids % 100], dim=1)
     collection.train()
