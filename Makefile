@@ -32,6 +32,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
 	for b in jobs/benchmarks/*.py; do $(PY) $$b || exit 1; done
 
 clean:

@@ -2,9 +2,11 @@
 
 Synthetic Criteo as TSV → conversion to Parquet shards → training on Ray Train (2 workers,
 CAFE-compressed tables) → the collapsed serving model on Ray Serve → real Criteo rows
-scored over REST. Each stage reuses what an
+scored over REST. Beside the compressed model's AUC the summary shows the uncompressed
+model's on the same rows, so the cost of compression is in view. Each stage reuses what an
 earlier run left in the work folder (the converter skips converted inputs, the train job
-resumes its run), so a second run is quick; delete the folder to start clean.
+resumes its run, the uncompressed reference is trained once and its AUC cached in
+uncompressed.json), so a second run is quick; delete the folder to start clean.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from data_pipeline.schema import TERABYTE_CARDINALITIES
 
@@ -83,8 +86,39 @@ def train(workdir: Path, data: Path, config_path: Path) -> dict:
     ensure_ray()
     metrics = run(config).metrics or {}
     print(f"({time.perf_counter() - t:.1f} s)")
-    dim = config.model_spec.embedding_dim
-    return {"metrics": metrics, "model_dir": config.export_dir, "dim": dim}
+    dim = config.model_spec.table_dim
+    return {"metrics": metrics, "model_dir": config.export_dir, "dim": dim,
+            "uncompressed": uncompressed_reference(workdir, data, config)}
+
+
+def uncompressed_reference(workdir: Path, data: Path, config: Any) -> dict[str, Any]:
+    """AUC of the same model with uncompressed tables on the same rows: trained on the first
+    run only, then read from uncompressed.json while the data and the model are the same."""
+    from jobs.train import run
+
+    cache = workdir / "uncompressed.json"
+    manifest = json.loads((data / "manifest.json").read_text())
+    key = {"rows": manifest["rows"], "positives": manifest.get("positives"),
+           "model": config.model_spec.model_dump(mode="json"),
+           "optimizer": config.optimizer.model_dump(mode="json"),
+           "schedule": config.schedule.model_dump(mode="json"), "seed": config.seed}
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key:
+            print(f"uncompressed reference: reusing {cache}")
+            return cached["metrics"]
+    t = _stage("3b. train the same model uncompressed once, for reference (cached)")
+    full = config.model_copy(update={
+        "embeddings": {"method": {"method": "full"}},
+        "run": config.run.model_copy(update={"name": f"{config.run.name}_uncompressed"}),
+        "export": config.export.model_copy(update={"out": workdir / "model_uncompressed",
+                                                   "quantize": "none"}),
+    })
+    metrics = run(full, verbose=False).metrics or {}
+    kept = {k: metrics.get(k) for k in ("validation_auc", "test_auc", "serving_bytes")}
+    cache.write_text(json.dumps({"key": key, "metrics": kept}, indent=1))
+    print(f"({time.perf_counter() - t:.1f} s)")
+    return kept
 
 
 def scoring_input(workdir: Path) -> Path:
@@ -137,6 +171,12 @@ def summarise(data: Path, trained: dict, scores: list[float] | None = None) -> N
           f"test AUC: {m.get('test_auc', float('nan')):.4f}   "
           f"rare-id AUC: {m.get('validation_auc_rare', float('nan')):.4f}"
           + (f"   (teacher ceiling {teacher:.4f})" if teacher else ""))
+    full = trained.get("uncompressed") or {}
+    if full.get("validation_auc") is not None:
+        cost = full["validation_auc"] - m.get("validation_auc", float("nan"))
+        print(f"uncompressed:    validation AUC {full['validation_auc']:.4f}   test AUC "
+              f"{full.get('test_auc', float('nan')):.4f}   (same rows; compression cost "
+              f"{cost:+.4f} validation AUC)")
     print(f"embeddings:      {serving:,} bytes served vs {uncompressed:,} uncompressed fp32 "
           f"({uncompressed / serving:.1f}x smaller)")
     terabyte = 4 * 128 * sum(TERABYTE_CARDINALITIES)
