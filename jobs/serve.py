@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--urls", action="store_true",
                       help="print the running application's URLs, one per line (the "
                            "direct-ingress port changes when a replica is replaced) and exit")
+    parser.add_argument("--app", default=APP_NAME,
+                        help="Serve application name (default: %(default)s)")
     parser.add_argument("--version", help="version answers carry (default: model.json's, "
                                           "else the weights' checksum)")
     parser.add_argument("--host", default="127.0.0.1",
@@ -168,8 +170,8 @@ def start_service(args: argparse.Namespace) -> tuple[dict[str, list[str]], bool]
         app_args["num_replicas"] = args.replicas
     serve.start(http_options={"host": args.host, "port": args.port,
                               "request_timeout_s": REQUEST_TIMEOUT_S})
-    serve.run(build_app(app_args), name=APP_NAME, route_prefix="/")
-    return application_urls(APP_NAME), started
+    serve.run(build_app(app_args), name=args.app, route_prefix="/")
+    return application_urls(args.app), started
 
 
 def print_urls(app_name: str = APP_NAME) -> int:
@@ -179,7 +181,13 @@ def print_urls(app_name: str = APP_NAME) -> int:
     from services.app import application_urls
 
     try:
-        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=False)
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=False)
+        from ray import serve
+
+        running = serve.status().applications
+        if app_name not in running:
+            raise LookupError(f"no such application; running: {sorted(running) or 'none'}")
         urls = application_urls(app_name)
     except Exception as exc:  # no cluster, no Serve, no such app
         print(f"serve: error: cannot read the URLs of {app_name!r}: {type(exc).__name__}: "
@@ -193,7 +201,7 @@ def print_urls(app_name: str = APP_NAME) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.urls:
-        return print_urls()
+        return print_urls(args.app)
     try:
         document = check_model(args.check or args.model)
         if args.check:

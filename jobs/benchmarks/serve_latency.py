@@ -142,16 +142,29 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
         body += chunk[:-2]
 
 
-async def _connection(host: str, port: int, requests: list[bytes], warm_until: float,
-                      end: float, latencies: list[float], errors: list[str]) -> None:
+async def _open(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection(host, port)
     writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return reader, writer
+
+
+async def _connection(host: str, port: int, requests: list[bytes], warm_until: float,
+                      end: float, latencies: list[float], errors: list[str]) -> None:
+    reader, writer = await _open(host, port)
     i = 0
     try:
         while (now := time.perf_counter()) < end:
             writer.write(requests[i % len(requests)])
             i += 1
-            status, body = await _read_response(reader)
+            try:
+                status, body = await _read_response(reader)
+            except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                # The server closed the connection (an answer with `connection: close`):
+                # counted as an error, and the client reconnects as a real one would.
+                errors.append(f"connection closed: {exc!r}")
+                writer.close()
+                reader, writer = await _open(host, port)
+                continue
             done = time.perf_counter()
             if status != 200:
                 errors.append(f"{status}: {body[:200]!r}")
@@ -341,7 +354,9 @@ def _child(path: str, model_dir: Path, seconds: float, replicas: int) -> dict[st
                    "--seconds", str(seconds), "--replicas", str(replicas), "--out", out.name]
         done = subprocess.run(command, capture_output=True, text=True, timeout=900)
         if done.returncode != 0:
-            raise RuntimeError(f"{path} run failed:\n{done.stderr[-3000:]}")
+            # Ray's log lines come on stderr too: show the child's own traceback.
+            start = done.stderr.rfind("Traceback (most recent call last)")
+            raise RuntimeError(f"{path} run failed:\n{done.stderr[start:][-3000:]}")
         return json.loads(Path(out.name).read_text())
 
 

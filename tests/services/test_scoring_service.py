@@ -26,6 +26,7 @@ from serving_helpers import BODY_DEADLINE_S, TOKEN, offline_probabilities, raw_t
 
 from data_pipeline.schema import DENSE_COLUMNS, SPARSE_COLUMNS
 from jobs import score as score_job
+from jobs import serve as serve_job
 from jobs.ports import free_port
 from services.app import application_urls
 from services.scoring import TOKEN_ENV
@@ -561,6 +562,14 @@ def test_content_negotiation(http, rows, offline_scores):
     assert response.status_code == 422
     assert "escape \\ud800 " in response.json()["detail"]
     assert "surrogate" in response.json()["detail"]
+
+
+def test_serve_urls_lists_the_proxy_and_the_replica(service, direct, capsys):
+    assert serve_job.main(["--urls", "--app", APP]) == 0
+    assert capsys.readouterr().out.split() == [service, direct]
+    assert serve_job.main(["--urls", "--app", "no-such-app"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("serve: error: ")
 
 
 def test_schema_matches_what_is_accepted_and_no_server_banner(http, direct, rows):
