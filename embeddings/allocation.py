@@ -1,7 +1,9 @@
 """Spending one byte budget over the features of a collection.
 
 A collection-wide `ratio` or `budget_bytes` is one budget B for the whole model (a ratio r
-means B = the uncompressed fp32 bytes of every feature / r). It is spent by one of two rules:
+means B = the uncompressed fp32 bytes of every feature / r). It is spent by one of these
+rules (`auto`, the default: `frequency` where the data's statistics are given, else `sqrt`;
+measured in the README's quality table):
 
 - `uniform` (the CAFE artifact's rule, embpress's before): features with at most 2000 / r'
   values stay whole, every other feature gets its method at one ratio r'.
@@ -38,7 +40,7 @@ from embeddings import budget
 from embeddings.methods.base import FeatureStats, MethodBytes, MethodConfig
 from embeddings.methods.full import FullConfig
 
-Allocation = Literal["uniform", "fill", "sqrt", "frequency"]
+Allocation = Literal["auto", "frequency", "sqrt", "fill", "uniform"]
 Memory = Literal["serving", "training"]
 
 # The solver's bracket of ratios for the compressed features.
@@ -154,7 +156,7 @@ def allocate(
     dim: int,
     method_of: Mapping[str, MethodConfig],
     budget_bytes: int,
-    rule: Allocation = "fill",
+    rule: Allocation = "auto",
     memory: Memory = "serving",
     stats: Mapping[str, FeatureStats] | None = None,
     what: str = "budget",
@@ -163,6 +165,9 @@ def allocate(
 
     Raises ValueError naming `what` (the config field) when the budget is out of reach.
     """
+    if rule == "auto":
+        have = stats is not None and all(stats.get(n) is not None for n in sizes)
+        rule = "frequency" if have else "sqrt"
     bytes_of = _Bytes(sizes, dim, stats, memory)
     full = FullConfig()
 

@@ -92,12 +92,12 @@ class CollectionConfig(BaseModel):
         budget_memory: which bytes the budget counts: "serving" (the collapsed fp32
             model: tables and mapper state) or "training" (parameters, buffers and adaptive
             state such as sketches; optimizer state excluded).
-        allocation: how the budget is spread: "fill" keeps the smallest features whole
-            while each costs at most an equal share of what is left (measured better:
-            see the README's quality table), "uniform" keeps features of at most
-            2000 / ratio values whole and gives the rest one ratio (the CAFE artifact's).
-        features: a method config per feature name, overriding `method` for that feature.
-        method: the method of every feature not in `features`.
+        allocation: how the budget is spread (`embeddings.allocation`): "frequency" gives
+            each feature the rows its ids earn by their counts in the data's statistics,
+            all features ranked together (small features with frequent values stay whole);
+            "sqrt" gives rows in proportion to sqrt(values); "fill" keeps the smallest
+            features whole while each costs at most an equal share; "uniform" is the CAFE
+            artifact's one ratio. "auto": frequency with statistics, else sqrt.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -108,7 +108,7 @@ class CollectionConfig(BaseModel):
     ratio: float | None = Field(None, ge=1)
     budget_bytes: int | None = Field(None, gt=0)
     budget_memory: Literal["serving", "training"] = "serving"
-    allocation: Allocation = "fill"
+    allocation: Allocation = "auto"
     features: dict[str, AnyMethodConfig] = Field(default_factory=dict)
     method: AnyMethodConfig = Field(default_factory=FullConfig)
 

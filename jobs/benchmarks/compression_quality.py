@@ -55,7 +55,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "learned_hash": {"method": "learned_hash"},
 }
 RATIOS = (10.0, 100.0, 1000.0)
-ALLOCATIONS = ("fill", "uniform", "sqrt")
+ALLOCATIONS = ("fill", "uniform", "sqrt", "frequency")
 # MLET where its papers claim it: full tables at small d, with and without MLET (k = 4d, 16d).
 MLET_DIMS = (4, 8, 16)
 MLET_FACTORS = (4, 16)
@@ -81,12 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="training config of every cell (default: %(default)s)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS))
-    parser.add_argument("--allocations", nargs="+", default=["fill"], choices=ALLOCATIONS,
-                        help="how the budget is spread over the features (the first is the "
-                             "default's; the others add rows to compare; default: fill)")
-    parser.add_argument("--mlet", action="store_true",
-                        help=f"add the MLET rows: full tables at d = {MLET_DIMS} with and "
-                             f"without MLET at k = {MLET_FACTORS} × d")
+    parser.add_argument("--allocations", nargs="+", default=["frequency"],
+                        choices=ALLOCATIONS,
+                        help="how the budget is spread over the features (each adds rows "
+                             "to compare; default: frequency)")
+    parser.add_argument("--mlet", nargs="*", type=int, metavar="D",
+                        help=f"add the MLET rows: full tables at these d (default "
+                             f"{MLET_DIMS}) with and without MLET at k = {MLET_FACTORS} × d")
     parser.add_argument("--max-steps", type=int,
                         help="cut every cell's training short (smoke runs)")
     return parser
@@ -97,7 +98,7 @@ class Cell(NamedTuple):
 
     method: str
     ratio: float | None = None
-    allocation: str = "fill"
+    allocation: str = "frequency"
     dim: int | None = None  # the model's d, for the MLET rows (None: the config's)
     mlet_factor: int | None = None
 
@@ -108,17 +109,16 @@ class Cell(NamedTuple):
                                           else "")
         if self.ratio is None:
             return self.method
-        return f"{self.method}@{self.ratio:g}x" + (
-            "" if self.allocation == "fill" else f"/{self.allocation}")
+        return f"{self.method}@{self.ratio:g}x/{self.allocation}"
 
 
 def _cells(methods: list[str], ratios: list[float], allocations: list[str],
-           mlet: bool = False) -> list[Cell]:
+           mlet: list[int] | None = None) -> list[Cell]:
     cells = [Cell(UNCOMPRESSED)]
     cells += [Cell(m, r, a) for a in allocations for m in methods for r in ratios]
-    if mlet:
+    if mlet is not None:
         cells += [Cell("full", dim=d, mlet_factor=f)
-                  for d in MLET_DIMS for f in (None, *MLET_FACTORS)]
+                  for d in (mlet or MLET_DIMS) for f in (None, *MLET_FACTORS)]
     return cells
 
 
@@ -225,7 +225,7 @@ def print_table(done: dict[str, dict[str, Any]], cells: list[Cell], ratios: list
             b = row.get("serving_bytes")
             size = f" {full_bytes / b:.0f}x" if b and full_bytes else ""
             shown.append(_auc_cell(row) + size)
-        label = method if allocation == "fill" else f"{method} ({allocation})"
+        label = f"{method} ({allocation})"
         print(f"{label:<22}" + "".join(f"{c:>34}" for c in shown))
     mlet = [c for c in cells if c.dim is not None]
     if mlet:

@@ -68,7 +68,8 @@ def test_built_collections_hold_the_planned_bytes(method: str) -> None:
 
 
 def test_fill_keeps_small_features_whole_while_each_costs_at_most_an_equal_share() -> None:
-    config = CollectionConfig(dim=16, cardinalities=SCALED, ratio=100, method=METHODS["hash"])
+    config = CollectionConfig(dim=16, cardinalities=SCALED, ratio=100, method=METHODS["hash"],
+                              allocation="fill")
     allocated = config.allocate()
     sizes = config.sizes()
     whole = sorted(allocated.whole, key=lambda name: sizes[name])
@@ -125,3 +126,14 @@ def test_frequency_gives_each_feature_the_rows_its_frequent_ids_earn(
     assert allocated.whole and len(allocated.whole) < len(SCALED)
     with pytest.raises(ValueError, match="allocation 'frequency' ranks ids by their counts"):
         config.allocate()
+
+
+def test_auto_ranks_by_frequency_with_statistics_and_by_sqrt_without(
+    stats: dict[str, FeatureStats],
+) -> None:
+    config = CollectionConfig(dim=16, cardinalities=SCALED, ratio=100, method=METHODS["hash"])
+    assert config.allocation == "auto"
+    assert config.allocate(stats).rule == "frequency"
+    assert config.allocate().rule == "sqrt"
+    partial = {"C1": stats["C1"]}
+    assert config.allocate(partial).rule == "sqrt"

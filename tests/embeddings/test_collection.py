@@ -43,7 +43,7 @@ def test_a_global_ratio_sizes_every_feature_and_the_collection_collapses_alike()
         if name in allocated.whole:
             assert col.method_configs[name] == FullConfig() and emb.tables[0].shape[0] == n
         else:
-            assert emb.tables[0].shape[0] == budget.hash_rows(n, allocated.ratio)
+            assert emb.tables[0].shape[0] == budget.hash_rows(n, allocated.configs[name].ratio)
     target = config.target_bytes()
     assert target is not None and 0.95 * target <= col.serving_bytes() <= target
     out = col(_ids(64))
