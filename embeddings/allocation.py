@@ -50,6 +50,16 @@ _HIGHEST_RATIO = 1e7
 _TOLERANCE = 0.005
 
 
+class BudgetUnreachable(ValueError):
+    """The methods' smallest form still exceeds the budget (QR's floor of 2·sqrt(n) rows a
+    feature): `smallest_bytes` is that form's, `largest_ratio` the most it compresses."""
+
+    def __init__(self, message: str, smallest_bytes: int, largest_ratio: float) -> None:
+        super().__init__(message)
+        self.smallest_bytes = smallest_bytes
+        self.largest_ratio = largest_ratio
+
+
 @dataclass
 class Allocated:
     """The outcome: each feature's sized method config, the solved knob (`ratio`: the
@@ -163,7 +173,8 @@ def allocate(
 ) -> Allocated:
     """Size every feature's method so the collection's planned bytes meet `budget_bytes`.
 
-    Raises ValueError naming `what` (the config field) when the budget is out of reach.
+    Raises BudgetUnreachable (a ValueError) naming `what`, the config field, when the
+    budget is out of reach.
     """
     if rule == "auto":
         have = stats is not None and all(stats.get(n) is not None for n in sizes)
@@ -214,10 +225,11 @@ def allocate(
         smallest = bytes_at(highest)
         uncompressed = sum(budget.uncompressed_bytes(n, dim) for n in sizes.values())
         methods = sorted({method_of[n].method for n in sizes if n not in whole})
-        raise ValueError(
+        raise BudgetUnreachable(
             f"{what}: {budget_bytes:,} {memory} bytes cannot be reached with "
             f"{'/'.join(methods)}: its smallest form needs {smallest:,} bytes, so the largest "
-            f"ratio it can reach here is {uncompressed / smallest:.1f}x"
+            f"ratio it can reach here is {uncompressed / smallest:.1f}x",
+            smallest, uncompressed / smallest,
         ) from None
     configs = configs_at(ratio)
     whole_names = [n for n, c in configs.items() if c.method == "full"]

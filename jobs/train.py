@@ -18,6 +18,7 @@ from data_pipeline.shards import read_manifest
 from data_pipeline.stats import FeatureStats as DataFeatureStats
 from data_pipeline.stats import load_feature_stats
 from embeddings import budget
+from embeddings.allocation import BudgetUnreachable
 from embeddings.collection import CollectionConfig
 from embeddings.methods.base import FeatureStats
 from embeddings.sharding.planner import FeatureSize, ShardingPlan, plan_sharding
@@ -90,7 +91,10 @@ def plan_run(config: TrainConfig, verbose: bool = True) -> RunSpec:
     # Planned bytes are the built ones only with the statistics the workers build from
     # (vocabularies of whole features, learned hashing's id map): read where needed.
     feature_stats = LazyFeatureStats(stats)
-    allocated = collection.allocate(feature_stats)
+    try:
+        allocated = collection.allocate(feature_stats)
+    except BudgetUnreachable as e:
+        raise ConfigError(f"embeddings.{e}") from e
     methods = allocated.configs if allocated else collection.resolve()[0]
     ratio = None if allocated is None else (
         collection.ratio or collection.uncompressed_bytes() / allocated.budget_bytes)

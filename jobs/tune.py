@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
+from embeddings.allocation import BudgetUnreachable
 from jobs import pareto
 from jobs.config import ConfigError, load_config
 from jobs.train import add_override_arguments, checked_config, overrides
@@ -171,10 +172,23 @@ def run_trial(point: dict[str, Any], search: dict[str, Any]) -> None:
     with (trial_dir / STARTS_FILE).open("a") as f:
         f.write(f"{time.time():.3f} pid={os.getpid()}\n")
     train_config = config.trial_config(point, trial_dir)
-    spec = plan_run(train_config, verbose=False)
-    planned = planned_serving_bytes(spec, train_config)
     budget = config.objective.max_serving_bytes
     mode = config.objective.mode
+    try:
+        spec = plan_run(train_config, verbose=False)
+    except ConfigError as e:
+        if not isinstance(e.__cause__, BudgetUnreachable):
+            raise
+        # A point of the space the method cannot reach (QR's floor): a trial that never
+        # trains, ranked below every trained one, its smallest bytes on the record.
+        print(f"[tune] trial {trial_dir.name}: {point} → {e}", flush=True)
+        smallest = e.__cause__.smallest_bytes
+        # AUC 0.5 (chance) for a Pareto searcher, which needs both of its objectives.
+        ray.tune.report({"planned_serving_bytes": smallest, "serving_bytes": smallest,
+                         "within_budget": 0, "skipped": 1, "final": 1, "validation_auc": 0.5,
+                         "objective": budget_penalty(smallest, budget or smallest) - 1})
+        return
+    planned = planned_serving_bytes(spec, train_config)
     print(f"[tune] trial {trial_dir.name}: {point} → planned serving bytes {planned:,}",
           flush=True)
     if mode == "budget" and budget is not None and planned > budget:
@@ -422,8 +436,8 @@ def write_results(config: TuneConfig, rows: list[dict[str, Any]], complete: bool
         f"Objective: {objective}. Budget: "
         + (f"{budget:,} bytes ({pareto.format_bytes(budget)})." if budget else "none."),
         f"Trials: {len(rows)} ({counts['finished']} finished, {counts['stopped']} stopped "
-        f"early at a rung, {counts['skipped']} skipped as over budget, {counts['interrupted']} "
-        f"interrupted, {counts['error']} failed)."
+        f"early at a rung, {counts['skipped']} skipped as over budget or out of the "
+        f"method's reach, {counts['interrupted']} interrupted, {counts['error']} failed)."
         + ("" if complete else " The search was interrupted: `--resume` continues it."),
         "",
         pareto.markdown_table(front, FRONT_COLUMNS),
