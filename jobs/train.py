@@ -118,7 +118,7 @@ def plan_run(config: TrainConfig, verbose: bool = True) -> RunSpec:
         band_columns = [names.index(n) for n in wanted]
     if verbose:
         if allocated is not None:
-            print(f"[train] one budget over the features ({collection.allocation} allocation):")
+            print(f"[train] one budget over the features ({allocated.rule} allocation):")
             print("\n".join(allocated.describe(sizes, collection.dim)))
         else:
             print("[train] embedding methods per feature:")

@@ -13,6 +13,7 @@ from data_pipeline.stats import load_feature_stats
 from data_pipeline.transforms import transform_table
 from embeddings.metrics import FrequencyBand, roc_auc, row_bands
 from embeddings.serving import load_model
+from jobs.config import ConfigError
 from jobs.train import plan_run, realised_ratio, run
 from jobs.train_config import TrainConfig
 from jobs.train_loop import FINGERPRINT_MOD, _bands, row_fingerprint, train_loop_per_worker
@@ -43,18 +44,29 @@ def test_every_feature_is_sized_from_its_own_statistics(synth_data, tmp_path):
     assert spec.cardinalities[1] < spec.cardinalities[9]  # C2 is small, C10 large
 
 
-@pytest.mark.parametrize(("method", "ratio", "short"), [("hash", 10, False), ("qr", 1000, True)])
-def test_the_plan_says_when_a_method_serves_larger_than_the_requested_ratio(
-    synth_data, tmp_path, capsys, method, ratio, short
+@pytest.mark.parametrize("method", ["hash", "cafe", "learned_hash"])
+def test_the_plan_prints_each_feature_and_lands_on_the_requested_bytes(
+    synth_data, tmp_path, capsys, method
 ):
-    # QR cannot go below 2*sqrt(n) rows, so at 1000x it serves far larger than asked.
-    plan_run(_config(synth_data, tmp_path, "ratio",
-                     embeddings={"ratio": ratio, "method": {"method": method}}))
-    line = next(x for x in capsys.readouterr().out.splitlines() if "serving embeddings" in x)
-    assert f"(requested {ratio}x)" in line
-    assert ("warning: short of the requested ratio" in line) is short, line
+    spec = plan_run(_config(synth_data, tmp_path, "ratio",
+                            embeddings={"ratio": 100, "method": {"method": method}}))
+    out = capsys.readouterr().out
+    assert "one budget over the features (frequency allocation)" in out
+    assert all(f"  {name} " in out for name in spec.names)
+    line = next(x for x in out.splitlines() if "serving embeddings" in x)
+    assert "(requested 100x)" in line and "warning" not in line
+    got = float(line.split(" bytes, ")[1].split("x smaller")[0].replace(",", ""))
+    assert 100 <= got <= 105  # within 5% of the budget, from above or below
     assert "requested" not in realised_ratio(None, 1000, 10)
     assert "100.0x smaller" in realised_ratio(100, 1000, 10)
+
+
+def test_a_ratio_qr_cannot_reach_is_refused_with_the_largest_it_can(synth_data, tmp_path):
+    # QR cannot go below 2*sqrt(n) rows a feature.
+    with pytest.raises(ConfigError, match=r"embeddings\.ratio: .* cannot be reached with qr: "
+                                          r".* largest ratio it can reach here is \d+"):
+        plan_run(_config(synth_data, tmp_path, "ratio",
+                         embeddings={"ratio": 1000, "method": {"method": "qr"}}))
 
 
 def test_a_missing_value_does_not_make_a_row_rare(synth_data):
