@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mlet", nargs="*", type=int, metavar="D",
                         help=f"add the MLET rows: full tables at these d (default "
                              f"{MLET_DIMS}) with and without MLET at k = {MLET_FACTORS} × d")
+    parser.add_argument("--int8", action="store_true",
+                        help="also score each new cell's model with int8 serving tables "
+                             "(validation AUC of the fp32 and the int8 export)")
     parser.add_argument("--max-steps", type=int,
                         help="cut every cell's training short (smoke runs)")
     return parser
@@ -149,8 +152,32 @@ def _model(base: TrainConfig, cell: Cell) -> dict[str, Any]:
     return model
 
 
+def served_validation_auc(model_dir: Path, data: Path, batch_size: int) -> float:
+    """Validation AUC of an exported model as serving scores it."""
+    from data_pipeline.datasets import iter_local_batches
+    from embeddings.serving import load_model
+
+    model, _ = load_model(model_dir)
+    scores, labels = [], []
+    with torch.no_grad():
+        for batch in iter_local_batches(data, "validation", batch_size):
+            scores.append(model(batch["dense"], batch["sparse"]))
+            labels.append(batch["label"])
+    return roc_auc(torch.cat(scores).numpy(), torch.cat(labels).numpy())
+
+
+def int8_cost(model_dir: Path, data: Path, batch_size: int) -> dict[str, float]:
+    """The fp32 export's validation AUC and the int8 re-export's (`jobs.export`)."""
+    from jobs.export import export
+
+    int8_dir = model_dir.parent / "model_int8"
+    export(model_dir, int8_dir, "int8")
+    return {"served_fp32_auc": served_validation_auc(model_dir, data, batch_size),
+            "served_int8_auc": served_validation_auc(int8_dir, data, batch_size)}
+
+
 def train_cell(base: TrainConfig, out: Path, cell: Cell,
-               max_steps: int | None) -> dict[str, Any]:
+               max_steps: int | None, int8: bool = False) -> dict[str, Any]:
     """Train one cell in this process and return its exported metrics."""
     key = cell.key
     name = "".join(c if c.isalnum() or c in "._-" else "_" for c in key)
@@ -170,13 +197,16 @@ def train_cell(base: TrainConfig, out: Path, cell: Cell,
     spec = plan_run(config, verbose=False)
     train_loop_per_worker({"spec": spec.__dict__})
     metrics = read_model_json(config.export_dir)["metrics"]
+    served = int8_cost(config.export_dir, config.data.path,
+                       config.data.eval_batch_size) if int8 else {}
     shutil.rmtree(config.run_dir, ignore_errors=True)
     keep = ("validation_auc", "validation_auc_rare", "validation_auc_medium",
             "validation_auc_hot", "validation_rows_rare", "validation_log_loss",
             "serving_bytes", "training_bytes_rank0", "samples")
     return {"cell": key, "method": cell.method, "ratio": cell.ratio,
             "allocation": cell.allocation,
-            **{k: metrics.get(k) for k in keep}, "seconds": round(time.perf_counter() - t0)}
+            **{k: metrics.get(k) for k in keep}, **served,
+            "seconds": round(time.perf_counter() - t0)}
 
 
 def teacher_row(data: Path) -> dict[str, Any]:
@@ -234,6 +264,13 @@ def print_table(done: dict[str, dict[str, Any]], cells: list[Cell], ratios: list
             row = done.get(c.key, {})
             b = row.get("serving_bytes")
             print(f"{c.key:<22}{_auc_cell(row):>34}  {b or 0:>12,}")
+    quantised = [(k, r) for k, r in done.items() if r.get("served_int8_auc") is not None]
+    if quantised:
+        print("\nint8 serving tables: validation AUC of the fp32 and the int8 export")
+        for key, row in quantised:
+            cost = row["served_fp32_auc"] - row["served_int8_auc"]
+            print(f"{key:<22}{row['served_fp32_auc']:>10.4f}{row['served_int8_auc']:>10.4f}"
+                  f"   cost {cost:+.4f} (goal ≤ 0.001)")
     if full.get("validation_auc") and teacher.get("validation_auc"):
         gap = teacher["validation_auc"] - full["validation_auc"]
         print(f"\nuncompressed vs teacher: {full['validation_auc']:.4f} vs "
@@ -266,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         if key in done:
             continue
         print(f"[quality] cell {i + 1}/{len(cells)}: {key}", flush=True)
-        row = train_cell(base, out, cell, args.max_steps)
+        row = train_cell(base, out, cell, args.max_steps, args.int8)
         print(f"[quality] {key}: AUC {_fmt(row['validation_auc'])} rare "
               f"{_fmt(row['validation_auc_rare'])} ({row['seconds']} s)", flush=True)
         with results.open("a") as f:

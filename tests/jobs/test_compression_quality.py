@@ -14,12 +14,16 @@ def test_cells_are_written_once_and_skipped_when_run_again(synth_data, ray_clust
                                                            capsys):
     args = ["--out", str(tmp_path), "--data", str(synth_data), "--methods", "hash", "qr",
             "--ratios", "10", "--max-steps", "3"]
-    assert compression_quality.main(args) == 0
+    assert compression_quality.main([*args, "--int8"]) == 0
     lines = (tmp_path / compression_quality.RESULTS).read_text().splitlines()
     rows = [json.loads(line) for line in lines]
-    assert [r["cell"] for r in rows] == ["uncompressed", "hash@10x", "qr@10x"]
+    assert [r["cell"] for r in rows] == ["uncompressed", "hash@10x/frequency",
+                                         "qr@10x/frequency"]
     for r in rows:
         assert 0.5 < r["validation_auc"] < 1 and r["samples"] == 3 * 4096
+        # The served fp32 model scores as trained; int8 tables cost little.
+        assert abs(r["served_fp32_auc"] - r["validation_auc"]) < 1e-4
+        assert abs(r["served_int8_auc"] - r["served_fp32_auc"]) < 0.01
     # Compressed cells hold fewer serving bytes than the uncompressed one.
     assert rows[1]["serving_bytes"] < rows[0]["serving_bytes"]
     out = capsys.readouterr().out
