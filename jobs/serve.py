@@ -40,7 +40,8 @@ DESCRIPTION = """\
 Serve an exported embpress model (model.json + weights.safetensors, written by
 python -m jobs.train or python -m jobs.export) on Ray Serve, and block until Ctrl-C.
 
-Routes: POST /v1/score, GET /healthz, GET /readyz, GET /v1/model, docs at /docs.
+Routes: POST /v1/score, GET /healthz, GET /readyz, GET /v1/model, /openapi.json; docs at
+/docs unless a token is set (EMBPRESS_DOCS=on|off decides).
 Authentication: set EMBPRESS_API_TOKEN (or EMBPRESS_API_TOKEN_FILE) in this command's
 environment; the replicas inherit it.
 """
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  through the Serve proxy: {urls['proxy'][0]}")
     for url in urls["direct"]:
         print(f"  direct to a replica:     {url}   (recommended: lowest latency)")
-    print(f"  try: curl -s {base}/readyz ; docs at {base}/docs ; Ctrl-C stops")
+    print(f"  try: curl -s {base}/readyz ; API at {base}/openapi.json ; Ctrl-C stops")
     # SIGTERM (a container stop) takes the same clean way out as Ctrl-C.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:

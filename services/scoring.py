@@ -13,13 +13,16 @@ Why it is shaped this way:
   update, Serve stops that very replica and, with one replica, answers 503 to everything until
   the next good deploy. So `reconfigure` raises only while the replica has no model yet (the
   deployment then refuses to start, with the message); afterwards it keeps the old model,
-  logs the refusal and reports it in GET /readyz and GET /v1/model. `services.app.build_app`
+  logs the refusal and reports it, without the server's paths, in GET /v1/model. `services.app.build_app`
   checks a directory before anything is deployed, which is where a deploy is refused loudly.
 * Rows of concurrent requests are scored together by `@serve.batch`, sized in rows; with no
   batch wait by default, requests that arrive while a batch runs form the next one, so a lone
   request never waits for company.
-* The body is parsed and validated once, by pydantic-core from the raw bytes; hex decoding and
-  the feature transform run over the whole request with numpy (`services.features`).
+* The body arrives whole (`services.guard` reads it within a deadline before a scoring slot
+  is spent), gzip undone and duplicate keys refused (`services.bodies`); it is parsed and
+  validated once, by pydantic-core from the raw bytes; hex decoding and the feature
+  transform run over the whole request with numpy (`services.features`).
+* Answers never echo unbounded input nor name a path on the server's disk.
 """
 
 # No `from __future__ import annotations` here: Serve's class-based FastAPI views read the
