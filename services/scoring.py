@@ -13,8 +13,9 @@ Why it is shaped this way:
   update, Serve stops that very replica and, with one replica, answers 503 to everything until
   the next good deploy. So `reconfigure` raises only while the replica has no model yet (the
   deployment then refuses to start, with the message); afterwards it keeps the old model,
-  logs the refusal and reports it, without the server's paths, in GET /v1/model. `services.app.build_app`
-  checks a directory before anything is deployed, which is where a deploy is refused loudly.
+  logs the refusal and reports it, without the server's paths, in GET /v1/model.
+  `services.app.build_app` checks a directory before anything is deployed, which is where a
+  deploy is refused loudly.
 * Rows of concurrent requests are scored together by `@serve.batch`, sized in rows; with no
   batch wait by default, requests that arrive while a batch runs form the next one, so a lone
   request never waits for company.
