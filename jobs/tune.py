@@ -68,7 +68,7 @@ def planned_serving_bytes(spec: RunSpec, config: TrainConfig) -> int:
     from embeddings.sharding.planner import ShardingPlan, shard_of
 
     fmt = "fp32" if config.export.quantize == "none" else config.export.quantize
-    dim = config.model_spec.embedding_dim
+    dim = config.model_spec.table_dim  # d, + 1 for a first-order column
     plan = ShardingPlan.model_validate(spec.plan)
     stats = None
     total = 0

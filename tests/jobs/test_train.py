@@ -38,7 +38,8 @@ def test_every_feature_is_sized_from_its_own_statistics(synth_data, tmp_path):
     # are sorted C1, C10, C11, ...; reading them positionally gave C2 the rows of C10).
     stats = load_feature_stats(synth_data)
     spec = plan_run(_config(synth_data, tmp_path, "sizes",
-                            embeddings={"method": {"method": "full"}}), verbose=False)
+                            embeddings={"method": {"method": "full"}, "ratio": None}),
+                    verbose=False)
     assert spec.names == list(SPARSE_COLUMNS)
     assert spec.cardinalities == [stats.num_distinct(c) for c in SPARSE_COLUMNS]
     assert spec.cardinalities[1] < spec.cardinalities[9]  # C2 is small, C10 large
