@@ -161,6 +161,40 @@ def _earned_rows(ascending: np.ndarray, prefix: np.ndarray, knob: float) -> floa
     return (len(ascending) - rare) + (prefix[rare - 1] / knob if rare else 0.0)
 
 
+class _Rule:
+    """One allocation rule as a function of the solver's knob: each feature's own ratio,
+    and whether it stays whole."""
+
+    def __init__(self, rule: Allocation, sizes: Mapping[str, int], budget_bytes: int,
+                 full_bytes: Callable[[str], int],
+                 stats: Mapping[str, FeatureStats] | None) -> None:
+        self.rule, self.sizes = rule, sizes
+        self.largest = max(sizes.values())
+        self.whole = _whole_by_fill(sizes, full_bytes, budget_bytes) if rule == "fill" else []
+        self.counts = _sorted_counts(sizes, stats) if rule == "frequency" else {}
+        # The knob: the compressed features' ratio, the largest feature's (sqrt), or the
+        # count an id needs to earn a row (frequency).
+        self.highest = _HIGHEST_RATIO
+        if self.counts:
+            total = sum(float(prefix[-1]) for _, prefix in self.counts.values())
+            self.highest = (total + 1) * _HIGHEST_RATIO
+
+    def ratio(self, name: str, knob: float) -> float:
+        n = self.sizes[name]
+        if self.rule == "sqrt":
+            return knob * math.sqrt(n / self.largest)
+        if self.rule == "frequency":
+            return n / max(_earned_rows(*self.counts[name], knob), 1e-9)
+        return knob
+
+    def keeps_whole(self, name: str, ratio: float) -> bool:
+        if self.rule == "fill":
+            return name in self.whole
+        if self.rule == "uniform":
+            return budget.stays_uncompressed(self.sizes[name], ratio)
+        return ratio <= 1.0
+
+
 def allocate(
     sizes: Mapping[str, int],
     dim: int,
@@ -181,58 +215,33 @@ def allocate(
         rule = "frequency" if have else "sqrt"
     bytes_of = _Bytes(sizes, dim, stats, memory)
     full = FullConfig()
-
-    def full_bytes(name: str) -> int:
-        return bytes_of(name, full)
-
-    whole = _whole_by_fill(sizes, full_bytes, budget_bytes) if rule == "fill" else []
-
-    largest = max(sizes.values())
-    counts = _sorted_counts(sizes, stats) if rule == "frequency" else {}
-    # The knob the solver turns: the compressed features' ratio, the largest feature's
-    # (sqrt), or the count an id needs to earn a row (frequency).
-    highest = _HIGHEST_RATIO
-    if counts:
-        highest = float(sum(int(c[1][-1]) for c in counts.values()) + 1) * _HIGHEST_RATIO
-
-    def ratio_of(name: str, n: int, knob: float) -> float:
-        if rule == "sqrt":
-            return knob * math.sqrt(n / largest)
-        if rule == "frequency":
-            return n / max(_earned_rows(*counts[name], knob), 1e-9)
-        return knob
+    spread = _Rule(rule, sizes, budget_bytes, lambda name: bytes_of(name, full), stats)
 
     def configs_at(knob: float) -> dict[str, MethodConfig]:
         out: dict[str, MethodConfig] = {}
-        for name, n in sizes.items():
-            own = ratio_of(name, n, knob)
-            if rule == "fill":
-                keep = name in whole
-            elif rule == "uniform":
-                keep = budget.stays_uncompressed(n, own)
-            else:
-                keep = own <= 1.0
-            out[name] = full if keep else method_of[name].at_ratio(own)
+        for name in sizes:
+            own = spread.ratio(name, knob)
+            out[name] = full if spread.keeps_whole(name, own) else method_of[name].at_ratio(own)
         return out
 
     def bytes_at(knob: float) -> int:
         return sum(bytes_of(name, c) for name, c in configs_at(knob).items())
 
     try:
-        ratio = budget.ratio_for_budget(bytes_at, budget_bytes, _LOWEST_RATIO, highest,
-                                        tolerance=_TOLERANCE)
+        knob = budget.ratio_for_budget(bytes_at, budget_bytes, _LOWEST_RATIO, spread.highest,
+                                       tolerance=_TOLERANCE)
     except ValueError:
-        smallest = bytes_at(highest)
+        smallest = bytes_at(spread.highest)
         uncompressed = sum(budget.uncompressed_bytes(n, dim) for n in sizes.values())
-        methods = sorted({method_of[n].method for n in sizes if n not in whole})
+        methods = sorted({method_of[n].method for n in sizes if n not in spread.whole})
         raise BudgetUnreachable(
             f"{what}: {budget_bytes:,} {memory} bytes cannot be reached with "
             f"{'/'.join(methods)}: its smallest form needs {smallest:,} bytes, so the largest "
             f"ratio it can reach here is {uncompressed / smallest:.1f}x",
             smallest, uncompressed / smallest,
         ) from None
-    configs = configs_at(ratio)
+    configs = configs_at(knob)
     whole_names = [n for n, c in configs.items() if c.method == "full"]
     per_feature = {name: bytes_of(name, c) for name, c in configs.items()}
-    return Allocated(configs, ratio, budget_bytes, sum(per_feature.values()), whole_names,
+    return Allocated(configs, knob, budget_bytes, sum(per_feature.values()), whole_names,
                      per_feature, memory, rule)
