@@ -31,6 +31,7 @@ from embeddings.methods.base import (
     FeatureStats,
     MethodConfig,
 )
+from embeddings.methods.cafe_shared import join_shared
 from embeddings.methods.full import FullConfig
 from embeddings.serving_embedding import ServingCollection
 from embeddings.serving_embedding import check_ids as _check_ids
@@ -325,6 +326,8 @@ class EmbeddingCollection(nn.Module):
         self.embeddings = nn.ModuleDict(methods)
         for emb in methods.values():
             emb.to(device)
+        # Shared-hot-table CAFE features: one hot table and sketch for all of them.
+        self.cafe_groups = nn.ModuleList(join_shared(methods, optimizer, backend, device))
         # Store order: features grouped by MLET width (0 = none), so each group's vectors are
         # adjacent columns of the store's output and project in one batched matmul.
         def width_of(name: str) -> int:
@@ -359,11 +362,7 @@ class EmbeddingCollection(nn.Module):
         self.store = build_store(specs, optimizer, backend, device)
         initial = []
         for j in order:
-            emb = methods[self.names[j]]
-            if emb.combiner is Combiner.SUM:
-                initial.append(torch.cat([t.detach() for t in emb.tables]))
-            else:
-                initial += [t.detach() for t in emb.tables]
+            initial += methods[self.names[j]].packed_initial()
         self.store.load_tables(initial)
         self._bind()
         # Lookup layout: slot s (a table read by a feature) belongs to store table
@@ -390,6 +389,15 @@ class EmbeddingCollection(nn.Module):
         self._inverse = None if inverse == list(range(len(inverse))) else torch.tensor(
             inverse, dtype=torch.int64, device=device
         )
+        # Shared CAFE members: their sparse column and pre-projection columns, in group order.
+        start_of = {self.names[j]: sum(width_of(self.names[i]) for i in order[:pos])
+                    for pos, j in enumerate(order)}
+        self._hot_layout = [
+            ([self.names.index(n) for n in group.members],
+             torch.cat([torch.arange(start_of[n], start_of[n] + width_of(n))
+                        for n in group.members]).to(device))
+            for group in self.cafe_groups
+        ]
         # Features that rank ids by gradient norms (CAFE): their pre-projection columns.
         self._norm_features = [
             (self.names[j], sum(width_of(self.names[i]) for i in order[:pos]), width_of(
@@ -488,6 +496,8 @@ class EmbeddingCollection(nn.Module):
             pre = out.index_select(1, self._first_cols) * out.index_select(1, self._second_cols)
         else:
             pre = out
+        for group, (columns, cols) in zip(self.cafe_groups, self._hot_layout, strict=True):
+            pre = self._add_shared_hot(pre, valid, group, columns, cols)
         if self._norm_features and self.training and pre.requires_grad:
             pre.register_hook(self._norm_hook(keys))
         # split, not slicing: the backward of a slice fills a zero tensor of the whole width.
@@ -508,6 +518,17 @@ class EmbeddingCollection(nn.Module):
             return out
         return out.index_select(1, self._inverse.to(out.device))
 
+    def _add_shared_hot(self, pre: torch.Tensor, valid: torch.Tensor | None, group: nn.Module,
+                        columns: list[int], cols: torch.Tensor) -> torch.Tensor:
+        """A group of shared CAFE features' hot rows, read from its table and added to their
+        columns (`columns`: theirs in the input, `cols`: in `pre`; each id reads a hot row
+        or its hash rows, never both)."""
+        hot = torch.stack([self.embeddings[n].last_hot for n in group.members], dim=1)
+        if valid is not None:
+            hot = hot.masked_fill(~valid[:, columns], -1)
+        vectors = group(hot.to(pre.device))
+        return pre.index_add(1, cols, vectors.reshape(pre.shape[0], -1))
+
     def _norm_hook(self, keys: dict[str, Any]) -> Any:
         features = self._norm_features
 
@@ -524,16 +545,21 @@ class EmbeddingCollection(nn.Module):
         """After the backward pass: the table update where it was not fused, then every
         method's post-step hook (CAFE's sketch update and migrations)."""
         self.store.step()
+        for group in self.cafe_groups:
+            group.store.step()
         self.after_step(optimizer)
 
     def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """The methods' post-step hooks alone (the store's update is `step`'s)."""
         for emb in self.embeddings.values():
             emb.after_step(optimizer)
+        for group in self.cafe_groups:
+            group.after_step()
 
     def dense_parameters(self) -> list[nn.Parameter]:
         """Everything else that trains (MLET projections): for the dense optimizer."""
-        store = {id(p) for p in self.store.parameters()}
+        stores = [self.store, *(group.store for group in self.cafe_groups)]
+        store = {id(p) for st in stores for p in st.parameters()}
         return [p for p in self.parameters() if id(p) not in store and p.requires_grad]
 
     def training_bytes(self) -> int:

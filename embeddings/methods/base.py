@@ -174,6 +174,12 @@ class CompressedEmbedding(nn.Module):
         """Columns of `packed_lookup`'s rows: the reads of one id (at most)."""
         return len(self.tables)
 
+    def packed_initial(self) -> list[torch.Tensor]:
+        """The initial values of each store table of `packed_specs`."""
+        if self.combiner is Combiner.SUM:
+            return [torch.cat([t.detach() for t in self.tables])]
+        return [t.detach() for t in self.tables]
+
     def packed_lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(rows [n, T] inside the store tables, read mask [n, T] or None = all read).
 

@@ -20,11 +20,12 @@ from pydantic import Field
 
 from embeddings import budget
 from embeddings.hashing import hash64_scalar, seed_offset
-from embeddings.hotsketch import PROMOTE, HotSketch, SketchEvents
+from embeddings.hotsketch import PROMOTE, SLOTS, HotSketch, SketchEvents
 from embeddings.mapping import Combiner, FrozenCafeMapper, tensor_bytes
 from embeddings.methods.base import (
     CompressedEmbedding,
     FeatureStats,
+    MethodBytes,
     MethodConfig,
     gather,
 )
@@ -451,6 +452,10 @@ class CafeConfig(MethodConfig):
     """CAFE: HotSketch-ranked hot rows plus a multi-level hash for the rest.
 
     Args:
+        hot_table: "per_feature": each feature its own hot table and sketch; "shared": one
+            hot table and sketch for every shared CAFE feature of the collection, keyed by
+            (feature, id), each feature bringing its hot rows to it (the artifact's default;
+            `embeddings.methods.cafe_shared`).
         ratio: compression ratio; sizes the tables as the artifact does (`budget.cafe_rows`)
             and picks the default threshold and hash share. (The artifact's rule that
             features of at most 2000 / ratio values stay whole is the collection's
@@ -464,6 +469,7 @@ class CafeConfig(MethodConfig):
     """
 
     method: Literal["cafe"] = "cafe"
+    hot_table: Literal["per_feature", "shared"] = "per_feature"
     ratio: float | None = Field(None, ge=1)
     threshold: float | None = Field(None, gt=0)
     hash_share: float | None = Field(None, gt=0, lt=1)
@@ -480,6 +486,18 @@ class CafeConfig(MethodConfig):
     def at_ratio(self, ratio: float) -> CafeConfig:
         return self.model_copy(update={"ratio": ratio})
 
+    def planned_bytes(
+        self, num_embeddings: int, dim: int, stats: FeatureStats | None = None, fmt: str = "fp32"
+    ) -> MethodBytes:
+        """As built, with the frozen id map counted full: every sketch slot an id (8 B) and
+        its row (4 B), the 48 B per hot row the artifact's formula reserves. A fresh
+        sketch maps nothing yet, but a trained one fills its slots with hot and medium ids,
+        and the budget must hold what is exported."""
+        built = super().planned_bytes(num_embeddings, dim, stats, fmt)
+        hot, _, _ = self.sizes(num_embeddings, dim)
+        buckets = max(1, hot)  # CafeEmbedding's default: a bucket per hot row
+        return MethodBytes(built.training, built.serving + buckets * SLOTS * (8 + 4))
+
     def sizes(self, num_embeddings: int, dim: int) -> tuple[int, int, float]:
         """(hot rows, rows of each hash table, threshold) at this config's ratio."""
         assert self.ratio is not None
@@ -493,7 +511,12 @@ class CafeConfig(MethodConfig):
     ) -> CompressedEmbedding:
         self.check(num_embeddings, dim)
         hot, hashed, threshold = self.sizes(num_embeddings, dim)
-        return CafeEmbedding(
+        cls = CafeEmbedding
+        if self.hot_table == "shared":
+            from embeddings.methods.cafe_shared import SharedCafeEmbedding
+
+            cls = SharedCafeEmbedding
+        return cls(
             hot,
             hashed,
             dim,

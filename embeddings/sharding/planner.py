@@ -59,6 +59,9 @@ class FeaturePlacement(BaseModel):
             none when replicated).
         shard_bytes: bytes of each shard (one entry when owned or replicated). A split
             feature's parts are sized by their share of the id space: bytes / shards.
+        groups: the worker each shard was first planned on (None: `owners`). Shards that
+            share a hot table (CAFE's shared mode) share it with the shards of their group,
+            so a relocated plan, which keeps the groups, trains the same model.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -68,6 +71,11 @@ class FeaturePlacement(BaseModel):
     bytes: int = Field(ge=0)
     owners: list[int]
     shard_bytes: list[int]
+    groups: list[int] | None = None
+
+    def group_of(self, shard: int) -> int:
+        """The hot-table group of a shard (see `groups`)."""
+        return (self.groups or self.owners or [0])[shard]
 
     @model_validator(mode="after")
     def _check(self) -> FeaturePlacement:
@@ -163,7 +171,7 @@ class ShardingPlan(BaseModel):
         return ShardingPlan(
             num_workers=num_workers,
             features=[
-                f.model_copy(update={"owners": o})
+                f.model_copy(update={"owners": o, "groups": f.groups or f.owners or None})
                 for f, o in zip(self.features, owners, strict=True)
             ],
         )

@@ -194,6 +194,8 @@ class ShardedEmbeddingCollection(nn.Module):
             if owner == rank:
                 key = module_key(plan.features[i].name, s, plan.features[i].num_shards)
                 self.owned[key] = make_module(i, s, plan.features[i].num_shards)
+                # Shared CAFE hot tables are per planned worker: the same on any world size.
+                self.owned[key].hot_table_group = plan.features[i].group_of(s)
                 self._my_slots.append(key)
         self._routed = routed
         self._any_split = any(plan.features[i].num_shards > 1 for i in routed)

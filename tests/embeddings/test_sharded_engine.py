@@ -18,6 +18,8 @@ from embeddings.sharding import FeatureSize, ShardedEmbeddingCollection, plan_sh
 
 DIM = 8
 BATCH = 64
+# (features, CAFE with a shared hot table)
+CASES = ((3, False), (8, False), (8, True))
 
 
 def _cards(features: int) -> list[int]:
@@ -32,13 +34,14 @@ def _plan(features: int, world: int):
     return plan_sharding(sizes, world, worker_budget_bytes=700_000, replicate_below_bytes=0)
 
 
-def _make(features: int):
+def _make(features: int, shared: bool = False):
     cards = _cards(features)
+    cafe = CafeConfig(ratio=10, hot_table="shared" if shared else "per_feature")
 
     def make(i: int, s: int, shards: int) -> torch.nn.Module:
         torch.manual_seed(1000 * i + 10 * s + shards)
         n = -(-cards[i] // shards)
-        config = CafeConfig(ratio=10) if i % 2 else HashConfig(ratio=10)
+        config = cafe if i % 2 else HashConfig(ratio=10)
         return config.build(n, DIM)
 
     return make
@@ -84,12 +87,14 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
                             world_size=world, timeout=timedelta(seconds=60))
     try:
         result = {}
-        for features in (3, 8):
-            router = ShardedEmbeddingCollection(_plan(features, world), _make(features), DIM)
+        for features, shared in CASES:
+            router = ShardedEmbeddingCollection(_plan(features, world), _make(features, shared),
+                                                DIM)
             assert router.local is not None  # owned features share one table store
+            assert bool(router.local.cafe_groups) == shared
             half = BATCH // world
-            result[features] = _train(router, _batches(features),
-                                      slice(rank * half, (rank + 1) * half), world)
+            result[(features, shared)] = _train(router, _batches(features),
+                                                slice(rank * half, (rank + 1) * half), world)
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -98,13 +103,15 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
 def test_two_workers_make_two_all_to_alls_forward_and_one_backward(tmp_path: Path):
     mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    for features in (3, 8):
+    for features, shared in CASES:
         plan = _plan(features, 2)
         assert any(f.num_shards > 1 for f in plan.features)  # a split feature is in play
-        one = ShardedEmbeddingCollection(plan.relocate(1), _make(features), DIM)
+        one = ShardedEmbeddingCollection(plan.relocate(1), _make(features, shared), DIM)
+        # Shared CAFE hot tables follow the planned workers: two groups on the one worker.
+        assert len(one.local.cafe_groups) == (2 if shared else 0)
         losses, _ = _train(one, _batches(features), slice(None), 1)
         for r in range(2):
-            got_losses, counts = results[r][features]
+            got_losses, counts = results[r][(features, shared)]
             # ids out, vectors back; the vectors' gradient back: independent of features.
             assert counts == [(2, 1)] * len(counts)
             # 2 workers on halves train what one worker trains on the whole batch.
