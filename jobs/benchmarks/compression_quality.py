@@ -199,7 +199,11 @@ def train_cell(base: TrainConfig, out: Path, cell: Cell,
     t0 = time.perf_counter()
     spec = plan_run(config, verbose=False)
     train_loop_per_worker({"spec": spec.__dict__})
-    metrics = read_model_json(config.export_dir)["metrics"]
+    document = read_model_json(config.export_dir)
+    metrics = document["metrics"]
+    hot = {name: feature["mapper"]["config"]["hot_rows"]
+           for name, feature in document["embeddings"].items()
+           if feature.get("mapper", {}).get("kind") == "cafe"}
     served = int8_cost(config.export_dir, config.data.path,
                        config.data.eval_batch_size) if int8 else {}
     shutil.rmtree(config.run_dir, ignore_errors=True)
@@ -208,7 +212,7 @@ def train_cell(base: TrainConfig, out: Path, cell: Cell,
             "serving_bytes", "training_bytes_rank0", "samples")
     return {"cell": key, "method": cell.method, "ratio": cell.ratio,
             "allocation": cell.allocation,
-            **{k: metrics.get(k) for k in keep}, **served,
+            **{k: metrics.get(k) for k in keep}, **served, **({"hot_rows": hot} if hot else {}),
             "seconds": round(time.perf_counter() - t0)}
 
 
@@ -271,6 +275,13 @@ def print_table(done: dict[str, dict[str, Any]], cells: list[Cell], ratios: list
             row = done.get(c.key, {})
             b = row.get("serving_bytes")
             print(f"{c.key:<22}{_auc_cell(row):>34}  {b or 0:>12,}")
+    cafe = [(k, r) for k, r in done.items() if r.get("hot_rows")]
+    if cafe:
+        print("\nCAFE hot rows per feature (shared: rows each feature holds; per feature: "
+              "its own table)")
+        for key, row in cafe:
+            shown = " ".join(f"{n}:{v}" for n, v in row["hot_rows"].items())
+            print(f"{key:<28} {shown}")
     quantised = [(k, r) for k, r in done.items() if r.get("served_int8_auc") is not None]
     if quantised:
         print("\nint8 serving tables: validation AUC of the fp32 and the int8 export")
