@@ -69,6 +69,8 @@ def every_method(mlet_dim: int) -> dict[str, dict[str, Any]]:
     for name in sorted(set(METHODS) - {"full", "hash", "qr"}):
         out[name] = {"method": name}
         out[f"mlet({name})"] = {"method": name, "mlet_dim": mlet_dim}
+    out["cafe shared"] = {"method": "cafe", "hot_table": "shared"}
+    out["mlet(cafe shared)"] = {"method": "cafe", "hot_table": "shared", "mlet_dim": mlet_dim}
     return out
 
 
