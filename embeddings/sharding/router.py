@@ -472,9 +472,13 @@ class ShardedEmbeddingCollection(nn.Module):
         Args:
             optimizer: the replicated tables' optimizer, for methods that move its state.
         """
+        others = list(self.replicated.values())
         if self.local is not None:
-            self.local.store.step()
-        for module in [*self.owned.values(), *self.replicated.values()]:
+            # The store's update, the owned methods' hooks and shared CAFE hot tables'.
+            self.local.step(optimizer)
+        else:
+            others += list(self.owned.values())
+        for module in others:
             hook = getattr(module, "after_step", None)
             if callable(hook):
                 hook(optimizer)

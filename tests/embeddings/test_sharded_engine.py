@@ -95,6 +95,12 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
             half = BATCH // world
             result[(features, shared)] = _train(router, _batches(features),
                                                 slice(rank * half, (rank + 1) * half), world)
+            # Every sketch saw the steps' importance (the router's step reaches them all).
+            sketches = [g.sketch for g in router.local.cafe_groups] + [
+                m.sketch for m in router.local.embeddings.values()
+                if hasattr(m, "sketch") and not getattr(m, "joined", False)]
+            assert all(s.scores.sum() > 0 for s in sketches)
+            result[("sketches", features, shared)] = len(sketches)
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -104,6 +110,7 @@ def test_two_workers_make_two_all_to_alls_forward_and_one_backward(tmp_path: Pat
     mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for features, shared in CASES:
+        assert sum(results[r][("sketches", features, shared)] for r in range(2)) > 0
         plan = _plan(features, 2)
         assert any(f.num_shards > 1 for f in plan.features)  # a split feature is in play
         one = ShardedEmbeddingCollection(plan.relocate(1), _make(features, shared), DIM)
