@@ -183,10 +183,12 @@ def run_trial(point: dict[str, Any], search: dict[str, Any]) -> None:
         # trains, ranked below every trained one, its smallest bytes on the record.
         print(f"[tune] trial {trial_dir.name}: {point} → {e}", flush=True)
         smallest = e.__cause__.smallest_bytes
-        # AUC 0.5 (chance) for a Pareto searcher, which needs both of its objectives.
-        ray.tune.report({"planned_serving_bytes": smallest, "serving_bytes": smallest,
-                         "within_budget": 0, "skipped": 1, "final": 1, "validation_auc": 0.5,
-                         "objective": budget_penalty(smallest, budget or smallest) - 1})
+        report = {"planned_serving_bytes": smallest, "serving_bytes": smallest,
+                  "within_budget": 0, "skipped": 1, "final": 1,
+                  "objective": budget_penalty(smallest, budget or smallest) - 1}
+        if mode == "pareto":
+            report["validation_auc"] = 0.5  # chance: a Pareto searcher needs both objectives
+        ray.tune.report(report)
         return
     planned = planned_serving_bytes(spec, train_config)
     print(f"[tune] trial {trial_dir.name}: {point} → planned serving bytes {planned:,}",

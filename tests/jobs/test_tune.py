@@ -37,7 +37,9 @@ def _raw(data, tmp_path, name, **overrides) -> dict:
             "methods": {"hash": {}, "qr": {"operation": ["sum", "concat"]},
                         "cafe": {"hash_share": {"low": 0.3, "high": 0.7}}, "learned_hash": {}},
             "mlet": [0, 2],
-            "ratio": {"low": 20, "high": 200, "log": True},
+            # QR reaches about 36x on this data (2·sqrt(n) rows a feature): beyond, its
+            # trials are skipped (test_a_point_out_of_a_methods_reach_is_a_skipped_trial).
+            "ratio": {"low": 10, "high": 30, "log": True},
             "embedding_dim": [8, 16],
             "quantize": ["none", "int8"],
         },
@@ -263,6 +265,21 @@ def test_budget_mode_never_trains_a_trial_that_cannot_fit(synth_data, ray_cluste
     assert result.best is None and not (result.experiment_dir / "best_model").exists()
     assert "nothing exported" in (result.experiment_dir / "pareto.md").read_text()
     assert (result.experiment_dir / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_a_point_out_of_a_methods_reach_is_a_skipped_trial(synth_data, ray_cluster, tmp_path):
+    # QR cannot go below 2·sqrt(n) rows a feature: 300x is out of its reach on this data.
+    config = _config(synth_data, tmp_path, "reach",
+                     search={"methods": {"qr": {"operation": ["sum"]}}, "mlet": [0],
+                             "ratio": {"low": 300, "high": 400}, "embedding_dim": [16],
+                             "quantize": ["none"]},
+                     trials={"num_samples": 1, "max_concurrent_trials": 1, "seed": 1})
+    result = run_search(config)
+    (row,) = result.rows
+    assert row["status"] == "skipped" and row["method"] == "qr"
+    assert row["serving_bytes"] > 0 and result.best is None
+    assert not (Path(row["trial_dir"]) / "train").exists(), "no training run may start"
 
 
 # A search that Ctrl+C stops (a real SIGINT, through Tune's own handler) when its second
