@@ -182,7 +182,7 @@ class _Rule:
         # count an id needs to earn a row (frequency).
         self.highest = _HIGHEST_RATIO
         if self.counts:
-            total = sum(float(prefix[-1]) for _, prefix in self.counts.values())
+            total = sum(float(prefix[-1]) for _, prefix in self.counts.values() if len(prefix))
             self.highest = (total + 1) * _HIGHEST_RATIO
 
     def ratio(self, name: str, knob: float) -> float:

@@ -242,6 +242,9 @@ class CafeGroup(nn.Module):
         device: torch.device,
     ) -> None:
         super().__init__()
+        if any(m.joined for m in members):
+            raise ValueError("a shared CAFE feature already belongs to a collection's group: "
+                             "its hot rows and sketch live there, build the method anew")
         if len(members) > MAX_MEMBERS:
             raise ValueError(f"a shared CAFE hot table serves at most {MAX_MEMBERS} features")
         widths = {m.tables[1].shape[1] for m in members}

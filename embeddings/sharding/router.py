@@ -495,7 +495,9 @@ class ShardedEmbeddingCollection(nn.Module):
         """Everything else that trains (MLET projections): for the dense optimizer."""
         skip = {id(p) for p in self.replicated_tables()}
         if self.local is not None:
-            skip |= {id(p) for p in self.local.store.parameters()}
+            # The local tables, shared CAFE hot tables included, train in their own stores.
+            dense = {id(p) for p in self.local.dense_parameters()}
+            skip |= {id(p) for p in self.local.parameters() if id(p) not in dense}
         return [p for p in self.parameters() if id(p) not in skip and p.requires_grad]
 
     def training_bytes(self) -> int:

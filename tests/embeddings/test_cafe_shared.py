@@ -114,3 +114,23 @@ def test_ids_beyond_56_bits_are_refused_with_the_reason() -> None:
     col = EmbeddingCollection(_config(), optimizer=TableOptimizer(lr=0.1))
     with pytest.raises(ValueError, match=r"ids must lie in \[-2\^55, 2\^55\)"):
         col(torch.full((2, len(CARDS)), 2**60))
+
+
+def test_the_sharder_keeps_hot_tables_out_of_the_dense_optimizer() -> None:
+    from embeddings.methods.cafe import CafeConfig
+    from embeddings.sharding import FeatureSize, ShardedEmbeddingCollection, plan_sharding
+
+    sizes = [FeatureSize(name=f"C{i + 1}", bytes=n) for i, n in enumerate(CARDS)]
+    plan = plan_sharding(sizes, 1, replicate_below_bytes=0)
+    config = CafeConfig(ratio=20, hot_table="shared")
+    router = ShardedEmbeddingCollection(
+        plan, lambda i, s, shards: config.build(-(-CARDS[i] // shards), 8), 8)
+    (group,) = router.local.cafe_groups
+    dense = {id(p) for p in router.dense_parameters()}
+    assert not dense & {id(p) for p in group.store.parameters()}
+    assert not dense & {id(p) for p in router.local.store.parameters()}
+
+
+def test_a_feature_joins_one_group_only(trained) -> None:
+    with pytest.raises(ValueError, match="already belongs to a collection's group"):
+        EmbeddingCollection.from_methods(dict(trained.embeddings), 8)
