@@ -402,9 +402,8 @@ class EmbeddingCollection(nn.Module):
         ]
         # Features that rank ids by gradient norms (CAFE): their pre-projection columns.
         self._norm_features = [
-            (self.names[j], sum(width_of(self.names[i]) for i in order[:pos]), width_of(
-                self.names[j]))
-            for pos, j in enumerate(order)
+            (self.names[j], start_of[self.names[j]], width_of(self.names[j]))
+            for j in order
             if methods[self.names[j]].wants_gradient_norms
         ]
 

@@ -271,9 +271,14 @@ class CompressedEmbedding(nn.Module):
         return Mapper.build(self.mapper.kind, config, {k: v.clone() for k, v in tensors.items()})
 
     @torch.no_grad()
+    def serving_tables(self) -> list[torch.Tensor]:
+        """Copies of the tables the serving form keeps (before MLET folds into them)."""
+        return [t.detach().clone() for t in self.tables]
+
+    @torch.no_grad()
     def collapse(self) -> ServingEmbedding:
         """Serving form: frozen mapper, MLET folded into every table; scores exactly alike."""
-        tables = [t.detach().clone() for t in self.tables]
+        tables = self.serving_tables()
         combiner = self.combiner
         if self.projection is not None:
             p = self.projection.detach()

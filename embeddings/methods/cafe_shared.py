@@ -29,9 +29,8 @@ from torch import nn
 
 from embeddings.hashing import hash64_scalar, seed_offset
 from embeddings.hotsketch import HotSketch, SketchEvents
-from embeddings.mapping import Combiner, FrozenCafeMapper, Mapper, tensor_bytes
+from embeddings.mapping import FrozenCafeMapper, Mapper, tensor_bytes
 from embeddings.methods.cafe import CafeEmbedding
-from embeddings.serving_embedding import ServingEmbedding
 from embeddings.tables import Backend, TableOptimizer, TableSpec, build_store
 
 _ID_BITS = 56
@@ -207,19 +206,17 @@ class SharedCafeEmbedding(CafeEmbedding):
                                                "rows": torch.from_numpy(compact)})
 
     @torch.no_grad()
-    def collapse(self) -> ServingEmbedding:
+    def serving_tables(self) -> list[torch.Tensor]:
+        """A compact hot table of the rows this feature's hot ids hold (in the order of
+        `frozen_mapper`'s rows), then its hash tables."""
         if not self.joined:
-            return super().collapse()
+            return super().serving_tables()
         _, rows = self._own_entries()
         hot_rows = torch.from_numpy(np.unique(rows[rows >= 0]).astype(np.int64))
         hot = self.tables[0].detach()
-        # A member without hot ids still needs a row for the (never read) hot table.
+        # A feature without hot ids still needs a row for the (never read) hot table.
         hot = hot.index_select(0, hot_rows.to(hot.device)) if hot_rows.numel() else hot[:1]
-        tables = [hot.clone(), self.tables[1].detach().clone(), self.tables[2].detach().clone()]
-        if self.projection is not None:
-            tables = [t @ self.projection.detach() for t in tables]
-        mapper = self.frozen_mapper().to(tables[0].device)
-        return ServingEmbedding(mapper, tables, Combiner.SUM)
+        return [hot.clone(), self.tables[1].detach().clone(), self.tables[2].detach().clone()]
 
     @property
     def hot_rows(self) -> int:

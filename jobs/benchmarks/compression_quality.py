@@ -155,28 +155,15 @@ def _model(base: TrainConfig, cell: Cell) -> dict[str, Any]:
     return model
 
 
-def served_validation_auc(model_dir: Path, data: Path, batch_size: int) -> float:
-    """Validation AUC of an exported model as serving scores it."""
-    from data_pipeline.datasets import iter_local_batches
-    from embeddings.serving import load_model
-
-    model, _ = load_model(model_dir)
-    scores, labels = [], []
-    with torch.no_grad():
-        for batch in iter_local_batches(data, "validation", batch_size):
-            scores.append(model(batch["dense"], batch["sparse"]))
-            labels.append(batch["label"])
-    return roc_auc(torch.cat(scores).numpy(), torch.cat(labels).numpy())
-
-
 def int8_cost(model_dir: Path, data: Path, batch_size: int) -> dict[str, float]:
     """The fp32 export's validation AUC and the int8 re-export's (`jobs.export`)."""
     from jobs.export import export
+    from jobs.tune import served_auc
 
     int8_dir = model_dir.parent / "model_int8"
     export(model_dir, int8_dir, "int8")
-    return {"served_fp32_auc": served_validation_auc(model_dir, data, batch_size),
-            "served_int8_auc": served_validation_auc(int8_dir, data, batch_size)}
+    return {"served_fp32_auc": served_auc(model_dir, data, batch_size)["validation_auc"],
+            "served_int8_auc": served_auc(int8_dir, data, batch_size)["validation_auc"]}
 
 
 def train_cell(base: TrainConfig, out: Path, cell: Cell,
