@@ -450,6 +450,28 @@ def _manifest(entries: list[dict[str, Any]], labelled: bool, rows_per_shard: int
     }
 
 
+def _shared_layout(plans: Sequence[InputFile], labelled: bool | None) -> bool:
+    """Whether the inputs have a label column: `labelled` when given (each file is still
+    sniffed, so a file that is not Criteo fails here), else what the files agree on."""
+    layouts = {p.name: sniff_layout(p.path, labelled) for p in plans}
+    known = {v for v in layouts.values() if v is not None}
+    if len(known) > 1:
+        detail = ", ".join(f"{n}: {'40' if v else '39'} fields"
+                           for n, v in layouts.items() if v is not None)
+        raise ValueError(f"inputs mix labelled and unlabelled Criteo files ({detail}); "
+                         "convert them into separate output folders")
+    return labelled if labelled is not None else (known.pop() if known else True)
+
+
+def _warn_stale_days(output_dir: Path, plans: Sequence[InputFile]) -> None:
+    wanted = {f"day={p.day}" for p in plans}
+    stale = sorted(d.name for d in output_dir.glob("day=*") if d.is_dir() and d.name not in wanted)
+    if stale:
+        # stacklevel 3: the warning names the line that called `convert`.
+        warnings.warn(f"{output_dir}: folders {', '.join(stale)} are from an earlier conversion "
+                      "and not in this manifest", CriteoInputWarning, stacklevel=3)
+
+
 def convert(
     inputs: Sequence[str | Path],
     output_dir: str | Path,
@@ -481,14 +503,7 @@ def convert(
 
     output_dir = Path(output_dir)
     plans = plan_inputs(inputs)
-    layouts = {p.name: sniff_layout(p.path, labelled) for p in plans}
-    known = {v for v in layouts.values() if v is not None}
-    if len(known) > 1:
-        detail = ", ".join(f"{n}: {'40' if v else '39'} fields"
-                           for n, v in layouts.items() if v is not None)
-        raise ValueError(f"inputs mix labelled and unlabelled Criteo files ({detail}); "
-                         "convert them into separate output folders")
-    layout = labelled if labelled is not None else (known.pop() if known else True)
+    layout = _shared_layout(plans, labelled)
     output_dir.mkdir(parents=True, exist_ok=True)
     # From here on the folder is being changed: no manifest until it is consistent again.
     (output_dir / shards.MANIFEST).unlink(missing_ok=True)
@@ -507,11 +522,7 @@ def convert(
             entries = [convert_file(p.path, output_dir, p.day, name=p.name,
                                     on_progress=bar.update, **kwargs) for p in plans]
         bar.update(total - bar.n)
-    wanted = {f"day={p.day}" for p in plans}
-    stale = sorted(d.name for d in output_dir.glob("day=*") if d.is_dir() and d.name not in wanted)
-    if stale:
-        warnings.warn(f"{output_dir}: folders {', '.join(stale)} are from an earlier conversion "
-                      "and not in this manifest", CriteoInputWarning, stacklevel=2)
+    _warn_stale_days(output_dir, plans)
     manifest = _manifest(entries, layout, rows_per_shard)
     shards.write_json_atomic(manifest, output_dir / shards.MANIFEST)
     return manifest

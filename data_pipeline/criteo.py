@@ -33,37 +33,31 @@ from __future__ import annotations
 import binascii
 import json
 import warnings
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
+from data_pipeline.line_stream import (
+    DEFAULT_BLOCK_SIZE,
+    LONG_LINE_MARKER,
+    MAX_LINE_BYTES,
+    LineStream,
+)
 from data_pipeline.schema import DENSE_COLUMNS, LABEL, SPARSE_COLUMNS, arrow_schema
 
 FIELDS_LABELLED = 1 + len(DENSE_COLUMNS) + len(SPARSE_COLUMNS)
 FIELDS_UNLABELLED = FIELDS_LABELLED - 1
-# 1 MiB blocks were the fastest here (larger blocks fall out of cache; see convert_speed.py).
-DEFAULT_BLOCK_SIZE = 1 << 20
 SNIFF_BYTES = 1 << 16
 FAIL_FAST_LINES = 1000
-# A line longer than this is junk (Criteo lines are ~250 bytes); capping it keeps memory bounded
-# on newline-free input and keeps every block made of whole lines.
-MAX_LINE_BYTES = 1 << 16
-LONG_LINE_MARKER = b"<line longer than 65536 bytes: content omitted>"
 _LONG_LINE_REASON = "line longer than 65536 bytes"
 _MARKER_TEXT = LONG_LINE_MARKER.decode()
 _PROGRESS_EVERY = 8 << 20
-
-# Non-ASCII bytes can never be part of a valid field, but pyarrow fails the whole read when it
-# hands a wrong-width line with invalid UTF-8 to the invalid-row handler; mapping them to "?"
-# keeps every accept/reject decision and every line boundary unchanged.
-_ASCII_ONLY = bytes(range(128)) + b"?" * 128
 _INT_BYTES = np.zeros(256, dtype=bool)
 _INT_BYTES[list(b"0123456789-")] = True
 _HEX_NIBBLE = np.full(256, 255, dtype=np.uint8)
@@ -110,7 +104,15 @@ class Reject:
 
 @dataclass
 class ReadStats:
-    """Counts of one file's read; final once iteration ends."""
+    """Counts of one file's read; final once iteration ends.
+
+    Args:
+        rows, positives: rows read into the schema, and those labelled 1.
+        rejects, blank_lines: lines rejected, and blank (or all-empty) lines skipped.
+        lines: every line parsed, of each kind (up to a truncation's cut).
+        truncated: why the gzip stream ended early, or None.
+        warnings: what was also issued as `CriteoInputWarning` (empty, blank, truncated).
+    """
 
     rows: int = 0
     positives: int = 0
@@ -125,135 +127,13 @@ def column_names(labelled: bool) -> list[str]:
     return ([LABEL] if labelled else []) + list(DENSE_COLUMNS) + list(SPARSE_COLUMNS)
 
 
-def is_gzip(path: str | Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(2) == b"\x1f\x8b"
-
-
-class _Gunzip:
-    """gzip decoding that hands out every byte it can decode before a cut.
-
-    pyarrow's and Python's gzip readers both drop the output of the read that meets the end of
-    a truncated stream (up to a whole block of good lines); zlib itself does not.
-    """
-
-    _CHUNK = 1 << 18
-
-    def __init__(self, raw: BinaryIO):
-        self._raw = raw
-        self._z = zlib.decompressobj(wbits=31)
-        self._pending = b""
-
-    def read(self, n: int) -> bytes:
-        while True:
-            if self._z.eof:  # end of one member: another may follow (concatenated .gz files)
-                rest = self._z.unused_data or self._raw.read(self._CHUNK)
-                if not rest.strip(b"\0"):  # trailing zero padding is allowed after a member
-                    return b""
-                self._z = zlib.decompressobj(wbits=31)
-                self._pending = rest
-            data = self._pending or self._raw.read(self._CHUNK)
-            if not data:
-                raise EOFError("gzip stream ends early")
-            out = self._z.decompress(data, n)
-            self._pending = self._z.unconsumed_tail
-            if out:
-                return out
-
-    def close(self) -> None:
-        self._raw.close()
-
-
-class _LineStream:
-    """Raw input as whole lines: gzip undone, non-ASCII masked, long lines capped, cuts caught.
-
-    pyarrow reads it through `read(n)`; every chunk returned ends at a line end (except the
-    file's last line), so a gzip stream that breaks mid-line loses only that partial line.
-    """
-
-    def __init__(self, path: str | Path):
-        self._raw: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed by close()
-        self._src: BinaryIO | _Gunzip = _Gunzip(self._raw) if is_gzip(path) else self._raw
-        self._tail = b""
-        self._skipping = False
-        self._eof = False
-        self.truncated: str | None = None
-        self.dropped_bytes = 0
-        self.delivered = 0
-        self.closed = False
-
-    @property
-    def raw_position(self) -> int:
-        """Bytes of the file on disk consumed so far (compressed bytes for gzip)."""
-        return self._raw.tell()
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        if not self.closed:
-            self._raw.close()
-            self.closed = True
-
-    def _read_source(self, n: int) -> bytes:
-        try:
-            return self._src.read(n)
-        except EOFError:
-            self.truncated = "gzip stream ends early (truncated file)"
-        except zlib.error as exc:
-            self.truncated = f"gzip stream is corrupt ({exc})"
-        return b""
-
-    def read(self, n: int | None = -1) -> bytes:
-        if n is None or n < 0:
-            n = DEFAULT_BLOCK_SIZE
-        while True:
-            if self._eof:
-                out, self._tail = self._tail, b""
-                self.delivered += len(out)
-                return out
-            chunk = self._read_source(max(n - len(self._tail), 1))
-            if not chunk:
-                self._eof = True
-                if self.truncated is not None:
-                    self.dropped_bytes = len(self._tail)
-                    self._tail = b""
-                continue
-            if not chunk.isascii():
-                chunk = chunk.translate(_ASCII_ONLY)
-            if self._skipping:
-                nl = chunk.find(b"\n")
-                if nl < 0:
-                    continue
-                chunk = chunk[nl:]
-                self._skipping = False
-            cut = chunk.rfind(b"\n")
-            if cut < 0:
-                self._tail += chunk
-                self._cap_tail()
-                continue
-            out = self._tail + chunk[: cut + 1]
-            self._tail = chunk[cut + 1 :]
-            self._cap_tail()
-            self.delivered += len(out)
-            return out
-
-    def _cap_tail(self) -> None:
-        if len(self._tail) > MAX_LINE_BYTES:
-            self._tail = LONG_LINE_MARKER
-            self._skipping = True
-
-
 def sniff_layout(path: str | Path, labelled: bool | None = None) -> bool | None:
     """Whether the file has a label column, from its first 64 KiB; None when it has no lines.
 
     Raises `NotCriteoError` when no sampled line has the expected width (39 or 40 fields, or
     the one `labelled` asks for).
     """
-    stream = _LineStream(path)
+    stream = LineStream(path)
     try:
         head = stream.read(SNIFF_BYTES)
     finally:
@@ -411,7 +291,7 @@ class CriteoReader:
         self._parsed_rows = 0  # rows pyarrow produced so far, blank ones included
 
     def __iter__(self) -> Iterator[pa.RecordBatch]:
-        stream = _LineStream(self.path)
+        stream = LineStream(self.path)
         reported = 0
         try:
             for raw in self._open(stream):
@@ -433,7 +313,7 @@ class CriteoReader:
         if self._on_progress is not None:  # the whole file has been read by now
             self._on_progress(self.path.stat().st_size - reported)
 
-    def _open(self, stream: _LineStream) -> Iterator[pa.RecordBatch]:
+    def _open(self, stream: LineStream) -> Iterator[pa.RecordBatch]:
         try:
             reader = pcsv.open_csv(
                 stream,
@@ -461,7 +341,7 @@ class CriteoReader:
         return iter(reader)
 
     def _reject(self, line: int, reason: str, raw: str) -> None:
-        # Whether a long line reached pyarrow whole or was capped by _LineStream depends on
+        # Whether a long line reached pyarrow whole or was capped by LineStream depends on
         # where blocks fall; reporting both alike keeps rejects files reproducible and small.
         if len(raw) > MAX_LINE_BYTES or raw == _MARKER_TEXT:
             reason, raw = _LONG_LINE_REASON, _MARKER_TEXT
@@ -496,47 +376,8 @@ class CriteoReader:
         first_row = self._parsed_rows
         self._parsed_rows += n
         columns = raw.columns
-        blank = None
-        if n and all(c.null_count for c in columns):
-            blank = np.logical_and.reduce(
-                [c.is_null().to_numpy(zero_copy_only=False) for c in columns])
-            if not blank.any():
-                blank = None
-        arrays: list[pa.Array] = []
-        bad_by_column: list[tuple[int, np.ndarray]] = []
-        label = None
-        offset = 0
-        if self.labelled:
-            label, bad = _parse_label(columns[0])
-            arrays.append(pa.array(label))
-            if bad is not None:
-                bad_by_column.append((0, bad))
-            offset = 1
-        for j in range(len(DENSE_COLUMNS)):
-            values, bad = _parse_dense(columns[offset + j])
-            arrays.append(values)
-            if bad is not None:
-                bad_by_column.append((offset + j, bad))
-        offset += len(DENSE_COLUMNS)
-        for j in range(len(SPARSE_COLUMNS)):
-            values, bad = _parse_sparse(columns[offset + j])
-            arrays.append(values)
-            if bad is not None:
-                bad_by_column.append((offset + j, bad))
-        keep = None
-        if bad_by_column or blank is not None:
-            drop = np.zeros(n, dtype=bool) if blank is None else blank.copy()
-            rejected = np.zeros(n, dtype=bool)
-            reasons: dict[int, str] = {}
-            for col, bad in bad_by_column:
-                for i in np.flatnonzero(bad & ~drop & ~rejected):
-                    reasons[int(i)] = _why(self._names[col], columns[col][i].as_py())
-                rejected |= bad & ~drop
-            if blank is not None:
-                self.stats.blank_lines += int(blank.sum())
-            drop |= rejected
-            keep = ~drop
-            self._reject_rows(columns, first_row, reasons)
+        label, arrays, bad_by_column = self._parse(columns)
+        keep = self._rows_to_keep(columns, first_row, _blank_rows(columns, n), bad_by_column)
         if n:  # wrong-width lines after this batch's last row wait for their turn
             self._flush_pending(int(self._line_numbers(np.array([first_row + n - 1]))[0]))
         batch = pa.RecordBatch.from_arrays(arrays, schema=self.schema)
@@ -546,6 +387,47 @@ class CriteoReader:
         if label is not None:
             self.stats.positives += int(label.sum() if keep is None else label[keep].sum())
         return batch
+
+    def _parse(self, columns: list[pa.Array]) -> tuple[
+            np.ndarray | None, list[pa.Array], list[tuple[int, np.ndarray]]]:
+        """(labels, the batch's columns in the shard schema, (column, bad rows) of every
+        column with a field that does not parse)."""
+        arrays: list[pa.Array] = []
+        bad_by_column: list[tuple[int, np.ndarray]] = []
+        label = None
+        parsers = [_parse_dense] * len(DENSE_COLUMNS) + [_parse_sparse] * len(SPARSE_COLUMNS)
+        if self.labelled:
+            label, bad = _parse_label(columns[0])
+            arrays.append(pa.array(label))
+            if bad is not None:
+                bad_by_column.append((0, bad))
+        offset = 1 if self.labelled else 0
+        for j, parse in enumerate(parsers, start=offset):
+            values, bad = parse(columns[j])
+            arrays.append(values)
+            if bad is not None:
+                bad_by_column.append((j, bad))
+        return label, arrays, bad_by_column
+
+    def _rows_to_keep(self, columns: list[pa.Array], first_row: int, blank: np.ndarray | None,
+                      bad_by_column: list[tuple[int, np.ndarray]]) -> np.ndarray | None:
+        """Rows of the batch that are neither blank nor rejected (None: all of them); the
+        rejected ones are recorded, each with the reason of its first bad field."""
+        if not bad_by_column and blank is None:
+            return None
+        n = len(columns[0])
+        drop = np.zeros(n, dtype=bool) if blank is None else blank.copy()
+        rejected = np.zeros(n, dtype=bool)
+        reasons: dict[int, str] = {}
+        for col, bad in bad_by_column:
+            for i in np.flatnonzero(bad & ~drop & ~rejected):
+                reasons[int(i)] = _why(self._names[col], columns[col][i].as_py())
+            rejected |= bad & ~drop
+        if blank is not None:
+            self.stats.blank_lines += int(blank.sum())
+        drop |= rejected
+        self._reject_rows(columns, first_row, reasons)
+        return ~drop
 
     def _reject_rows(self, columns: list[pa.Array], first_row: int,
                      reasons: dict[int, str]) -> None:
@@ -586,7 +468,7 @@ class CriteoReader:
                 f"({'40' if self.labelled else '39'} fields: label 0/1, integers, hex)",
             )
 
-    def _finish(self, stream: _LineStream) -> None:
+    def _finish(self, stream: LineStream) -> None:
         stats = self.stats
         if stream.truncated is not None:
             stats.truncated = (
@@ -602,6 +484,14 @@ class CriteoReader:
                 f"{self.name}: only blank lines ({stats.blank_lines}), converted to zero rows")
         for message in stats.warnings:
             warnings.warn(message, CriteoInputWarning, stacklevel=3)
+
+
+def _blank_rows(columns: list[pa.Array], n: int) -> np.ndarray | None:
+    """Rows whose every field is empty (blank lines, to pyarrow), or None when there are none."""
+    if not n or not all(c.null_count for c in columns):
+        return None
+    blank = np.logical_and.reduce([c.is_null().to_numpy(zero_copy_only=False) for c in columns])
+    return blank if blank.any() else None
 
 
 def read_criteo(

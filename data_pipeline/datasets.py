@@ -127,7 +127,7 @@ def _manifest_days(manifest: Mapping[str, Any]) -> dict[int, list[str] | None] |
     return out
 
 
-def _shard_file(root: Path, day: int, path: Path) -> ShardFile:
+def _shard_file(day: int, path: Path) -> ShardFile:
     m = _PART_FILE.match(path.name)
     if not m:
         raise ValueError(f"{path}: not a part-XXXXX.parquet shard")
@@ -161,7 +161,7 @@ def discover_shards(root: str | Path) -> list[ShardFile]:
         for path in chosen:
             if not path.is_file():
                 raise FileNotFoundError(f"{root}: shard {path} listed in the manifest is missing")
-            files.append(_shard_file(root, day, path))
+            files.append(_shard_file(day, path))
     files.sort(key=lambda s: (s.day, s.part))
     return files
 
@@ -328,18 +328,6 @@ def make_dataset(root: str | Path, split: str, *, block_rows: int = DEFAULT_BLOC
     if shuffle_seed is not None:
         ds = ds.randomize_block_order(seed=shuffle_seed)
     return transformed(ds, task_cpus)
-
-
-def make_datasets(root: str | Path, splits: Sequence[str] = SPLITS, *,
-                  block_rows: int = DEFAULT_BLOCK_ROWS, shuffle_seed: int | None = None,
-                  task_cpus: float = DEFAULT_TASK_CPUS) -> dict[str, ray.data.Dataset]:
-    """{"train", "validation", "test"} → transformed Datasets (`make_dataset`); only `train`
-    is shuffled when `shuffle_seed` is given."""
-    return {
-        s: make_dataset(root, s, block_rows=block_rows, task_cpus=task_cpus,
-                        shuffle_seed=shuffle_seed if s == "train" else None)
-        for s in splits
-    }
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ Two forms, chosen by the size of the data (`EXACT_ROW_LIMIT` rows in the counted
 Counts come from the training split by default (the MLPerf rule of `datasets`): a model is
 judged on how often it *saw* an id, and validation/test ids must not leak into hashing.
 
-Frequency bands (`FeatureStats.frequency_band`), with the defaults recorded in stats.json:
+Frequency bands (`DatasetStats.frequency_band`), with the defaults recorded in stats.json:
 * rare (0): seen fewer than ``RARE_BELOW`` = 10 times (unseen ids included), the usual
   minimum count of Criteo preprocessing below which an id gets no row of its own;
 * hot (2): seen at least ``max(RARE_BELOW, HOT_SHARE * total)`` times, i.e. in ≥ 0.01 % of
@@ -40,6 +40,7 @@ import pyarrow.compute as pc
 from data_pipeline import datasets
 from data_pipeline.schema import SPARSE_COLUMNS
 from data_pipeline.shards import write_json_atomic
+from idhash.splitmix import hash64_bits
 
 STATS_DIR = "stats"
 STATS_JSON = "stats.json"
@@ -53,19 +54,6 @@ TOP_K = 1 << 16
 HLL_P = 14  # 16,384 registers: ~0.8 % standard error on the distinct count
 ROWS_PER_TASK = 1 << 21  # pieces gathered per Ray task
 EXACT, SKETCH = "exact", "sketch"
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-
-
-def _hash(ids: np.ndarray, seed: int) -> np.ndarray:
-    """SplitMix64 finaliser (uint64 wraps): deterministic across processes and machines."""
-    z = ids.astype(np.uint64) + np.uint64((seed + 1) * 0x9E3779B97F4A7C15 % (1 << 64))
-    z = (z ^ (z >> np.uint64(30))) * _M1
-    z = (z ^ (z >> np.uint64(27))) * _M2
-    return z ^ (z >> np.uint64(31))
-
 
 def _feature(feature: str | int) -> str:
     if isinstance(feature, (int, np.integer)):
@@ -84,7 +72,7 @@ def cms_buckets(ids: np.ndarray, depth: int, width: int) -> np.ndarray:
     if width & (width - 1):
         raise ValueError(f"sketch width must be a power of two, got {width}")
     mask = np.uint64(width - 1)
-    return np.stack([(_hash(ids, 101 + d) & mask).astype(np.int64) for d in range(depth)])
+    return np.stack([(hash64_bits(ids, 101 + d) & mask).astype(np.int64) for d in range(depth)])
 
 
 def hll_registers(ids: np.ndarray, p: int = HLL_P) -> np.ndarray:
@@ -92,7 +80,7 @@ def hll_registers(ids: np.ndarray, p: int = HLL_P) -> np.ndarray:
     regs = np.zeros(1 << p, np.uint8)
     if len(ids) == 0:
         return regs
-    h = _hash(ids, 7)
+    h = hash64_bits(ids, 7)
     idx = (h >> np.uint64(64 - p)).astype(np.int64)
     rest_bits = 64 - p
     rest = h & np.uint64((1 << rest_bits) - 1)
@@ -347,8 +335,9 @@ def _run(groups: list[list[datasets.Piece]], mode: str, width: int, depth: int, 
 # Reading.
 
 
-class FeatureStats:
-    """Frequencies of every categorical feature, as written by `write_feature_stats`.
+class DatasetStats:
+    """Frequencies of every categorical feature of a dataset, as written by
+    `write_feature_stats` (one feature's ids and counts feed `embeddings`' `FeatureStats`).
 
     Features are named "C1".."C26" or given by index 0..25.
     """
@@ -426,7 +415,7 @@ def stats_dir(root: str | Path) -> Path:
     return Path(root) / STATS_DIR
 
 
-def load_feature_stats(root: str | Path) -> FeatureStats:
+def load_feature_stats(root: str | Path) -> DatasetStats:
     """Load `<root>/stats/` (or a stats folder given directly)."""
     root = Path(root)
     directory = root if (root / STATS_JSON).is_file() else stats_dir(root)
@@ -437,4 +426,4 @@ def load_feature_stats(root: str | Path) -> FeatureStats:
     name = "counts.npz" if meta["mode"] == EXACT else "sketch.npz"
     with np.load(directory / name, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
-    return FeatureStats(directory, meta, arrays)
+    return DatasetStats(directory, meta, arrays)

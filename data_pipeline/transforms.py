@@ -20,7 +20,9 @@ def transform_dense(raw: np.ndarray) -> np.ndarray:
 
 
 def transform_sparse(raw: np.ndarray) -> np.ndarray:
-    """Raw categorical values stay raw int64; a missing value (negative or masked) → MISSING_ID."""
+    """Categorical values as int64, unchanged: each method maps raw ids itself, and the
+    readers have already put MISSING_ID where a value is missing (null in a shard, empty in
+    a request)."""
     return np.asarray(raw, dtype=np.int64)
 
 

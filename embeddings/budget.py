@@ -11,11 +11,30 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from enum import Enum
 
 # Bytes of one stored element, and of the per-row extras each format carries.
 _ELEMENT_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
 _ROW_EXTRA_BYTES = {"fp32": 0, "fp16": 0, "int8": 8, "int4": 8}  # fp32 scale + fp32 bias
 SERVING_FORMATS: tuple[str, ...] = tuple(_ELEMENT_BITS)
+
+
+class ExportQuantize(str, Enum):
+    """How an export stores its serving tables: the one list the configs, the export job and
+    the search share. "none" keeps fp32 (the name the configs have always used)."""
+
+    NONE = "none"
+    FP16 = "fp16"
+    INT8 = "int8"
+    INT4 = "int4"
+
+    @property
+    def serving_format(self) -> str:
+        """The serving-table format it writes ("none" → "fp32")."""
+        return "fp32" if self is ExportQuantize.NONE else self.value
+
+
+EXPORT_QUANTIZE: tuple[str, ...] = tuple(q.value for q in ExportQuantize)
 
 # Bytes of one promoted row's id in a mixed-precision table (int32, sorted for searchsorted).
 MIXED_ID_BYTES = 4
@@ -142,3 +161,19 @@ def ratio_for_budget(
         else:
             a = mid
     return math.exp(b)
+
+
+def format_bytes(n: float, spec: str = ".2f") -> str:
+    """Bytes in binary units for plans and logs: whole bytes below 1 KiB, else the value in
+    the largest unit under 1024 formatted by `spec` (".2f": 1.50 GiB; ".3g": 1.5 GiB).
+
+    Args:
+        n: a byte count.
+        spec: format spec of the value in KiB and above.
+    """
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} B" if unit == "B" else f"{value:{spec}} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")

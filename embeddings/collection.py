@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 import torch
@@ -228,24 +227,6 @@ def _check(where: str, config: MethodConfig, n: int, data: dict[str, Any]) -> No
         raise ValueError(f"{where}: {e}") from None
 
 
-@dataclass
-class FeaturePlan:
-    """One feature's line of the collection plan."""
-
-    name: str
-    num_embeddings: int
-    dim: int
-    method: str
-    table_rows: list[int]
-    training_bytes: int
-    serving_bytes: int
-
-    @property
-    def ratio(self) -> float:
-        """Bytes of the uncompressed fp32 table over the serving bytes (mapper included)."""
-        return budget.uncompressed_bytes(self.num_embeddings, self.dim) / self.serving_bytes
-
-
 class EmbeddingCollection(nn.Module):
     """Every categorical feature's compressed method: forward(sparse [n, F]) -> [n, F, d].
 
@@ -286,7 +267,7 @@ class EmbeddingCollection(nn.Module):
             )
             for name in config.feature_names
         }
-        self._setup(methods, sizes, config.dim, optimizer, backend, device)
+        self._setup(methods, config.dim, optimizer, backend, device)
         self.config = config
         self.method_configs = method_configs
         self.ratio = ratio
@@ -296,17 +277,15 @@ class EmbeddingCollection(nn.Module):
         cls,
         methods: Mapping[str, CompressedEmbedding],
         dim: int,
-        sizes: Mapping[str, int] | None = None,
         optimizer: TableOptimizer | None = None,
         backend: Backend = "auto",
         device: torch.device | str | None = None,
     ) -> EmbeddingCollection:
         """A collection over methods built elsewhere (the sharder builds each worker's part,
-        seeded per feature and shard). `sizes`: each feature's number of values, for the
-        plan (unknown where omitted)."""
+        seeded per feature and shard)."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._setup(dict(methods), dict(sizes or {}), dim, optimizer, backend, device)
+        self._setup(dict(methods), dim, optimizer, backend, device)
         self.config = None
         self.method_configs = {}
         self.ratio = None
@@ -315,7 +294,6 @@ class EmbeddingCollection(nn.Module):
     def _setup(
         self,
         methods: dict[str, CompressedEmbedding],
-        sizes: dict[str, int],
         dim: int,
         optimizer: TableOptimizer | None,
         backend: Backend,
@@ -324,7 +302,6 @@ class EmbeddingCollection(nn.Module):
         device = torch.device(device) if device is not None else torch.device("cpu")
         self.names = list(methods)
         self._dim = dim
-        self._sizes = sizes
         self.embeddings = nn.ModuleDict(methods)
         for emb in methods.values():
             emb.to(device)
@@ -332,35 +309,9 @@ class EmbeddingCollection(nn.Module):
         self.cafe_groups = nn.ModuleList(join_shared(methods, optimizer, backend, device))
         # Store order: features grouped by MLET width (0 = none), so each group's vectors are
         # adjacent columns of the store's output and project in one batched matmul.
-        def width_of(name: str) -> int:
-            return methods[name].mlet_dim or dim
-
         order = sorted(range(len(self.names)), key=lambda j: (methods[self.names[j]].mlet_dim or 0))
         self._order = order
-        specs: list[TableSpec] = []
-        self._store_tables: dict[str, list[int]] = {}
-        slot_table: list[int] = []
-        first_cols: list[int] = []
-        second_cols: list[int] = []
-        col = 0
-        for j in order:
-            emb = methods[self.names[j]]
-            tables = []
-            for rows, width in emb.packed_specs():
-                tables.append(len(specs))
-                specs.append(TableSpec(rows, width))
-            self._store_tables[self.names[j]] = tables
-            slot_table += [tables[0]] * emb.packed_slots() if emb.combiner is Combiner.SUM \
-                else tables
-            w = width_of(self.names[j])
-            if emb.combiner is Combiner.PRODUCT:
-                first_cols += range(col, col + w)
-                second_cols += range(col + w, col + 2 * w)
-                col += 2 * w
-            else:
-                first_cols += range(col, col + w)
-                second_cols += [-1] * w
-                col += w
+        specs, slot_table, first_cols, second_cols = self._store_layout()
         self.store = build_store(specs, optimizer, backend, device)
         initial = []
         for j in order:
@@ -374,14 +325,56 @@ class EmbeddingCollection(nn.Module):
         self._layout_cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self._product = any(c >= 0 for c in second_cols)
         self._first_cols = torch.tensor(first_cols, dtype=torch.int64, device=device)
-        ones = col  # the column of ones appended when a product needs a neutral factor
+        # Features without a second factor read the column of ones forward appends.
+        ones = sum(self._store_width(n) for n in self.names)
         self._second_cols = torch.tensor(
             [c if c >= 0 else ones for c in second_cols], dtype=torch.int64, device=device
         )
+        self._projection_layout(device)
+
+    def _width(self, name: str) -> int:
+        """Width of a feature's vectors before its projection (MLET's k, else d)."""
+        return self.embeddings[name].mlet_dim or self._dim
+
+    def _store_width(self, name: str) -> int:
+        """Columns of the store's output a feature reads: two factors for QR by product."""
+        return self._width(name) * (2 if self.embeddings[name].combiner is Combiner.PRODUCT else 1)
+
+    def _store_layout(self) -> tuple[list[TableSpec], list[int], list[int], list[int]]:
+        """(store tables, the store table each lookup slot reads, each feature's first and
+        second factor columns of the store output (-1: no second factor)), in store order;
+        sets each feature's store tables."""
+        specs: list[TableSpec] = []
+        self._store_tables: dict[str, list[int]] = {}
+        slot_table: list[int] = []
+        first_cols: list[int] = []
+        second_cols: list[int] = []
+        col = 0
+        for j in self._order:
+            name = self.names[j]
+            emb = self.embeddings[name]
+            tables = []
+            for rows, width in emb.packed_specs():
+                tables.append(len(specs))
+                specs.append(TableSpec(rows, width))
+            self._store_tables[name] = tables
+            slot_table += [tables[0]] * emb.packed_slots() if emb.combiner is Combiner.SUM \
+                else tables
+            w = self._width(name)
+            first_cols += range(col, col + w)
+            second_cols += range(col + w, col + 2 * w) if emb.combiner is Combiner.PRODUCT \
+                else [-1] * w
+            col += self._store_width(name)
+        return specs, slot_table, first_cols, second_cols
+
+    def _projection_layout(self, device: torch.device) -> None:
+        """Where each feature's pre-projection columns sit: MLET groups, the permutation back
+        to input order, shared CAFE groups' columns, gradient-norm features' columns."""
+        order = self._order
         # Projection groups: (MLET width or d, first feature position, count) in store order.
         self._groups: list[tuple[int | None, int, int]] = []
         for pos, j in enumerate(order):
-            k = methods[self.names[j]].mlet_dim
+            k = self.embeddings[self.names[j]].mlet_dim
             if self._groups and self._groups[-1][0] == k:
                 g = self._groups[-1]
                 self._groups[-1] = (k, g[1], g[2] + 1)
@@ -392,19 +385,19 @@ class EmbeddingCollection(nn.Module):
             inverse, dtype=torch.int64, device=device
         )
         # Shared CAFE members: their sparse column and pre-projection columns, in group order.
-        start_of = {self.names[j]: sum(width_of(self.names[i]) for i in order[:pos])
+        start_of = {self.names[j]: sum(self._width(self.names[i]) for i in order[:pos])
                     for pos, j in enumerate(order)}
         self._hot_layout = [
             ([self.names.index(n) for n in group.members],
-             torch.cat([torch.arange(start_of[n], start_of[n] + width_of(n))
+             torch.cat([torch.arange(start_of[n], start_of[n] + self._width(n))
                         for n in group.members]).to(device))
             for group in self.cafe_groups
         ]
         # Features that rank ids by gradient norms (CAFE): their pre-projection columns.
         self._norm_features = [
-            (self.names[j], start_of[self.names[j]], width_of(self.names[j]))
+            (self.names[j], start_of[self.names[j]], self._width(self.names[j]))
             for j in order
-            if methods[self.names[j]].wants_gradient_norms
+            if self.embeddings[self.names[j]].wants_gradient_norms
         ]
 
     def _bind(self) -> None:
@@ -568,38 +561,6 @@ class EmbeddingCollection(nn.Module):
 
     def serving_bytes(self, fmt: str = "fp32") -> int:
         return sum(emb.serving_bytes(fmt) for emb in self.embeddings.values())
-
-    def plan(self) -> list[FeaturePlan]:
-        return [
-            FeaturePlan(
-                name,
-                self._sizes.get(name, 0),
-                self.dim,
-                (self.method_configs[name].method if name in self.method_configs
-                 else type(emb).__name__)
-                + (f"+mlet{emb.mlet_dim}" if emb.mlet_dim else ""),
-                [t.shape[0] for t in emb.tables],
-                emb.training_bytes(),
-                emb.serving_bytes(),
-            )
-            for name, emb in self.embeddings.items()
-        ]
-
-    def format_plan(self) -> str:
-        """The plan as a table: feature, values, method, rows, bytes, ratio."""
-        lines = [f"{'feature':<8} {'values':>11} {'method':<16} {'rows':>22} "
-                 f"{'train B':>13} {'serve B':>13} {'ratio':>8}"]
-        for p in self.plan():
-            rows = "+".join(str(r) for r in p.table_rows)
-            lines.append(
-                f"{p.name:<8} {p.num_embeddings:>11} {p.method:<16} {rows:>22} "
-                f"{p.training_bytes:>13} {p.serving_bytes:>13} {p.ratio:>8.1f}"
-            )
-        lines.append(
-            f"{'total':<8} {sum(self._sizes.values()):>11} {'':<16} {'':>22} "
-            f"{self.training_bytes():>13} {self.serving_bytes():>13}"
-        )
-        return "\n".join(lines)
 
     @torch.no_grad()
     def collapse(self) -> ServingCollection:

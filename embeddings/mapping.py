@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from embeddings.hashing import _M1, _M2, _MASK63, _shr, hash64, hash_bucket, seed_offset
+from idhash.splitmix import MASK63, hash64, hash_bucket, mix64_torch, seed_offset
 
 
 class Combiner(str, Enum):
@@ -63,11 +63,7 @@ def hash_columns(ids: torch.Tensor, seeds: torch.Tensor, buckets: torch.Tensor) 
         seeds: int64 [k] the offsets `hash64` adds for each column's seed (`seed_offsets`).
         buckets: int64 [k] rows of each column's table.
     """
-    z = ids + seeds
-    z = (z ^ _shr(z, 30)) * _M1
-    z = (z ^ _shr(z, 27)) * _M2
-    z = z ^ _shr(z, 31)
-    return (z & _MASK63) % buckets
+    return (mix64_torch(ids + seeds) & MASK63) % buckets
 
 
 def seed_offsets(seeds: list[int]) -> torch.Tensor:
@@ -79,14 +75,17 @@ class Mapper(nn.Module):
     """Raw 64-bit ids → Lookup. Subclasses register any state as buffers.
 
     `kind` names the mapper in model.json; `export`/`from_export` freeze it for serving
-    (plain JSON config + tensors for safetensors, never pickle). A subclass that declares
-    its own `kind` registers itself in `Mapper.registry`, which `Mapper.build` reads; a
-    subclass that inherits its `kind` (a live training mapper over a frozen one) exports
-    in its parent's form and is rebuilt as the parent.
+    (plain JSON config + tensors for safetensors, never pickle): the config's keys are the
+    constructor's keyword arguments, and `tensor_args` names the argument each exported
+    tensor goes to. A subclass that declares its own `kind` registers itself in
+    `Mapper.registry`, which `Mapper.build` reads; a subclass that inherits its `kind` (a
+    live training mapper over a frozen one) exports in its parent's form and is rebuilt as
+    the parent.
     """
 
     kind: ClassVar[str] = ""
     registry: ClassVar[dict[str, type[Mapper]]] = {}
+    tensor_args: ClassVar[dict[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -102,7 +101,10 @@ class Mapper(nn.Module):
 
     @classmethod
     def from_export(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Mapper:
-        raise NotImplementedError
+        """The frozen mapper of an `export()` (a missing tensor is passed as None)."""
+        frozen = Mapper.registry[cls.kind]
+        arrays = {arg: tensors.get(name) for name, arg in frozen.tensor_args.items()}
+        return frozen(**config, **arrays)
 
     def state_bytes(self) -> int:
         """Bytes of the mapper's own state (buffers) while training."""
@@ -136,10 +138,6 @@ class HashMapper(Mapper):
     def export(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         return {"rows": self.rows, "seed": self.seed}, {}
 
-    @classmethod
-    def from_export(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> HashMapper:
-        return cls(config["rows"], config["seed"])
-
 
 class FullMapper(Mapper):
     """Known values → their own row; other values → hashed into the spare rows (uncompressed).
@@ -152,6 +150,7 @@ class FullMapper(Mapper):
     """
 
     kind = "full"
+    tensor_args: ClassVar[dict[str, str]] = {"values": "values", "value_rows": "value_rows"}
 
     def __init__(
         self,
@@ -201,10 +200,6 @@ class FullMapper(Mapper):
         tensors = {"values": self.values, "value_rows": self.value_rows} if self.known else {}
         return config, tensors
 
-    @classmethod
-    def from_export(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> FullMapper:
-        return cls(config["rows"], tensors.get("values"), tensors.get("value_rows"), config["seed"])
-
 
 class QRMapper(Mapper):
     """id → (hash(id) mod n) // c in the quotient table, (hash(id) mod n) % c in the remainder."""
@@ -230,10 +225,6 @@ class QRMapper(Mapper):
         }
         return config, {}
 
-    @classmethod
-    def from_export(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> QRMapper:
-        return cls(config["num_embeddings"], config["collisions"], config["seed"])
-
 
 class LearnedHashMapper(Mapper):
     """Mapped ids → their learned row; other ids → hash into the cluster rows.
@@ -250,6 +241,7 @@ class LearnedHashMapper(Mapper):
     """
 
     kind = "learned_hash"
+    tensor_args: ClassVar[dict[str, str]] = {"values": "values", "value_rows": "value_rows"}
 
     def __init__(
         self,
@@ -291,18 +283,6 @@ class LearnedHashMapper(Mapper):
         config = {"rows": self.rows, "own_rows": self.own_rows, "seed": self.seed}
         return config, {"values": self.values, "value_rows": self.value_rows}
 
-    @classmethod
-    def from_export(
-        cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]
-    ) -> LearnedHashMapper:
-        return cls(
-            config["rows"],
-            config["own_rows"],
-            config["seed"],
-            tensors["values"],
-            tensors["value_rows"],
-        )
-
 
 class FrozenCafeMapper(Mapper):
     """CAFE's mapping, frozen: raw ids → hot row, or one or two hash rows.
@@ -325,6 +305,7 @@ class FrozenCafeMapper(Mapper):
     """
 
     kind = "cafe"
+    tensor_args: ClassVar[dict[str, str]] = {"ids": "frozen_ids", "rows": "frozen_rows"}
 
     def __init__(
         self,
@@ -395,16 +376,3 @@ class FrozenCafeMapper(Mapper):
 
     def export(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         return self.geometry(), {"ids": self.frozen_ids, "rows": self.frozen_rows}
-
-    @classmethod
-    def from_export(
-        cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]
-    ) -> FrozenCafeMapper:
-        return FrozenCafeMapper(
-            config["hot_rows"],
-            config["hash_rows"],
-            config["buckets"],
-            config["seed"],
-            frozen_ids=tensors["ids"],
-            frozen_rows=tensors["rows"],
-        )

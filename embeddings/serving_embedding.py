@@ -1,8 +1,9 @@
 """The serving form of embeddings: a frozen mapper, plain d-wide tables, a combiner.
 
-What `CompressedEmbedding.collapse` and `EmbeddingCollection.collapse` return and what a
-model directory loads into: one `ServingEmbedding` per feature (or a `SplitServingEmbedding`
-for a feature trained split over workers), gathered in a `ServingCollection`. Serving
+One `ServingEmbedding` per feature (or a `SplitServingEmbedding` for a feature trained split
+over workers): what `CompressedEmbedding.collapse` returns and what a model directory loads
+into, read together by one `TableBatchedLookup` in the served model (`embeddings.serving`).
+`EmbeddingCollection.collapse` gathers a collection's in a `ServingCollection`. Serving
 imports this module, so it imports no training code.
 """
 
@@ -13,7 +14,6 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from embeddings.hashing import shard_of
 from embeddings.mapping import (
     Combiner,
     FullMapper,
@@ -24,6 +24,7 @@ from embeddings.mapping import (
     seed_offsets,
 )
 from embeddings.serving_tables import MixedServingTable, ServingTable
+from idhash.splitmix import shard_of
 
 # Known values of the uncompressed features mapped in one batched search are padded to the
 # longest list; larger vocabularies keep their own search rather than pad every feature.

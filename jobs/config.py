@@ -1,29 +1,31 @@
-"""Loading pydantic job configs from YAML, with errors that name the offending field."""
+"""Loading pydantic job configs from YAML, with errors that name the offending field; and the
+command-line flags that override a training or search config's data and run sections."""
 
 from __future__ import annotations
 
+import argparse
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from jobs.ray_session import ensure_ray
+from training.config import ConfigError, TrainConfig, format_validation_error
+
+__all__ = ["ConfigError", "add_override_arguments", "checked_config", "load_config",
+           "override_sections"]
+
 M = TypeVar("M", bound=BaseModel)
+C = TypeVar("C", bound=TrainConfig)
 
 
-class ConfigError(ValueError):
-    """A config file that cannot be used; the message names the file and the field."""
-
-
-def format_validation_error(source: str, err: ValidationError) -> str:
-    lines = [f"invalid config {source}:"]
-    for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(f"  {field}: {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
-
-
-def load_config(path: str | Path, model: type[M]) -> M:
+def load_config(path: str | Path, model: type[M],
+                overrides: Mapping[str, Mapping[str, Any]] | None = None) -> M:
+    """The YAML file at `path` as a `model`, validated once, after `overrides` (section →
+    fields, e.g. {"data": {"path": ...}}) are laid over the file's sections."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -33,7 +35,56 @@ def load_config(path: str | Path, model: type[M]) -> M:
         raise ConfigError(f"config {path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a mapping of fields, got {type(data).__name__}")
+    for section, fields in (overrides or {}).items():
+        data[section] = {**(data.get(section) or {}), **fields}
     try:
         return model.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_validation_error(str(path), e)) from None
+
+
+def add_override_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags `override_sections` reads (and --num-cpus), shared by the train and tune jobs."""
+    parser.add_argument("--data", type=Path, help="override data.path")
+    parser.add_argument("--name", help="override run.name (the run or experiment folder)")
+    parser.add_argument("--storage-path", type=Path, help="override run.storage_path")
+    parser.add_argument("--num-cpus", type=int, help="CPUs of a local Ray started by this job")
+
+
+def override_sections(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Section updates from the --data, --name and --storage-path flags, for `load_config`."""
+    sections: dict[str, dict[str, Any]] = {}
+    if args.data:
+        sections["data"] = {"path": args.data}
+    run = {k: v for k, v in (("name", args.name), ("storage_path", args.storage_path)) if v}
+    if run:
+        sections["run"] = run
+    return sections
+
+
+def checked_config(
+    load_fn: Callable[[argparse.Namespace], C], args: argparse.Namespace
+) -> C | None:
+    """The job's config, or None after printing why it cannot run (a bad field, no data)."""
+    try:
+        config = load_fn(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    if not (Path(config.data.path) / "manifest.json").is_file():
+        print(f"error: data.path {config.data.path} holds no finished dataset (manifest.json); "
+              "run `python -m jobs.synth` or `python -m jobs.prepare` first", file=sys.stderr)
+        return None
+    return config
+
+
+def config_on_ray(
+    load_fn: Callable[[argparse.Namespace], C], args: argparse.Namespace
+) -> C | None:
+    """`checked_config`, then Ray joined or started with `--num-cpus`: how the train and tune
+    jobs begin (the trials show on Ray's dashboard, and Ray Train needs its state API to free
+    the workers of trials ASHA stops)."""
+    config = checked_config(load_fn, args)
+    if config is not None:
+        ensure_ray(args.num_cpus)
+    return config

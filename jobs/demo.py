@@ -73,14 +73,14 @@ def make_data(workdir: Path, rows: int, days: int) -> Path:
 
 def train(workdir: Path, data: Path, config_path: Path) -> dict:
     from jobs.config import load_config
-    from jobs.train import ensure_ray, run
-    from jobs.train_config import TrainConfig
+    from jobs.ray_session import ensure_ray
+    from training.config import TrainConfig
+    from training.run import run
 
-    config = load_config(config_path, TrainConfig)
-    config = config.model_copy(update={
-        "data": config.data.model_copy(update={"path": data}),
-        "run": config.run.model_copy(update={"storage_path": workdir / "runs"}),
-        "export": config.export.model_copy(update={"out": workdir / "model"}),
+    config = load_config(config_path, TrainConfig, {
+        "data": {"path": data},
+        "run": {"storage_path": workdir / "runs"},
+        "export": {"out": workdir / "model"},
     })
     t = _stage(f"3. train on Ray Train ({config.scaling.num_workers} workers), then export")
     ensure_ray()
@@ -94,7 +94,10 @@ def train(workdir: Path, data: Path, config_path: Path) -> dict:
 def uncompressed_reference(workdir: Path, data: Path, config: Any) -> dict[str, Any]:
     """AUC of the same model with uncompressed tables on the same rows: trained on the first
     run only, then read from uncompressed.json while the data and the model are the same."""
-    from jobs.train import run
+    from embeddings.methods.full import FullConfig
+    from training.config import EmbeddingSettings
+    from training.run import run
+    from training.settings import ExportSettings
 
     cache = workdir / "uncompressed.json"
     manifest = json.loads((data / "manifest.json").read_text())
@@ -109,10 +112,9 @@ def uncompressed_reference(workdir: Path, data: Path, config: Any) -> dict[str, 
             return cached["metrics"]
     t = _stage("3b. train the same model uncompressed once, for reference (cached)")
     full = config.model_copy(update={
-        "embeddings": {"method": {"method": "full"}},
+        "embeddings": EmbeddingSettings(dim=config.embeddings.dim, method=FullConfig()),
         "run": config.run.model_copy(update={"name": f"{config.run.name}_uncompressed"}),
-        "export": config.export.model_copy(update={"out": workdir / "model_uncompressed",
-                                                   "quantize": "none"}),
+        "export": ExportSettings(out=workdir / "model_uncompressed"),
     })
     metrics = run(full, verbose=False).metrics or {}
     kept = {k: metrics.get(k) for k in ("validation_auc", "test_auc", "serving_bytes")}

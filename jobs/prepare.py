@@ -13,7 +13,7 @@ from pathlib import Path
 
 from data_pipeline.convert import DEFAULT_ROWS_PER_SHARD, DONE_DIR, REJECTS_DIR, convert
 from data_pipeline.criteo import NotCriteoError
-from jobs.ray_session import connect_or_start
+from jobs.data_job import add_task_flags, job_parser, ray_for_tasks
 
 DESCRIPTION = """\
 Convert Criteo click logs (Kaggle train.txt / test.txt, Terabyte day_0..day_23; plain or
@@ -44,12 +44,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m jobs.prepare",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = job_parser("python -m jobs.prepare", DESCRIPTION, EPILOG)
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
                         help="Criteo TSV files (plain or .gz), one day folder each")
     parser.add_argument("--output", required=True, metavar="DIR",
@@ -61,12 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="require 40 fields (label first); default: detect from the files")
     layout.add_argument("--unlabelled", dest="labelled", action="store_const", const=False,
                         help="require 39 fields (no label, like Kaggle's test.txt)")
-    parser.add_argument("--num-cpus", type=int, default=None, metavar="N",
-                        help="CPUs of the local Ray instance this command starts "
-                             "(default: all); ignored when joining a cluster via RAY_ADDRESS")
-    parser.add_argument("--no-ray", action="store_true",
-                        help="convert the files one after the other in this process")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_task_flags(parser, "convert the files")
     return parser
 
 
@@ -79,22 +69,17 @@ def _write_feature_stats(output_dir: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     output = Path(args.output)
-    started = False if args.no_ray else connect_or_start(args.num_cpus, dashboard=False)
-    try:
-        manifest = convert(
-            args.input, output,
-            rows_per_shard=args.rows_per_shard, labelled=args.labelled,
-            use_ray=not args.no_ray, progress=not args.no_progress,
-        )
-        stats_dir = _write_feature_stats(output)
-    except (NotCriteoError, FileNotFoundError, ValueError) as exc:
-        print(f"prepare: error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+    with ray_for_tasks(args):
+        try:
+            manifest = convert(
+                args.input, output,
+                rows_per_shard=args.rows_per_shard, labelled=args.labelled,
+                use_ray=not args.no_ray, progress=not args.no_progress,
+            )
+            stats_dir = _write_feature_stats(output)
+        except (NotCriteoError, FileNotFoundError, ValueError) as exc:
+            print(f"prepare: error: {exc}", file=sys.stderr)
+            return 2
 
     for entry in manifest["inputs"]:
         state = "already converted, skipped" if entry["skipped"] else "converted"

@@ -44,6 +44,12 @@ def connect_or_start(num_cpus: int | None = None, *, dashboard: bool = True) -> 
     return True
 
 
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Join RAY_ADDRESS's cluster or start a local one with its dashboard (Ray Train needs
+    its state API to free the workers of stopped runs and trials); a no-op when Ray is up."""
+    connect_or_start(num_cpus)
+
+
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Fail fast, saying what to do, when RAY_ADDRESS names no listening cluster.
 

@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_model(directory: str) -> dict[str, Any]:
     """model.json of a servable directory (files, checksum, and a real load); else raise."""
     from embeddings.serving import ModelFileError
-    from services.scoring import ScoringSettings, load_for_serving
+    from services.served_model import ScoringSettings, load_for_serving
 
     try:
         loaded = load_for_serving(ScoringSettings(model_dir=str(Path(directory).resolve())))

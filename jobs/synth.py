@@ -11,26 +11,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from data_pipeline.synthetic import (
-    DEFAULT_PART_ROWS,
-    DEFAULT_SCALE,
-    PARQUET_FORMAT,
-    SYNTHETIC_JSON,
-    TSV_FORMAT,
-    SynthConfig,
-    generate,
-    scaled_cardinalities,
-)
-from jobs.ray_session import connect_or_start
+from data_pipeline import synthetic
+from data_pipeline.synthetic import PARQUET_FORMAT, TSV_FORMAT, SynthConfig
+from jobs.data_job import add_task_flags, job_parser, ray_for_tasks
 
-_CARDS = scaled_cardinalities(DEFAULT_SCALE)
+_CARDS = synthetic.scaled_cardinalities(synthetic.DEFAULT_SCALE)
 DESCRIPTION = f"""\
 Generate synthetic Criteo click logs: the same format, schema and skew as the real data, with
 labels drawn from a planted "teacher" model, so the teacher's own AUC (recorded in the
 manifest for train/validation/test) is the ceiling any model can reach.
 
   categorical C1..C26  Zipf popularity over the Terabyte cardinalities x --scale (default
-                       {DEFAULT_SCALE:g}: largest feature {max(_CARDS):,} values,
+                       {synthetic.DEFAULT_SCALE:g}: largest feature {max(_CARDS):,} values,
                        {sum(_CARDS):,} in all; features of <= 64 values keep their real
                        size); values are 32-bit hashes
   dense I1..I13        Criteo-like ranges and missing rates (I2 has negatives)
@@ -43,7 +35,7 @@ Same --seed, same bytes. Parts are generated in parallel as Ray tasks.
 
 Output folder:
   parquet: day=N/part-XXXXX.parquet, manifest.json (written last), stats/ (id frequencies)
-  tsv:     day_N (Criteo text: tab-separated, hex ids, empty = missing), {SYNTHETIC_JSON};
+  tsv:     day_N (Criteo text: tab-separated, hex ids, empty = missing), {synthetic.SYNTHETIC_JSON};
            convert with `python -m jobs.prepare --input DIR/day_* --output OUT`
 """
 
@@ -57,12 +49,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m jobs.synth",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = job_parser("python -m jobs.synth", DESCRIPTION, EPILOG)
     parser.add_argument("--rows", type=int, required=True, metavar="N",
                         help="total rows over all days")
     parser.add_argument("--days", type=int, default=1, metavar="D",
@@ -71,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, metavar="DIR", help="folder to write")
     parser.add_argument("--format", choices=(PARQUET_FORMAT, TSV_FORMAT), default=PARQUET_FORMAT,
                         help="Parquet shards or Criteo TSV (default: %(default)s)")
-    parser.add_argument("--scale", type=float, default=DEFAULT_SCALE, metavar="S",
+    parser.add_argument("--scale", type=float, default=synthetic.DEFAULT_SCALE, metavar="S",
                         help="multiplies the Terabyte cardinalities (default: %(default)g)")
     parser.add_argument("--drift", type=float, default=0.0, metavar="X",
                         help="fraction of each feature's values the hot set moves per day "
@@ -80,16 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="random seed (default: %(default)s)")
     parser.add_argument("--positive-rate", type=float, default=0.25, metavar="P",
                         help="target fraction of positive labels (default: %(default)g)")
-    parser.add_argument("--part-rows", type=int, default=DEFAULT_PART_ROWS, metavar="N",
+    parser.add_argument("--part-rows", type=int, default=synthetic.DEFAULT_PART_ROWS, metavar="N",
                         help="rows per Parquet file (default: %(default)s)")
-    parser.add_argument("--num-cpus", type=int, default=None, metavar="N",
-                        help="CPUs of the local Ray instance this command starts "
-                             "(default: all); ignored when joining a cluster via RAY_ADDRESS")
-    parser.add_argument("--no-ray", action="store_true",
-                        help="generate the parts one after the other in this process")
     parser.add_argument("--no-stats", action="store_true",
                         help="skip the id frequency statistics (Parquet only)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_task_flags(parser, "generate the parts")
     return parser
 
 
@@ -104,20 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     out = Path(args.out)
-    started = False if args.no_ray else connect_or_start(args.num_cpus, dashboard=False)
-    try:
-        manifest = generate(config, out, args.format, use_ray=not args.no_ray,
-                            progress=not args.no_progress)
+    with ray_for_tasks(args):
+        manifest = synthetic.generate(config, out, args.format, use_ray=not args.no_ray,
+                                      progress=not args.no_progress)
         stats_dir = None
         if args.format == PARQUET_FORMAT and not args.no_stats:
             from data_pipeline.stats import write_feature_stats
 
             stats_dir = write_feature_stats(out, use_ray=not args.no_ray)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
 
     syn = manifest["synthetic"]
     auc = ", ".join(f"{s} {v:.4f}" for s, v in syn["teacher_auc"].items() if v is not None)
@@ -132,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stats:    {stats_dir}")
     else:
         print(f"tsv:      {out}/day_N ({files} files)")
-        print(f"manifest: {out / SYNTHETIC_JSON}")
+        print(f"manifest: {out / synthetic.SYNTHETIC_JSON}")
     return 0
 
 

@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
 from embeddings.serving import check_model_dir
-from services.scoring import ScoringDeployment, ScoringSettings
+from services.scoring import ScoringDeployment
+from services.served_model import ScoringSettings
 
 
 class AppArgs(BaseModel):

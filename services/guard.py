@@ -47,7 +47,7 @@ DEFAULT_DEADLINE_S = 5.0
 # In front of the replica an upload holds only its bytes, so many may wait; the cap bounds
 # memory (uploads × body limit), not scoring capacity.
 DEFAULT_MAX_UPLOADING = 256
-# 4,096 rows of the widest legal JSON row (services.scoring.BYTES_PER_ROW) fit.
+# 4,096 rows of the widest legal JSON row (services.score_request.BYTES_PER_ROW) fit.
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
 # A body that has not arrived within this long after the headers is "uploading". Clients that
 # send headers and body in one write never wait this long, so they are never counted. Inside

@@ -166,6 +166,21 @@ class ReadyResponse(BaseModel):
                                 "a refused model change is in GET /v1/model and the log")
 
 
+class ModelInfo(BaseModel):
+    """What this replica serves: its version, settings and the model's public description."""
+
+    version: str
+    loaded_at: float = Field(description="Unix time the model was loaded")
+    replica: str = Field(description="the Serve replica that answered (changes only when "
+                         "a replica is replaced, not when its model is swapped)")
+    reload_error: str | None = Field(
+        description="why the latest model change was refused (this model kept serving); "
+                    "the full reason is in the replica's log")
+    settings: dict[str, Any] = Field(description="batching and size limits")
+    model: dict[str, Any] = Field(description="features, dimensions, methods, serving bytes, "
+                                  "metrics, version (from model.json, without paths)")
+
+
 _REQUEST = TypeAdapter(ScoreRequest)
 
 

@@ -1,4 +1,6 @@
-"""Shared fixtures: one real Ray cluster for the session, and the real Criteo samples."""
+"""Shared fixtures: one real Ray cluster for the session, the real Criteo samples, the
+exported test models that the service and the serving jobs share, and a small synthetic
+dataset for the training, search and job tests."""
 
 from __future__ import annotations
 
@@ -42,3 +44,28 @@ def ray_cluster():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Exported test models for the service and the serve/export jobs: two good ones (v1,
+    v2) and the broken directories a deploy must refuse (see serving_helpers.py)."""
+    from serving_helpers import broken_model_dirs, export_test_model
+
+    root = tmp_path_factory.mktemp("models")
+    v1 = export_test_model(root / "v1", seed=1, version="v1")
+    v2 = export_test_model(root / "v2", seed=2, version="v2")
+    return {"v1": v1, "v2": v2, **broken_model_dirs(v1, root)}
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic dataset (2 days, 120,000 rows) the training, search and job tests
+    share, generated once per session."""
+    from jobs import synth
+
+    out = tmp_path_factory.mktemp("synth") / "data"
+    code = synth.main(["--rows", "120000", "--days", "2", "--out", str(out), "--seed", "3",
+                       "--no-ray", "--no-progress"])
+    assert code == 0
+    return out

@@ -408,16 +408,3 @@ def with_mlet(base: MethodConfig | dict[str, Any], mlet_dim: int) -> MethodConfi
     if data.get("method") not in METHODS:
         raise ValueError(f"unknown method {data.get('method')!r}; known: {sorted(METHODS)}")
     return METHODS[data["method"]].model_validate(data)
-
-
-def build_mlet(
-    base: MethodConfig | dict[str, Any],
-    num_embeddings: int,
-    dim: int,
-    mlet_dim: int,
-    stats: FeatureStats | None = None,
-) -> CompressedEmbedding:
-    """Build `base` with MLET of width `mlet_dim`: tables k wide, a k×d projection after."""
-    config = with_mlet(base, mlet_dim)
-    config.check(num_embeddings, dim)
-    return config.build(num_embeddings, dim, stats)

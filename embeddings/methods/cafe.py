@@ -19,7 +19,6 @@ import torch
 from pydantic import Field
 
 from embeddings import budget
-from embeddings.hashing import hash64_scalar, seed_offset
 from embeddings.hotsketch import PROMOTE, SLOTS, HotSketch, SketchEvents
 from embeddings.mapping import Combiner, FrozenCafeMapper, tensor_bytes
 from embeddings.methods.base import (
@@ -29,6 +28,7 @@ from embeddings.methods.base import (
     MethodConfig,
     gather,
 )
+from idhash.splitmix import hash64_scalar, seed_offset
 
 __all__ = ["CafeConfig", "CafeEmbedding", "CafeMapper", "FrozenCafeMapper", "cafe_defaults"]
 
@@ -61,27 +61,13 @@ class CafeMapper(FrozenCafeMapper):
     of its export (kind "cafe") gives the frozen mapper, which serving keeps.
 
     Args:
+        sketch: the live sketch; its buckets and seed are the mapper's (they place hash1 rows).
         hot_rows: rows of the hot table.
         hash_rows: rows of each hash table.
-        buckets: the sketch's bucket count (also places hash1 rows).
-        seed: hash seed.
-        sketch: the live sketch; it must hash with the mapper's buckets and seed.
     """
 
-    def __init__(
-        self,
-        hot_rows: int,
-        hash_rows: int,
-        buckets: int,
-        seed: int = 0,
-        sketch: HotSketch | None = None,
-    ) -> None:
-        if sketch is None:
-            raise ValueError("a live CafeMapper needs its sketch; the frozen form is "
-                             "FrozenCafeMapper (embeddings.mapping)")
-        if sketch.buckets != buckets or sketch.seed != seed:
-            raise ValueError("the sketch must hash with the mapper's buckets and seed")
-        super().__init__(hot_rows, hash_rows, buckets, seed)
+    def __init__(self, sketch: HotSketch, hot_rows: int, hash_rows: int) -> None:
+        super().__init__(hot_rows, hash_rows, sketch.buckets, sketch.seed)
         self.sketch = sketch
 
     @property
@@ -168,7 +154,7 @@ class CafeEmbedding(CompressedEmbedding):
             adaptive=adaptive,
             seed=seed,
         )
-        mapper = CafeMapper(hot_rows, hash_rows, buckets, seed, sketch)
+        mapper = CafeMapper(sketch, hot_rows, hash_rows)
         # A zero-row hot table still needs a row to point the (weight-0) lookups at.
         rows = [max(1, hot_rows), hash_rows, hash_rows]
         super().__init__(mapper, rows, Combiner.SUM, dim, mlet_dim, sparse)

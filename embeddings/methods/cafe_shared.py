@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from embeddings.hashing import hash64_scalar, seed_offset
 from embeddings.hotsketch import HotSketch, SketchEvents
 from embeddings.mapping import FrozenCafeMapper, Mapper, tensor_bytes
 from embeddings.methods.cafe import CafeEmbedding
 from embeddings.tables import Backend, TableOptimizer, TableSpec, build_store
+from idhash.splitmix import hash64_scalar, seed_offset
 
 _ID_BITS = 56
 _ID_MASK = (1 << _ID_BITS) - 1

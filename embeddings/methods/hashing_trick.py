@@ -1,6 +1,6 @@
 """Hashing trick (Weinberger et al.): every value hashed into ceil(n / ratio) shared rows.
 
-The one hash of `embeddings.hashing` places values, so training and serving agree on every
+The one hash of `idhash.splitmix` places values, so training and serving agree on every
 machine. The simplest compression, and the baseline every other method is measured against.
 """
 

@@ -6,7 +6,8 @@ A hash function makes arbitrary ids collide; a collision costs least when the tw
 have learned similar vectors anyway. So, from the data's frequency statistics and a small
 per-id embedding (trained in a short first phase, or read from a trained model): the most
 frequent ids get rows of their own, the rest are clustered by frequency-weighted k-means on
-the small embedding into the remaining rows, and ids never seen hash into those cluster rows.
+the small embedding (on log-frequency where there is none: the collection builds without
+one) into the remaining rows, and ids never seen hash into those cluster rows.
 The mapping is two arrays (sorted ids, row per id) saved with the model; training and
 serving read it the same way.
 """
@@ -28,7 +29,6 @@ __all__ = [
     "LearnedHashConfig",
     "LearnedHashMapper",
     "fit_learned_hash",
-    "small_embeddings_from",
     "weighted_kmeans",
 ]
 
@@ -118,7 +118,7 @@ def fit_learned_hash(
         ids: int64 [N] raw ids seen in the data (any order; ties in count keep this order).
         counts: int64 [N] occurrences of each id.
         small_embeddings: float [N, m] a small embedding per id, aligned with `ids`: from a
-            short first training phase or a trained model (see `small_embeddings_from`).
+            short first training phase or a trained model's vectors (PCA-reduced).
             None clusters on log-frequency alone (ids of like popularity share rows).
         rows: rows of the table.
         hot_fraction: share of the rows given to the most frequent ids, one row each.
@@ -129,14 +129,7 @@ def fit_learned_hash(
     """
     ids = np.asarray(ids, dtype=np.int64)
     counts = np.asarray(counts, dtype=np.int64)
-    if ids.ndim != 1 or ids.shape != counts.shape:
-        raise ValueError(f"ids and counts must be 1-D of one length: {ids.shape}, {counts.shape}")
-    if small_embeddings is not None and np.asarray(small_embeddings).shape[0] != ids.shape[0]:
-        raise ValueError("small_embeddings must have one row per id")
-    if not 0 <= hot_fraction <= 1 or rows < 1:
-        raise ValueError(f"need rows ≥ 1 and hot_fraction in [0, 1]: {rows=} {hot_fraction=}")
-    if np.unique(ids).shape[0] != ids.shape[0]:
-        raise ValueError("ids must not repeat")
+    _check_fit_inputs(ids, counts, small_embeddings, rows, hot_fraction)
     order = np.argsort(-counts, kind="stable")
     if max_ids is not None:
         order = order[:max_ids]
@@ -149,18 +142,7 @@ def fit_learned_hash(
             # No cluster rows left: the rest are not mapped and hash like unseen ids.
             order, labels = order[:own], labels[:own]
         else:
-            if small_embeddings is None:
-                points = np.log1p(counts[rest].astype(np.float64))[:, None]
-            else:
-                points = np.asarray(small_embeddings, dtype=np.float32)[rest]
-            cluster = weighted_kmeans(
-                torch.as_tensor(points, dtype=torch.float32),
-                torch.from_numpy(counts[rest].astype(np.float64)),
-                rows - own,
-                iters,
-                seed,
-            )
-            labels[own:] = own + cluster.numpy()
+            labels[own:] = own + _cluster(rest, counts, small_embeddings, rows - own, iters, seed)
     mapped = ids[order]
     by_value = np.argsort(mapped, kind="stable")
     return LearnedHashMapper(
@@ -172,27 +154,45 @@ def fit_learned_hash(
     )
 
 
-@torch.no_grad()
-def small_embeddings_from(
-    embedding: torch.nn.Module, ids: np.ndarray, dim: int | None = None, batch: int = 65536
+def _check_fit_inputs(
+    ids: np.ndarray,
+    counts: np.ndarray,
+    small_embeddings: np.ndarray | None,
+    rows: int,
+    hot_fraction: float,
+) -> None:
+    if ids.ndim != 1 or ids.shape != counts.shape:
+        raise ValueError(f"ids and counts must be 1-D of one length: {ids.shape}, {counts.shape}")
+    if small_embeddings is not None and np.asarray(small_embeddings).shape[0] != ids.shape[0]:
+        raise ValueError("small_embeddings must have one row per id")
+    if not 0 <= hot_fraction <= 1 or rows < 1:
+        raise ValueError(f"need rows ≥ 1 and hot_fraction in [0, 1]: {rows=} {hot_fraction=}")
+    if np.unique(ids).shape[0] != ids.shape[0]:
+        raise ValueError("ids must not repeat")
+
+
+def _cluster(
+    rest: np.ndarray,
+    counts: np.ndarray,
+    small_embeddings: np.ndarray | None,
+    k: int,
+    iters: int,
+    seed: int,
 ) -> np.ndarray:
-    """Vectors of `ids` read from a trained embedding module (forward in eval mode), reduced
-    to `dim` by PCA when given: the "read from a trained model" first phase."""
-    was_training = embedding.training
-    embedding.eval()
-    try:
-        device = next(embedding.parameters(), torch.empty(0)).device
-        x = torch.as_tensor(np.asarray(ids, dtype=np.int64)).to(device)
-        vectors = torch.cat([embedding(x[i : i + batch]) for i in range(0, len(x), batch)])
-    finally:
-        embedding.train(was_training)
-    vectors = vectors.to(torch.float64).cpu()
-    if dim is not None and dim < vectors.shape[1]:
-        centred = vectors - vectors.mean(0)
-        # Eigenvectors of the (width × width) covariance: deterministic, unlike pca_lowrank.
-        _, basis = torch.linalg.eigh(centred.T @ centred)
-        vectors = centred @ basis[:, -dim:].flip(1)
-    return vectors.to(torch.float32).numpy()
+    """Cluster in [0, k) of the ids at positions `rest`: k-means on their small embeddings,
+    or on log-frequency without them, weighted by their counts."""
+    if small_embeddings is None:
+        points = np.log1p(counts[rest].astype(np.float64))[:, None]
+    else:
+        points = np.asarray(small_embeddings, dtype=np.float32)[rest]
+    cluster = weighted_kmeans(
+        torch.as_tensor(points, dtype=torch.float32),
+        torch.from_numpy(counts[rest].astype(np.float64)),
+        k,
+        iters,
+        seed,
+    )
+    return cluster.numpy()
 
 
 class LearnedHashConfig(RowsOrRatioConfig):

@@ -4,9 +4,9 @@ train a k-wide method followed by a k×d projection (k > d), serve it collapsed 
 The projection itself lives in `CompressedEmbedding` (base.py), which folds it into every
 table at collapse; this module is the composition rule: which base methods MLET may wrap,
 with which widths, and the refusal of QR by product. Every method config checks it
-(`MethodConfig.check`), so it depends on nothing of the methods; any registered method
-config composes through the same builder (`with_mlet`, `build_mlet` in base.py, next to the
-registry they read).
+(`MethodConfig.check`), so it depends on nothing of the methods; every registered method,
+CAFE and learned hashing included, composes through `with_mlet` (in base.py, next to the
+registry it reads).
 """
 
 from __future__ import annotations

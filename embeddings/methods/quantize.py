@@ -117,9 +117,35 @@ def quantize_mixed(
         torch.stack([_row_errors(t, f) for f in lad], 1)
         for t, lad in zip(flat, ladders, strict=True)
     ]
-    # Candidate upgrades (table, row, step): step j moves a row from ladder[j] to ladder[j+1].
-    # Gathered step-major so that a stable sort keeps each row's steps in order on ties.
-    by_step: dict[int, list[tuple[torch.Tensor, float, int]]] = {}
+    tiers = _buy_upgrades(_upgrades(flat, ladders, errors, counts), [t.shape[0] for t in flat],
+                          spare)
+    out_flat, rows_per_format, expected_mse = _encode(flat, ladders, tiers, errors, counts)
+    out: list[list[ServingTable | MixedServingTable]] = []
+    k = 0
+    for g in groups:
+        out.append(out_flat[k : k + len(g)])
+        k += len(g)
+    report = MixedPrecisionReport(
+        budget_bytes=budget_bytes,
+        bytes=fixed_bytes + sum(t.nbytes() for t in out_flat),
+        rows_per_format=rows_per_format,
+        expected_mse=expected_mse,
+    )
+    return out, report
+
+
+# One kind of upgrade: (gain per byte of each row, bytes it costs, table index).
+_Upgrade = tuple[torch.Tensor, float, int]
+
+
+def _upgrades(
+    flat: list[torch.Tensor],
+    ladders: list[list[str]],
+    errors: list[torch.Tensor],
+    counts: list[torch.Tensor],
+) -> dict[int, list[_Upgrade]]:
+    """Candidate upgrades by step: step j moves a row from ladder[j] to ladder[j+1]."""
+    by_step: dict[int, list[_Upgrade]] = {}
     for i, (t, lad, err, cnt) in enumerate(zip(flat, ladders, errors, counts, strict=True)):
         if len(lad) < 2:
             continue
@@ -134,23 +160,45 @@ def quantize_mixed(
         ratio = torch.cummin(ratio, 1).values
         for j, cost in enumerate(costs):
             by_step.setdefault(j, []).append((ratio[:, j], float(cost), i))
-    tiers = [torch.zeros(t.shape[0], dtype=torch.int64) for t in flat]
-    if by_step:
-        parts = [p for j in sorted(by_step) for p in by_step[j]]
-        steps = [j for j in sorted(by_step) for _ in by_step[j]]
-        ratio = torch.cat([r for r, _, _ in parts])
-        cost = torch.cat([torch.full((len(r),), c, dtype=torch.float64) for r, c, _ in parts])
-        table_of = torch.cat([torch.full((len(r),), i) for r, _, i in parts])
-        row_of = torch.cat([torch.arange(len(r)) for r, _, _ in parts])
-        level_of = torch.cat(
-            [torch.full((len(r),), j + 1) for (r, _, _), j in zip(parts, steps, strict=True)]
-        )
-        order = torch.sort(-ratio, stable=True).indices
-        order = order[ratio[order] > 0]
-        taken = order[torch.cumsum(cost[order], 0) <= spare]
-        for i in range(len(flat)):
-            mine = taken[table_of[taken] == i]
-            tiers[i].scatter_reduce_(0, row_of[mine], level_of[mine], reduce="amax")
+    return by_step
+
+
+def _buy_upgrades(
+    by_step: dict[int, list[_Upgrade]], rows: list[int], spare: int
+) -> list[torch.Tensor]:
+    """The ladder level of every row of every table (`rows` each) after buying the upgrades
+    with the most gain per byte that `spare` bytes pay for."""
+    tiers = [torch.zeros(n, dtype=torch.int64) for n in rows]
+    if not by_step:
+        return tiers
+    # Gathered step-major so that a stable sort keeps each row's steps in order on ties.
+    parts = [p for j in sorted(by_step) for p in by_step[j]]
+    steps = [j for j in sorted(by_step) for _ in by_step[j]]
+    ratio = torch.cat([r for r, _, _ in parts])
+    cost = torch.cat([torch.full((len(r),), c, dtype=torch.float64) for r, c, _ in parts])
+    table_of = torch.cat([torch.full((len(r),), i) for r, _, i in parts])
+    row_of = torch.cat([torch.arange(len(r)) for r, _, _ in parts])
+    level_of = torch.cat(
+        [torch.full((len(r),), j + 1) for (r, _, _), j in zip(parts, steps, strict=True)]
+    )
+    order = torch.sort(-ratio, stable=True).indices
+    order = order[ratio[order] > 0]
+    taken = order[torch.cumsum(cost[order], 0) <= spare]
+    for i in range(len(rows)):
+        mine = taken[table_of[taken] == i]
+        tiers[i].scatter_reduce_(0, row_of[mine], level_of[mine], reduce="amax")
+    return tiers
+
+
+def _encode(
+    flat: list[torch.Tensor],
+    ladders: list[list[str]],
+    tiers: list[torch.Tensor],
+    errors: list[torch.Tensor],
+    counts: list[torch.Tensor],
+) -> tuple[list[ServingTable | MixedServingTable], dict[str, int], float]:
+    """Each table stored in its rows' formats; the rows stored in each format; the expected
+    squared error per looked-up element."""
     out_flat: list[ServingTable | MixedServingTable] = []
     per_format: dict[str, int] = {}
     weighted_err, weight = 0.0, 0.0
@@ -164,18 +212,8 @@ def quantize_mixed(
             per_format[fmt] = per_format.get(fmt, 0) + int((tier == level).sum())
         weighted_err += float((cnt * err.gather(1, tier[:, None]).squeeze(1)).sum())
         weight += float(cnt.sum()) * t.shape[1]
-    out: list[list[ServingTable | MixedServingTable]] = []
-    k = 0
-    for g in groups:
-        out.append(out_flat[k : k + len(g)])
-        k += len(g)
-    report = MixedPrecisionReport(
-        budget_bytes=budget_bytes,
-        bytes=fixed_bytes + sum(t.nbytes() for t in out_flat),
-        rows_per_format={f: n for f, n in per_format.items() if n},
-        expected_mse=weighted_err / weight if weight else 0.0,
-    )
-    return out, report
+    rows_per_format = {f: n for f, n in per_format.items() if n}
+    return out_flat, rows_per_format, weighted_err / weight if weight else 0.0
 
 
 def quantize_embedding_mixed(

@@ -10,10 +10,10 @@ from enum import Enum
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
-from embeddings.models.dlrm import mlp, split_first_order
+from embeddings.models.common import CTRModel, CTRModelConfig, mlp
 
 
 class DCNStructure(str, Enum):
@@ -23,7 +23,7 @@ class DCNStructure(str, Enum):
     PARALLEL = "parallel"  # [cross(x0), deep(x0)]: both see the raw input, a linear head joins
 
 
-class DCNConfig(BaseModel):
+class DCNConfig(CTRModelConfig):
     """Shape of a DCNv2.
 
     The input x0 is the dense part (raw, or through `bottom_mlp` as MLPerf's DLRM-DCNv2 does)
@@ -31,11 +31,7 @@ class DCNConfig(BaseModel):
     x_{l+1} = x0 * (W x_l + b) + x_l, with W = U V^T of rank `cross_rank` when given.
     A final linear layer maps the last width to one logit.
 
-    Args:
-        kind: discriminator in a job config (`model: {kind: dcn, ...}`).
-        num_dense: dense (integer) features, already transformed (log1p).
-        num_sparse: categorical features, one embedding vector each.
-        embedding_dim: d, the width of every embedding vector.
+    Args (besides the input's, `CTRModelConfig`):
         bottom_mlp: layer widths of an MLP over the dense features before concatenation;
             empty feeds them raw, as in the DCNv2 paper.
         cross_layers: number of cross layers (0 leaves only the deep network).
@@ -49,12 +45,7 @@ class DCNConfig(BaseModel):
         first_order_scale: factor on the summed scalars (see `DLRMConfig`).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
     kind: Literal["dcn"] = "dcn"
-    num_dense: int = Field(13, ge=1)
-    num_sparse: int = Field(26, ge=1)
-    embedding_dim: int = Field(16, ge=1)
     bottom_mlp: list[int] = Field(default_factory=list)
     cross_layers: int = Field(3, ge=0)
     cross_rank: int | None = Field(None, ge=1)
@@ -70,11 +61,6 @@ class DCNConfig(BaseModel):
         if self.cross_layers == 0 and not self.deep_mlp:
             raise ValueError("a DCN needs cross layers, a deep network, or both")
         return self
-
-    @property
-    def table_dim(self) -> int:
-        """Width of each looked-up vector: d, plus the first-order scalar when on."""
-        return self.embedding_dim + int(self.first_order)
 
     @property
     def input_dim(self) -> int:
@@ -113,7 +99,7 @@ class CrossLayer(nn.Module):
         return x0 * self.weight(x) + x
 
 
-class DCN(nn.Module):
+class DCN(CTRModel):
     """forward(dense [n, num_dense] float, embedded [n, num_sparse, d]) -> logits [n].
 
     Args:
@@ -121,8 +107,7 @@ class DCN(nn.Module):
     """
 
     def __init__(self, config: DCNConfig) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.bottom = (
             mlp(config.num_dense, config.bottom_mlp, final_activation=True)
             if config.bottom_mlp
@@ -142,12 +127,9 @@ class DCN(nn.Module):
             head_in = deep_out
         self.head = nn.Linear(head_in, 1)
 
-    def forward(self, dense: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+    def logit(self, bottom: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         c = self.config
-        embedded, wide = split_first_order(embedded, c.num_sparse, c.embedding_dim,
-                                           c.first_order, c.first_order_scale)
-        bottom = self.bottom(dense)
-        x0 = torch.cat([bottom, embedded.flatten(1).to(bottom.dtype)], dim=1)
+        x0 = torch.cat([bottom, vectors.flatten(1)], dim=1)
         crossed = x0
         for layer in self.cross:
             crossed = layer(x0, crossed)
@@ -155,5 +137,4 @@ class DCN(nn.Module):
             out = self.deep(crossed)
         else:
             out = torch.cat([crossed, self.deep(x0)], dim=1)
-        logit = self.head(out).squeeze(1)
-        return logit if wide is None else logit + wide.to(logit.dtype)
+        return self.head(out).squeeze(1)

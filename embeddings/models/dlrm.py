@@ -9,35 +9,15 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from torch import nn
+from pydantic import Field, model_validator
+
+from embeddings.models.common import CTRModel, CTRModelConfig, mlp
 
 
-def mlp(in_features: int, sizes: list[int], final_activation: bool) -> nn.Sequential:
-    """Linear layers with ReLU between them (and after the last one when asked).
-
-    Args:
-        in_features: width of the input.
-        sizes: output width of each layer.
-        final_activation: whether the last layer is followed by a ReLU too.
-    """
-    layers: list[nn.Module] = []
-    for i, size in enumerate(sizes):
-        layers.append(nn.Linear(in_features, size))
-        if i < len(sizes) - 1 or final_activation:
-            layers.append(nn.ReLU())
-        in_features = size
-    return nn.Sequential(*layers)
-
-
-class DLRMConfig(BaseModel):
+class DLRMConfig(CTRModelConfig):
     """Shape of a DLRM (Naumov et al., 2019) as MLPerf trains it on Criteo.
 
-    Args:
-        kind: discriminator in a job config (`model: {kind: dlrm, ...}`).
-        num_dense: dense (integer) features, already transformed (log1p).
-        num_sparse: categorical features, one embedding vector each.
-        embedding_dim: d, the width of every embedding vector.
+    Args (besides the input's, `CTRModelConfig`):
         bottom_mlp: layer widths of the MLP over the dense features; the last must be d,
             because its output takes part in the dot interaction with the embeddings.
         top_mlp: layer widths of the MLP over the interaction; the last must be 1 (the logit).
@@ -51,12 +31,7 @@ class DLRMConfig(BaseModel):
             (validation AUC 0.720 against 0.707 at 1.0 and 0.706 at 0.02).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
     kind: Literal["dlrm"] = "dlrm"
-    num_dense: int = Field(13, ge=1)
-    num_sparse: int = Field(26, ge=1)
-    embedding_dim: int = Field(16, ge=1)
     bottom_mlp: list[int] = Field(default_factory=lambda: [64, 16], min_length=1)
     top_mlp: list[int] = Field(default_factory=lambda: [64, 32, 1], min_length=1)
     first_order: bool = False
@@ -76,11 +51,6 @@ class DLRMConfig(BaseModel):
         return self
 
     @property
-    def table_dim(self) -> int:
-        """Width of each looked-up vector: d, plus the first-order scalar when on."""
-        return self.embedding_dim + int(self.first_order)
-
-    @property
     def num_interactions(self) -> int:
         """Pairwise dot products among the bottom output and the embeddings (no diagonal)."""
         vectors = self.num_sparse + 1
@@ -91,7 +61,7 @@ class DLRMConfig(BaseModel):
         return DLRM(self)
 
 
-class DLRM(nn.Module):
+class DLRM(CTRModel):
     """forward(dense [n, num_dense] float, embedded [n, num_sparse, d]) -> logits [n].
 
     Args:
@@ -99,8 +69,7 @@ class DLRM(nn.Module):
     """
 
     def __init__(self, config: DLRMConfig) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.bottom = mlp(config.num_dense, config.bottom_mlp, final_activation=True)
         self.top = mlp(
             config.embedding_dim + config.num_interactions, config.top_mlp, final_activation=False
@@ -120,33 +89,5 @@ class DLRM(nn.Module):
         gram = torch.bmm(vectors, vectors.transpose(1, 2)).flatten(1)
         return torch.cat([bottom, gram[:, self._pairs]], dim=1)
 
-    def forward(self, dense: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
-        c = self.config
-        vectors, wide = split_first_order(embedded, c.num_sparse, c.embedding_dim, c.first_order,
-                                          c.first_order_scale)
-        bottom = self.bottom(dense)
-        logit = self.top(self.interact(bottom, vectors.to(bottom.dtype))).squeeze(1)
-        return logit if wide is None else logit + wide.to(logit.dtype)
-
-
-def split_first_order(
-    embedded: torch.Tensor, num_sparse: int, dim: int, first_order: bool, scale: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """([n, F, d] vectors, [n] sum of the first-order scalars or None) from the lookup.
-
-    Args:
-        embedded: [n, F, d] or, with the first-order term, [n, F, d + 1] (scalar last).
-        num_sparse: F.
-        dim: d.
-        first_order: whether the last column is the per-id scalar.
-        scale: factor on the sum of the scalars.
-    """
-    width = dim + int(first_order)
-    if embedded.shape[1:] != (num_sparse, width):
-        raise ValueError(
-            f"embedded must be [n, {num_sparse}, {width}], got {list(embedded.shape)}"
-            + (" (d + 1: the first-order scalar is the last column)" if first_order else "")
-        )
-    if not first_order:
-        return embedded, None
-    return embedded[..., :dim], embedded[..., dim].sum(1) * scale
+    def logit(self, bottom: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        return self.top(self.interact(bottom, vectors)).squeeze(1)

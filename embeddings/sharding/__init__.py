@@ -10,7 +10,6 @@ from embeddings.sharding.planner import (
     FeatureSize,
     Placement,
     ShardingPlan,
-    format_bytes,
     plan_sharding,
     shard_of,
 )
@@ -24,7 +23,6 @@ __all__ = [
     "Placement",
     "ShardedEmbeddingCollection",
     "ShardingPlan",
-    "format_bytes",
     "module_key",
     "plan_sharding",
     "shard_of",

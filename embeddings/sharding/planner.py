@@ -12,10 +12,12 @@ from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from embeddings.budget import format_bytes
+
 # The id → shard hash lives with the one hash (serving's split features read it too); its
 # names stay importable from here.
-from embeddings.hashing import SHARD_HASH_SEED as SHARD_HASH_SEED
-from embeddings.hashing import shard_of as shard_of
+from idhash.splitmix import SHARD_HASH_SEED as SHARD_HASH_SEED
+from idhash.splitmix import shard_of as shard_of
 
 # Stateless tables below this many training bytes are copied to every worker by default: a
 # copy costs less than sending their ids and vectors across workers.
@@ -274,16 +276,7 @@ def plan_sharding(
     replicated = [f.stateless and f.bytes < replicate_below_bytes for f in features]
     replicated_bytes = sum(f.bytes for f, r in zip(features, replicated, strict=True) if r)
     sharded_bytes = sum(f.bytes for f, r in zip(features, replicated, strict=True) if not r)
-    if worker_budget_bytes is not None:
-        limit = worker_budget_bytes - replicated_bytes
-        if limit <= 0 and sharded_bytes:
-            raise ValueError(
-                f"replicated features alone take {format_bytes(replicated_bytes)} of the "
-                f"{format_bytes(worker_budget_bytes)} budget per worker; lower "
-                "replicate_below_bytes or raise the budget"
-            )
-    else:
-        limit = -(-sharded_bytes // num_workers)
+    limit = _shard_limit(worker_budget_bytes, replicated_bytes, sharded_bytes, num_workers)
     # Shard sizes of each feature; None marks a replicated one (no owners to choose).
     parts, too_big = _split(features, replicated, limit, num_workers)
     if too_big is not None:
@@ -294,6 +287,44 @@ def plan_sharding(
         )
     # Replicated bytes sit on every worker, so the mean load includes them once per worker.
     target = (1 + balance_tolerance) * (sharded_bytes / num_workers + replicated_bytes)
+    parts, owners = _balance(features, replicated, parts, num_workers, replicated_bytes,
+                             target, worker_budget_bytes)
+    return ShardingPlan(
+        num_workers=num_workers,
+        features=[_placement(f, p, o) for f, p, o in zip(features, parts, owners, strict=True)],
+        worker_budget_bytes=worker_budget_bytes,
+    )
+
+
+def _shard_limit(
+    worker_budget_bytes: int | None, replicated_bytes: int, sharded_bytes: int, num_workers: int
+) -> int:
+    """Most bytes one shard may hold: the budget left after the replicated features, or
+    without a budget the fair share, so that no single feature unbalances the plan."""
+    if worker_budget_bytes is None:
+        return -(-sharded_bytes // num_workers)
+    limit = worker_budget_bytes - replicated_bytes
+    if limit <= 0 and sharded_bytes:
+        raise ValueError(
+            f"replicated features alone take {format_bytes(replicated_bytes)} of the "
+            f"{format_bytes(worker_budget_bytes)} budget per worker; lower "
+            "replicate_below_bytes or raise the budget"
+        )
+    return limit
+
+
+def _balance(
+    features: Sequence[FeatureSize],
+    replicated: list[bool],
+    parts: list[list[int] | None],
+    num_workers: int,
+    replicated_bytes: int,
+    target: float,
+    worker_budget_bytes: int | None,
+) -> tuple[list[list[int] | None], list[list[int]]]:
+    """(shard sizes, owners) of the placement with the smallest maximum load, splitting the
+    largest shards finer until the load is within `target` and the budget, or no feature
+    can take more shards; raises when even that placement overflows the budget."""
     best: tuple[int, list[list[int] | None], list[list[int]]] | None = None
     while True:
         owners = _assign(parts, num_workers)
@@ -320,21 +351,21 @@ def plan_sharding(
             f"best found needs {format_bytes(max_load)} on one worker); add workers, raise "
             "the budget or compress more"
         )
-    return ShardingPlan(
-        num_workers=num_workers,
-        features=[
-            FeaturePlacement(
-                name=f.name,
-                placement=Placement.REPLICATED
-                if p is None
-                else (Placement.SPLIT if len(p) > 1 else Placement.OWNED),
-                bytes=f.bytes,
-                owners=o,
-                shard_bytes=[f.bytes] if p is None else p,
-            )
-            for f, p, o in zip(features, parts, owners, strict=True)
-        ],
-        worker_budget_bytes=worker_budget_bytes,
+    return parts, owners
+
+
+def _placement(f: FeatureSize, parts: list[int] | None, owners: list[int]) -> FeaturePlacement:
+    """The plan line of a feature with these shard sizes (None: replicated) and owners."""
+    if parts is None:
+        placement = Placement.REPLICATED
+    else:
+        placement = Placement.SPLIT if len(parts) > 1 else Placement.OWNED
+    return FeaturePlacement(
+        name=f.name,
+        placement=placement,
+        bytes=f.bytes,
+        owners=owners,
+        shard_bytes=[f.bytes] if parts is None else parts,
     )
 
 
@@ -376,17 +407,3 @@ def _assign(parts: list[list[int] | None], num_workers: int) -> list[list[int]]:
         owners[i][s] = rank
         loads[rank] += size
     return owners
-
-
-def format_bytes(n: int) -> str:
-    """Bytes in binary units with two decimals (e.g. 1.50 GiB), for plans and logs.
-
-    Args:
-        n: a byte count.
-    """
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{n} B" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")

@@ -24,10 +24,10 @@ from torch import nn
 from torch.autograd import Variable
 
 from embeddings.collection import EmbeddingCollection
-from embeddings.hashing import hash64
 from embeddings.methods.base import CompressedEmbedding
 from embeddings.sharding.planner import SHARD_HASH_SEED, Placement, ShardingPlan
 from embeddings.tables import Backend, TableOptimizer
+from idhash.splitmix import hash64
 
 ModuleFactory = Callable[[int, int, int], nn.Module]
 """make_module(feature_index, shard_index, num_shards) -> module with forward(ids[n]) -> [n, d].
@@ -144,20 +144,7 @@ class ShardedEmbeddingCollection(nn.Module):
         backend: Backend = "auto",
     ) -> None:
         super().__init__()
-        initialised = dist.is_available() and dist.is_initialized()
-        if world_size is None:
-            world_size = dist.get_world_size(process_group) if initialised else 1
-        if rank is None:
-            rank = dist.get_rank(process_group) if initialised else 0
-        if plan.num_workers != world_size:
-            raise ValueError(
-                f"the plan is for {plan.num_workers} workers but world_size is {world_size}; "
-                "use plan.relocate(world_size) to train the same model on another world size"
-            )
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
-        if world_size > 1 and not initialised:
-            raise RuntimeError(f"world_size {world_size} needs torch.distributed initialised")
+        rank, world_size = _rank_and_world_size(plan, rank, world_size, process_group)
         self.plan = plan
         self.rank = rank
         self.world_size = world_size
@@ -172,60 +159,7 @@ class ShardedEmbeddingCollection(nn.Module):
             if f.placement is Placement.REPLICATED:
                 self.replicated[module_key(f.name, 0, 1)] = make_module(i, 0, 1)
                 self._replicated_columns.append(i)
-
-        # Slots are (feature, shard) pairs of routed features, numbered in send order: by
-        # owner rank, then feature, then shard. Ids bound for one rank are then contiguous,
-        # and within them grouped by slot, which is the layout all_to_all_single needs.
-        routed = [i for i, f in enumerate(plan.features) if f.placement is not Placement.REPLICATED]
-        slots = sorted(
-            (owner, i, s) for i in routed for s, owner in enumerate(plan.features[i].owners)
-        )
-        self._slots_per_rank = [sum(o == r for o, _, _ in slots) for r in range(world_size)]
-        self._my_slots: list[str] = []
-        # Numbering (feature, shard) as base[feature] + shard, then mapping to send order.
-        base, order_of = [], {}
-        for i in routed:
-            base.append(len(order_of))
-            for s in range(plan.features[i].num_shards):
-                order_of[(i, s)] = len(order_of)
-        to_send_order = [0] * len(order_of)
-        for position, (owner, i, s) in enumerate(slots):
-            to_send_order[order_of[(i, s)]] = position
-            if owner == rank:
-                key = module_key(plan.features[i].name, s, plan.features[i].num_shards)
-                self.owned[key] = make_module(i, s, plan.features[i].num_shards)
-                # Shared CAFE hot tables are per planned worker: the same on any world size.
-                self.owned[key].hot_table_group = plan.features[i].group_of(s)
-                self._my_slots.append(key)
-        self._routed = routed
-        self._any_split = any(plan.features[i].num_shards > 1 for i in routed)
-        # Buffers follow the module to its device; they are derived from the plan, so they
-        # stay out of checkpoints.
-        self.register_buffer("_routed_columns", torch.tensor(routed, dtype=torch.int64), False)
-        self.register_buffer(
-            "_num_shards",
-            torch.tensor([plan.features[i].num_shards for i in routed], dtype=torch.int64),
-            False,
-        )
-        self.register_buffer("_slot_base", torch.tensor(base, dtype=torch.int64), False)
-        self.register_buffer("_send_order", torch.tensor(to_send_order, dtype=torch.int64), False)
-        # Without split features each routed feature is one slot: k-th routed feature in
-        # send order, for sending ids feature by feature.
-        slot_of_feature = [to_send_order[b] for b in base]
-        self.register_buffer(
-            "_routed_in_send_order",
-            torch.tensor(sorted(range(len(routed)), key=slot_of_feature.__getitem__),
-                         dtype=torch.int64),
-            False,
-        )
-        # forward builds [routed..., replicated...] columns; this puts them in plan order.
-        built = routed + [i for i, f in enumerate(plan.features)
-                          if f.placement is Placement.REPLICATED]
-        order = [built.index(i) for i in range(len(plan.features))]
-        identity = order == list(range(len(order)))
-        self.register_buffer(
-            "_column_order", None if identity else torch.tensor(order, dtype=torch.int64), False
-        )
+        self._build_owned(make_module)
 
         # The owned methods' tables go into one table-batched store: every owned slot is
         # looked up in one call per step (methods that are not compressed-embedding methods,
@@ -244,6 +178,69 @@ class ShardedEmbeddingCollection(nn.Module):
             self._broadcast_replicated()
             for p in self._replicated_params:
                 p.register_post_accumulate_grad_hook(self._on_replicated_grad)
+
+    def _build_owned(self, make_module: ModuleFactory) -> None:
+        """The routed features' send layout, and the modules of the slots this rank owns."""
+        plan = self.plan
+        # Slots are (feature, shard) pairs of routed features, numbered in send order: by
+        # owner rank, then feature, then shard. Ids bound for one rank are then contiguous,
+        # and within them grouped by slot, which is the layout all_to_all_single needs.
+        routed = [i for i, f in enumerate(plan.features) if f.placement is not Placement.REPLICATED]
+        slots = sorted(
+            (owner, i, s) for i in routed for s, owner in enumerate(plan.features[i].owners)
+        )
+        self._slots_per_rank = [sum(o == r for o, _, _ in slots) for r in range(self.world_size)]
+        self._my_slots: list[str] = []
+        for owner, i, s in slots:
+            if owner == self.rank:
+                key = module_key(plan.features[i].name, s, plan.features[i].num_shards)
+                self.owned[key] = make_module(i, s, plan.features[i].num_shards)
+                # Shared CAFE hot tables are per planned worker: the same on any world size.
+                self.owned[key].hot_table_group = plan.features[i].group_of(s)
+                self._my_slots.append(key)
+        self._routed = routed
+        self._any_split = any(plan.features[i].num_shards > 1 for i in routed)
+        self._register_layout(routed, slots)
+
+    def _register_layout(self, routed: list[int], slots: list[tuple[int, int, int]]) -> None:
+        """The index tensors `_routed_lookup` sends ids by, and `forward` orders columns by.
+
+        Buffers follow the module to its device; they are derived from the plan, so they stay
+        out of checkpoints."""
+        features = self.plan.features
+        # Numbering (feature, shard) as base[feature] + shard, then mapping to send order.
+        base, order_of = [], {}
+        for i in routed:
+            base.append(len(order_of))
+            for s in range(features[i].num_shards):
+                order_of[(i, s)] = len(order_of)
+        to_send_order = [0] * len(order_of)
+        for position, (_, i, s) in enumerate(slots):
+            to_send_order[order_of[(i, s)]] = position
+        self.register_buffer("_routed_columns", torch.tensor(routed, dtype=torch.int64), False)
+        self.register_buffer(
+            "_num_shards",
+            torch.tensor([features[i].num_shards for i in routed], dtype=torch.int64),
+            False,
+        )
+        self.register_buffer("_slot_base", torch.tensor(base, dtype=torch.int64), False)
+        self.register_buffer("_send_order", torch.tensor(to_send_order, dtype=torch.int64), False)
+        # Without split features each routed feature is one slot: k-th routed feature in
+        # send order, for sending ids feature by feature.
+        slot_of_feature = [to_send_order[b] for b in base]
+        self.register_buffer(
+            "_routed_in_send_order",
+            torch.tensor(sorted(range(len(routed)), key=slot_of_feature.__getitem__),
+                         dtype=torch.int64),
+            False,
+        )
+        # forward builds [routed..., replicated...] columns; this puts them in plan order.
+        built = routed + [i for i, f in enumerate(features) if f.placement is Placement.REPLICATED]
+        order = [built.index(i) for i in range(len(features))]
+        identity = order == list(range(len(order)))
+        self.register_buffer(
+            "_column_order", None if identity else torch.tensor(order, dtype=torch.int64), False
+        )
 
     def forward(self, sparse: torch.Tensor) -> torch.Tensor:
         """Embedding vectors of every (row, feature).
@@ -525,8 +522,29 @@ def module_key(name: str, shard: int, num_shards: int) -> str:
     return name if num_shards == 1 else f"{name}_shard{shard}of{num_shards}"
 
 
-_key = module_key  # the name jobs/train_loop.py imported first
-
 
 def _global_rank(group_rank: int, group: dist.ProcessGroup | None) -> int:
     return group_rank if group is None else dist.get_global_rank(group, group_rank)
+
+
+def _rank_and_world_size(
+    plan: ShardingPlan, rank: int | None, world_size: int | None,
+    group: dist.ProcessGroup | None,
+) -> tuple[int, int]:
+    """(rank, world size): the given ones, else the process group's (one worker without
+    one), checked against the plan."""
+    initialised = dist.is_available() and dist.is_initialized()
+    if world_size is None:
+        world_size = dist.get_world_size(group) if initialised else 1
+    if rank is None:
+        rank = dist.get_rank(group) if initialised else 0
+    if plan.num_workers != world_size:
+        raise ValueError(
+            f"the plan is for {plan.num_workers} workers but world_size is {world_size}; "
+            "use plan.relocate(world_size) to train the same model on another world size"
+        )
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+    if world_size > 1 and not initialised:
+        raise RuntimeError(f"world_size {world_size} needs torch.distributed initialised")
+    return rank, world_size

@@ -40,9 +40,11 @@ from embeddings.metrics import auc_by_band, roc_auc, row_bands
 from embeddings.serving import read_model_json
 from jobs import synth
 from jobs.config import ConfigError, load_config
-from jobs.train import ensure_ray, plan_run
-from jobs.train_config import TrainConfig
-from jobs.train_loop import _bands, train_loop_per_worker
+from jobs.ray_session import ensure_ray
+from training.config import TrainConfig
+from training.evaluation import frequency_bands
+from training.plan import plan_run
+from training.worker import train_loop_per_worker
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO / "deploy" / "configs" / "synthetic_quality.yaml"
@@ -157,11 +159,11 @@ def _model(base: TrainConfig, cell: Cell) -> dict[str, Any]:
 
 def int8_cost(model_dir: Path, data: Path, batch_size: int) -> dict[str, float]:
     """The fp32 export's validation AUC and the int8 re-export's (`jobs.export`)."""
-    from jobs.export import export
-    from jobs.tune import served_auc
+    from training.export import reexport
+    from training.search.trial import served_auc
 
     int8_dir = model_dir.parent / "model_int8"
-    export(model_dir, int8_dir, "int8")
+    reexport(model_dir, int8_dir, "int8")
     return {"served_fp32_auc": served_auc(model_dir, data, batch_size)["validation_auc"],
             "served_int8_auc": served_auc(int8_dir, data, batch_size)["validation_auc"]}
 
@@ -185,7 +187,7 @@ def train_cell(base: TrainConfig, out: Path, cell: Cell,
     shutil.rmtree(config.run_dir, ignore_errors=True)  # a cell killed midway starts over
     t0 = time.perf_counter()
     spec = plan_run(config, verbose=False)
-    train_loop_per_worker({"spec": spec.__dict__})
+    train_loop_per_worker({"spec": spec})
     document = read_model_json(config.export_dir)
     metrics = document["metrics"]
     hot = {name: feature["mapper"]["config"]["hot_rows"]
@@ -215,7 +217,7 @@ def teacher_row(data: Path) -> dict[str, Any]:
     names = list(stats.features)
     columns = [j for j, n in enumerate(names) if stats.num_distinct(n) >= 1000]
     # The job's own banding (missing values included), so teacher and models band alike.
-    bands = row_bands(_bands(stats, names, columns, torch.from_numpy(batch["sparse"])))
+    bands = row_bands(frequency_bands(stats, names, columns, torch.from_numpy(batch["sparse"])))
     labels = batch["label"]
     by_band = auc_by_band(logits, labels, bands)
     return {"cell": "teacher", "validation_auc": roc_auc(logits, labels),
@@ -234,48 +236,10 @@ def _auc_cell(row: dict[str, Any]) -> str:
 def print_table(done: dict[str, dict[str, Any]], cells: list[Cell], ratios: list[float],
                 teacher: dict[str, Any], uncompressed: int | None = None) -> None:
     full = done.get(UNCOMPRESSED, {})
-    # Ratios against fp32 tables of every value (`uncompressed`: the budget's reference),
-    # not against the uncompressed cell's export, whose vocabularies add 8 bytes a value.
-    print("\nvalidation AUC, overall / rows with a rare id (bytes: realised serving bytes, "
-          "fp32, and the ratio they give)")
-    head = f"{'method':<22}" + "".join(f"{f'{r:g}x':>34}" for r in ratios)
-    print(head)
-    for name, row in (("teacher", teacher), (UNCOMPRESSED, full)):
-        print(f"{name:<22}{_auc_cell(row):>34}   (all ratios)")
-    rows = dict.fromkeys((c.method, c.allocation) for c in cells if c.ratio is not None)
-    for method, allocation in rows:
-        shown = []
-        for r in ratios:
-            row = done.get(Cell(method, r, allocation).key, {})
-            if "refused" in row:
-                shown.append(f"refused (reaches {row['largest_ratio']:.0f}x)")
-                continue
-            b = row.get("serving_bytes")
-            size = f" {uncompressed / b:.0f}x" if b and uncompressed else ""
-            shown.append(_auc_cell(row) + size)
-        label = f"{method} ({allocation})"
-        print(f"{label:<22}" + "".join(f"{c:>34}" for c in shown))
-    mlet = [c for c in cells if c.dim is not None]
-    if mlet:
-        print("\nMLET over full tables (k = factor × d), overall / rare-id AUC, serving bytes")
-        for c in mlet:
-            row = done.get(c.key, {})
-            b = row.get("serving_bytes")
-            print(f"{c.key:<22}{_auc_cell(row):>34}  {b or 0:>12,}")
-    cafe = [(k, r) for k, r in done.items() if r.get("hot_rows")]
-    if cafe:
-        print("\nCAFE hot rows per feature (shared: rows each feature holds; per feature: "
-              "its own table)")
-        for key, row in cafe:
-            shown = " ".join(f"{n}:{v}" for n, v in row["hot_rows"].items())
-            print(f"{key:<28} {shown}")
-    quantised = [(k, r) for k, r in done.items() if r.get("served_int8_auc") is not None]
-    if quantised:
-        print("\nint8 serving tables: validation AUC of the fp32 and the int8 export")
-        for key, row in quantised:
-            cost = row["served_fp32_auc"] - row["served_int8_auc"]
-            print(f"{key:<22}{row['served_fp32_auc']:>10.4f}{row['served_int8_auc']:>10.4f}"
-                  f"   cost {cost:+.4f} (goal ≤ 0.001)")
+    _print_auc_grid(done, cells, ratios, teacher, uncompressed)
+    _print_mlet(done, cells)
+    _print_cafe_hot_rows(done)
+    _print_int8_cost(done)
     if full.get("validation_auc") and teacher.get("validation_auc"):
         gap = teacher["validation_auc"] - full["validation_auc"]
         print(f"\nuncompressed vs teacher: {full['validation_auc']:.4f} vs "
@@ -283,6 +247,63 @@ def print_table(done: dict[str, dict[str, Any]], cells: list[Cell], ratios: list
     rare = teacher.get("validation_rows_rare")
     if rare is not None:
         print(f"rows with a rare id: {int(rare):,} of the validation split")
+
+
+def _print_auc_grid(done: dict[str, dict[str, Any]], cells: list[Cell], ratios: list[float],
+                    teacher: dict[str, Any], uncompressed: int | None) -> None:
+    """One line per method and allocation, one column per ratio."""
+    # Ratios against fp32 tables of every value (`uncompressed`: the budget's reference),
+    # not against the uncompressed cell's export, whose vocabularies add 8 bytes a value.
+    print("\nvalidation AUC, overall / rows with a rare id (bytes: realised serving bytes, "
+          "fp32, and the ratio they give)")
+    head = f"{'method':<22}" + "".join(f"{f'{r:g}x':>34}" for r in ratios)
+    print(head)
+    for name, row in (("teacher", teacher), (UNCOMPRESSED, done.get(UNCOMPRESSED, {}))):
+        print(f"{name:<22}{_auc_cell(row):>34}   (all ratios)")
+    rows = dict.fromkeys((c.method, c.allocation) for c in cells if c.ratio is not None)
+    for method, allocation in rows:
+        shown = [_ratio_cell(done.get(Cell(method, r, allocation).key, {}), uncompressed)
+                 for r in ratios]
+        label = f"{method} ({allocation})"
+        print(f"{label:<22}" + "".join(f"{c:>34}" for c in shown))
+
+
+def _ratio_cell(row: dict[str, Any], uncompressed: int | None) -> str:
+    if "refused" in row:
+        return f"refused (reaches {row['largest_ratio']:.0f}x)"
+    b = row.get("serving_bytes")
+    size = f" {uncompressed / b:.0f}x" if b and uncompressed else ""
+    return _auc_cell(row) + size
+
+
+def _print_mlet(done: dict[str, dict[str, Any]], cells: list[Cell]) -> None:
+    mlet = [c for c in cells if c.dim is not None]
+    if mlet:
+        print("\nMLET over full tables (k = factor × d), overall / rare-id AUC, serving bytes")
+        for c in mlet:
+            row = done.get(c.key, {})
+            b = row.get("serving_bytes")
+            print(f"{c.key:<22}{_auc_cell(row):>34}  {b or 0:>12,}")
+
+
+def _print_cafe_hot_rows(done: dict[str, dict[str, Any]]) -> None:
+    cafe = [(k, r) for k, r in done.items() if r.get("hot_rows")]
+    if cafe:
+        print("\nCAFE hot rows per feature (shared: rows each feature holds; per feature: "
+              "its own table)")
+        for key, row in cafe:
+            shown = " ".join(f"{n}:{v}" for n, v in row["hot_rows"].items())
+            print(f"{key:<28} {shown}")
+
+
+def _print_int8_cost(done: dict[str, dict[str, Any]]) -> None:
+    quantised = [(k, r) for k, r in done.items() if r.get("served_int8_auc") is not None]
+    if quantised:
+        print("\nint8 serving tables: validation AUC of the fp32 and the int8 export")
+        for key, row in quantised:
+            cost = row["served_fp32_auc"] - row["served_int8_auc"]
+            print(f"{key:<22}{row['served_fp32_auc']:>10.4f}{row['served_int8_auc']:>10.4f}"
+                  f"   cost {cost:+.4f} (goal ≤ 0.001)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,10 +29,10 @@ from torch import nn
 
 from data_pipeline.schema import TERABYTE_CARDINALITIES
 from embeddings.collection import CollectionConfig, EmbeddingCollection, every_method
-from embeddings.hashing import hash64
 from embeddings.methods.base import FeatureStats
 from embeddings.optim import RowWiseAdagrad
 from embeddings.tables import TableOptimizer, TableSpec, build_store, fbgemm_available
+from idhash.splitmix import hash64
 
 
 def zipf_batches(
@@ -143,7 +143,7 @@ def base_of(name: str) -> str | None:
 GOALS = {"mlet": 1.3, "cafe": 1.3}
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--dim", type=int, default=16)
@@ -158,31 +158,19 @@ def main(argv: list[str] | None = None) -> None:
                         help="the engine's table store (auto: fbgemm where installed)")
     parser.add_argument("--device", default="cpu",
                         help="torch device of tables and batches (cpu, cuda, cuda:1)")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: this machine has no CUDA device")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return parser
 
-    torch.manual_seed(0)
-    cards = [max(3, int(n * args.scale)) for n in TERABYTE_CARDINALITIES]
-    batches = [b.to(device) for b in zipf_batches(cards, args.steps + args.warmup, args.batch)]
-    stats_ids = torch.cat(batches[: args.warmup + 1]).cpu()
-    names = [f"C{j + 1}" for j in range(len(cards))]
-    stats = {n: FeatureStats.from_ids(stats_ids[:, j]) for j, n in enumerate(names)}
-    head = (torch.randn(len(cards) * args.dim) / (len(cards) * args.dim) ** 0.5).to(device)
-    k = args.dim * args.mlet_factor
 
-    print(
-        f"embedding speed: batch {args.batch} × {len(cards)} features, d={args.dim}, "
-        f"MLET k={k}, ratio {args.ratio:g}, Terabyte cardinalities × {args.scale:g} "
-        f"({sum(cards):,} values), "
-        + (torch.cuda.get_device_name(device) if device.type == "cuda"
-           else f"{torch.get_num_threads()} threads")
-    )
-    trainers: dict[str, tuple[Trainer, Trainer, Trainer | None, int, int]] = {}
-    for name, method in every_method(k).items():
+# A method's trainers: the engine's, the EmbeddingBags', the bare TBE's (None without
+# fbgemm), then its serving and training bytes.
+Contenders = tuple[Trainer, Trainer, Trainer | None, int, int]
+
+
+def _contenders(args: argparse.Namespace, cards: list[int], stats: dict[str, FeatureStats],
+                head: torch.Tensor, device: torch.device) -> dict[str, Contenders]:
+    """Every method asked for, each beside its two references of the same serving bytes."""
+    trainers: dict[str, Contenders] = {}
+    for name, method in every_method(args.dim * args.mlet_factor).items():
         if args.only and name not in args.only:
             continue
         ratio = None if method["method"] == "full" else args.ratio
@@ -201,19 +189,11 @@ def main(argv: list[str] | None = None) -> None:
             collection.serving_bytes(),
             collection.training_bytes(),
         )
-    # Rounds over every method in turn, so that load from elsewhere spreads over all alike.
-    for i, batch in enumerate(batches):
-        for ours, bag, tbe, _, _ in trainers.values():
-            for trainer in (ours, bag, tbe):
-                if trainer is not None:
-                    trainer.step(batch, record=i >= args.warmup)
-    rows = [
-        (name, ours.seconds(), bag.seconds(), tbe.seconds() if tbe else float("nan"),
-         serving, training)
-        for name, (ours, bag, tbe, serving, training) in trainers.items()
-    ]
-    table = {name: seconds for name, seconds, *_ in rows}
+    return trainers
 
+
+def _print_rows(rows: list[tuple[str, float, float, float, int, int]], batch: int,
+                table: dict[str, float]) -> None:
     print()
     header = (
         f"{'method':<22} {'samples/s':>10} {'ms/step':>8} {'TBE samples/s':>14} "
@@ -228,10 +208,50 @@ def main(argv: list[str] | None = None) -> None:
         if base in table:
             versus = f"{seconds / table[base]:.2f}× {base}"
         print(
-            f"{name:<22} {args.batch / seconds:>10,.0f} {seconds * 1e3:>8.1f} "
-            f"{args.batch / tbe:>14,.0f} {tbe / seconds:>6.2f} {args.batch / bag:>14,.0f} "
+            f"{name:<22} {batch / seconds:>10,.0f} {seconds * 1e3:>8.1f} "
+            f"{batch / tbe:>14,.0f} {tbe / seconds:>6.2f} {batch / bag:>14,.0f} "
             f"{serving / 2**20:>10.1f} {training / 2**20:>11.1f} {versus:>14}"
         )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this machine has no CUDA device")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    cards = [max(3, int(n * args.scale)) for n in TERABYTE_CARDINALITIES]
+    batches = [b.to(device) for b in zipf_batches(cards, args.steps + args.warmup, args.batch)]
+    stats_ids = torch.cat(batches[: args.warmup + 1]).cpu()
+    names = [f"C{j + 1}" for j in range(len(cards))]
+    stats = {n: FeatureStats.from_ids(stats_ids[:, j]) for j, n in enumerate(names)}
+    head = (torch.randn(len(cards) * args.dim) / (len(cards) * args.dim) ** 0.5).to(device)
+
+    print(
+        f"embedding speed: batch {args.batch} × {len(cards)} features, d={args.dim}, "
+        f"MLET k={args.dim * args.mlet_factor}, ratio {args.ratio:g}, Terabyte cardinalities "
+        f"× {args.scale:g} ({sum(cards):,} values), "
+        + (torch.cuda.get_device_name(device) if device.type == "cuda"
+           else f"{torch.get_num_threads()} threads")
+    )
+    trainers = _contenders(args, cards, stats, head, device)
+    # Rounds over every method in turn, so that load from elsewhere spreads over all alike.
+    for i, batch in enumerate(batches):
+        for ours, bag, tbe, _, _ in trainers.values():
+            for trainer in (ours, bag, tbe):
+                if trainer is not None:
+                    trainer.step(batch, record=i >= args.warmup)
+    rows = [
+        (name, ours.seconds(), bag.seconds(), tbe.seconds() if tbe else float("nan"),
+         serving, training)
+        for name, (ours, bag, tbe, serving, training) in trainers.items()
+    ]
+    table = {name: seconds for name, seconds, *_ in rows}
+    _print_rows(rows, args.batch, table)
     _goals(table)
     tbe_hash = next((tbe for name, _, _, tbe, _, _ in rows if name == "hash"), None)
     if "hash" in table and tbe_hash:

@@ -37,9 +37,10 @@ import numpy as np
 from embeddings.metrics import roc_auc
 from embeddings.serving import read_model_json
 from jobs.config import load_config
-from jobs.train import ensure_ray, plan_run
-from jobs.train_config import TrainConfig
-from jobs.train_loop import train_loop_per_worker
+from jobs.ray_session import ensure_ray
+from training.config import TrainConfig
+from training.plan import plan_run
+from training.worker import train_loop_per_worker
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO / "deploy" / "configs" / "criteo_kaggle_sample.yaml"
@@ -182,7 +183,7 @@ def train_cell(base: TrainConfig, data: Path, out: Path, name: str,
     shutil.rmtree(config.run_dir, ignore_errors=True)
     t0 = time.perf_counter()
     spec = plan_run(config, verbose=False)
-    train_loop_per_worker({"spec": spec.__dict__})
+    train_loop_per_worker({"spec": spec})
     metrics = read_model_json(config.export_dir)["metrics"]
     shutil.rmtree(config.run_dir, ignore_errors=True)
     return {"validation_auc": metrics["validation_auc"], "heldout_auc": metrics["test_auc"],

@@ -28,9 +28,9 @@ from data_pipeline.synthetic import SynthConfig, generate
 def per_core(config: SynthConfig, out: Path) -> dict[str, float]:
     synthetic.generate_rows(config, 0, 0, 1000)  # compile / load the kernels, calibrate
     cpu = {"generate rows": 0.0, "encode Parquet": 0.0, "sha256": 0.0}
-    for day, part, start, stop in synthetic._parts(config):
+    for day, part, start, stop in synthetic.writers.parts(config):
         c0 = time.process_time()
-        table, _ = synthetic._generate(config, day, start, stop, reuse=True)
+        table, _ = synthetic.rows.generate_part(config, day, start, stop, reuse=True)
         c1 = time.process_time()
         path = shards.shard_path(out, day, part)
         shards.write_table_atomic(table, path)

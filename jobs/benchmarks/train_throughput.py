@@ -2,7 +2,7 @@
 
 Both train the same model (DLRM small, the same compressed collection) on the same
 synthetic shards with the same global batch; the plain loop is PyTorch alone in this
-process (pyarrow reading, every core to torch), the job is `jobs.train.run` with 2 workers
+process (pyarrow reading, every core to torch), the job is `training.run.run` with 2 workers
 at 0.5 CPU each (data read through Ray Data, lookups through all-to-all, DDP). The goal
 (issue 4) is a ratio ≥ 0.8 on this 2-core machine. Run:
 `python jobs/benchmarks/train_throughput.py [--rows 1000000] [--steps 300] [--method hash]`
@@ -30,17 +30,20 @@ import torch
 from torch import nn
 
 from data_pipeline.datasets import iter_local_batches
+from data_pipeline.stats import load_feature_stats
 from embeddings.collection import EmbeddingCollection
 from embeddings.optim import train_step
 from jobs import synth
-from jobs.train import cardinalities_of, ensure_ray, run
-from jobs.train_config import TrainConfig
+from jobs.ray_session import ensure_ray
+from training.config import TrainConfig
+from training.plan import cardinalities_of
+from training.run import run
 
 
 def plain_loop(config: TrainConfig, steps: int, warmup: int = 10) -> float:
     """Samples/s of the same model trained in this process, no Ray."""
     torch.manual_seed(config.seed)
-    _, cards = cardinalities_of(config)
+    _, cards = cardinalities_of(load_feature_stats(config.data.path))
     collection = EmbeddingCollection(config.collection(cards),
                                      optimizer=config.optimizer.table_optimizer())
     dense = config.model_spec.build()

@@ -13,7 +13,7 @@ from data_pipeline import stats
 from data_pipeline.datasets import split_row_ranges
 from data_pipeline.schema import SPARSE_COLUMNS, arrow_schema
 from data_pipeline.shards import shard_path, write_json_atomic, write_table_atomic
-from data_pipeline.stats import FeatureStats, load_feature_stats, write_feature_stats
+from data_pipeline.stats import DatasetStats, load_feature_stats, write_feature_stats
 from data_pipeline.synthetic import SynthConfig, generate
 
 
@@ -145,7 +145,7 @@ def test_ray_tasks_give_the_same_counts(ray_cluster, synthetic_root, monkeypatch
 def test_unknown_feature_and_missing_stats(tmp_path):
     with pytest.raises(FileNotFoundError, match="write_feature_stats"):
         load_feature_stats(tmp_path)
-    st = FeatureStats(tmp_path, {"mode": "exact", "rows": 0, "rare_below": 10,
+    st = DatasetStats(tmp_path, {"mode": "exact", "rows": 0, "rare_below": 10,
                                  "hot_share": 1e-4, "features": {}}, {})
     with pytest.raises(KeyError, match=r"C1\.\.C26"):
         st.counts("I1")

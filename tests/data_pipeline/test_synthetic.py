@@ -107,7 +107,8 @@ def test_scramble_is_a_bijection_and_cardinality_is_respected():
         if n <= 64:
             assert distinct == n  # every value of a small feature shows up
     items = np.arange(30_000, dtype=np.uint64)
-    values = np.array([synthetic._scramble32(int(i), synthetic._key(9, 1)) for i in items])
+    key = synthetic.teacher.key(9, 1)
+    values = np.array([synthetic.kernels.scramble32(int(i), key) for i in items])
     assert len(np.unique(values)) == len(items)
 
 
@@ -187,12 +188,12 @@ def test_drift_moves_the_hot_set():
 
 
 def test_rare_items_are_weaker_but_not_silent():
-    # The teacher's latents shrink with popularity rank (synthetic.RARITY_*): squared norms,
+    # The teacher's latents shrink with popularity rank (kernels.RARITY_*): squared norms,
     # in units of 1/LATENT_STEPS², of the 100 most popular items against ranks 10k-20k.
-    model = synthetic._base_model(synthetic._teacher_fields(SynthConfig(rows=1)))
-    c1 = model.lat_nw[: model.lat_rows[0]] & np.uint64(0xFFFFFFFF)
+    latents = synthetic.teacher.base_model(SynthConfig(rows=1).teacher_fields()).latents
+    c1 = latents.norm_w[: latents.rows[0]] & np.uint64(0xFFFFFFFF)
     head, rare = c1[:100].mean(), c1[10_000:20_000].mean()
-    expected = synthetic._rarity_scale(15_000.0) ** 2  # ≈ 0.0066
+    expected = synthetic.kernels.rarity_scale(15_000.0) ** 2  # ≈ 0.0066
     assert 0.5 * expected < rare / head < 2 * expected
     assert rare > 5  # still ~2.5 quantisation steps per value: some signal left
 

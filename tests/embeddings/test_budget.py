@@ -1,5 +1,5 @@
 """The one budget module: bytes per format, rows per ratio, QR's remainder size, CAFE's
-artifact formula, the uncompressed threshold and the byte-budget solver."""
+artifact formula, the uncompressed threshold, the byte-budget solver and byte formatting."""
 
 from __future__ import annotations
 
@@ -63,3 +63,16 @@ def test_ratio_for_budget_returns_a_ratio_that_fits() -> None:
     assert budget.ratio_for_budget(bytes_at, 10**9) == 1.0
     with pytest.raises(ValueError, match="cannot be met"):
         budget.ratio_for_budget(bytes_at, 500)
+
+
+def test_format_bytes_uses_binary_units() -> None:
+    assert [budget.format_bytes(b) for b in (0, 1023, 1024, 3 << 29, 5 << 40)] == [
+        "0 B",
+        "1023 B",
+        "1.00 KiB",
+        "1.50 GiB",
+        "5.00 TiB",
+    ]
+    # Plots and reports ask for three significant figures.
+    assert budget.format_bytes(1536, ".3g") == "1.5 KiB"
+    assert budget.format_bytes(3 * 1024**3, ".3g") == "3 GiB"

@@ -11,14 +11,7 @@ from embeddings.methods.cafe import CafeConfig, CafeEmbedding, cafe_defaults
 from embeddings.optim import LazyAdam, RowWiseAdagrad
 from embeddings.tables import TableOptimizer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The suite shares two cores: intra-op threads only contend there (tiny ops slow 10×).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class RecordingCafe(CafeEmbedding):

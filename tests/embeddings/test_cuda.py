@@ -205,17 +205,3 @@ def test_cafe_checkpoint_taken_on_the_gpu_resumes_there(batches, tmp_path) -> No
     # (CUDA's atomic adds may sum a row's gradients in another order: not bit-identical.)
     assert np.allclose(_train(resumed, batches[10:12], GPU), _train(trained, batches[10:12], GPU),
                        atol=1e-5)
-
-
-def test_small_embeddings_are_read_from_a_model_on_the_gpu() -> None:
-    from embeddings.methods.learned_hash import small_embeddings_from
-
-    torch.manual_seed(0)
-    table = EmbeddingCollection(CollectionConfig(dim=DIM, cardinalities=[5000], ratio=10,
-                                                 method={"method": "hash"})).method("C1")
-    ids = np.arange(0, 3000, 3)
-    on_cpu = small_embeddings_from(table, ids, dim=4)
-    on_gpu = small_embeddings_from(table.to(GPU), ids, dim=4)
-    assert on_gpu.shape == (1000, 4)
-    # PCA basis vectors are defined up to sign.
-    assert np.allclose(np.abs(on_gpu), np.abs(on_cpu), atol=1e-4)

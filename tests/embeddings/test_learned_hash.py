@@ -3,26 +3,17 @@ import pytest
 import torch
 
 from embeddings.collection import CollectionConfig, EmbeddingCollection
-from embeddings.hashing import hash_bucket
 from embeddings.methods.base import FeatureStats, Mapper, tensor_bytes
-from embeddings.methods.hashing_trick import HashConfig
 from embeddings.methods.learned_hash import (
     LearnedHashConfig,
     LearnedHashMapper,
     fit_learned_hash,
-    small_embeddings_from,
     weighted_kmeans,
 )
 from embeddings.optim import RowWiseAdagrad
+from idhash.splitmix import hash_bucket
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The suite shares two cores: intra-op threads only contend there (tiny ops slow 10×).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def zipf_feature(values: int, seed: int, small_dim: int = 4, blobs: int = 20):
@@ -134,16 +125,6 @@ def test_serving_form_equals_training_form_for_seen_and_unseen_ids(mlet_dim):
         == (tensor_bytes(serving.mapper.buffers()) + 300 * 8 * 4)
     )
     assert emb.training_bytes() == tensor_bytes(emb.parameters()) + tensor_bytes(emb.buffers())
-
-
-def test_two_phase_helper_reads_small_embeddings_from_a_trained_model():
-    ids, counts, _, _ = zipf_feature(2000, seed=5)
-    phase1 = HashConfig(rows=2000).build(2000, 16)
-    train(phase1, ids, 50)
-    small = small_embeddings_from(phase1, ids, dim=4)
-    assert small.shape == (2000, 4) and np.isfinite(small).all()
-    emb = LearnedHashConfig(rows=200).build(2000, 16, FeatureStats(ids, counts), small)
-    assert emb.mapper.own_rows == 100
 
 
 def test_config_needs_statistics_and_plans_bytes_without_fitting():

@@ -23,14 +23,7 @@ from embeddings.metrics import (
     row_bands,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second intra-op thread only spins on the two shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def roc_auc_score(labels: np.ndarray, scores: np.ndarray) -> float:

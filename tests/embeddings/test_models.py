@@ -18,14 +18,7 @@ from embeddings.models import (
     model_preset,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second intra-op thread only spins on the two shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def inputs(n: int, config: DLRMConfig | DCNConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,17 +7,16 @@ import torch
 from pydantic import ValidationError
 
 from data_pipeline.schema import TERABYTE_CARDINALITIES
-from embeddings.hashing import hash_bucket
 from embeddings.sharding import (
     SHARD_HASH_SEED,
     FeaturePlacement,
     FeatureSize,
     Placement,
     ShardingPlan,
-    format_bytes,
     plan_sharding,
     shard_of,
 )
+from idhash.splitmix import hash_bucket
 
 
 def sizes(byte_counts: list[int], stateless: bool = False) -> list[FeatureSize]:
@@ -172,16 +171,6 @@ def test_describe_prints_placement_shards_and_bytes_per_worker():
     assert lines[-1].split()[0] == "total" and "2.00 GiB" in lines[-1]
     wide = plan_sharding(sizes([100] * 20), 16).describe()
     assert "owners" in wide.splitlines()[1] and wide.splitlines()[-1].startswith("worker bytes")
-
-
-def test_format_bytes_uses_binary_units():
-    assert [format_bytes(b) for b in (0, 1023, 1024, 3 << 29, 5 << 40)] == [
-        "0 B",
-        "1023 B",
-        "1.00 KiB",
-        "1.50 GiB",
-        "5.00 TiB",
-    ]
 
 
 def test_shard_of_is_the_fixed_seed_hash_and_independent_of_method_hashes():

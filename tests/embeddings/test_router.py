@@ -13,7 +13,6 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from embeddings.hashing import hash_bucket
 from embeddings.models import DLRMConfig
 from embeddings.sharding import (
     FeatureSize,
@@ -23,6 +22,7 @@ from embeddings.sharding import (
     plan_sharding,
     shard_of,
 )
+from idhash.splitmix import hash_bucket
 
 DIM = 8
 ROWS = [4000, 1000, 800, 20, 10, 30]  # feature 0 is split, 3 and 4 replicated
@@ -33,13 +33,7 @@ SPARSE_GRAD = [True, False, True, True, False, False]
 BATCH, STEPS, DENSE_LR, EMBEDDING_LR = 32, 4, 0.5, 20.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second intra-op thread only spins on the two shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class HashedTable(nn.Module):

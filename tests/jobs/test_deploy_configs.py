@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from jobs.config import load_config
-from jobs.train_config import TrainConfig
+from training.config import TrainConfig
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 ALL_YAML = sorted(DEPLOY.rglob("*.yaml"))
@@ -21,7 +21,7 @@ def _check_train(path: Path) -> None:
 
 
 def _check_tune(path: Path) -> None:
-    from jobs.tune_config import TuneConfig
+    from training.search.config import TuneConfig
 
     load_config(path, TuneConfig)
 

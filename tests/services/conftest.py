@@ -1,4 +1,5 @@
-"""Serving fixtures: Criteo rows, good and broken exported models, their offline scores.
+"""Serving fixtures: Criteo rows and the test models' offline scores (the models themselves,
+good and broken, are tests/conftest.py's `model_dirs`, shared with the serving jobs' tests).
 
 The Serve tests run with direct ingress on and the slow-upload guard in front of the proxy
 and the replicas, as `python -m jobs.serve --direct-ingress` runs them. Serve's processes read
@@ -9,20 +10,12 @@ before any test starts Ray.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from serving_helpers import (
-    BODY_DEADLINE_S,
-    UNLABELLED,
-    export_test_model,
-    offline_probabilities,
-    synthetic_samples,
-)
+from serving_helpers import BODY_DEADLINE_S, UNLABELLED, offline_probabilities, synthetic_samples
 
-from embeddings.serving import WEIGHTS_FILE
 from services.guard import CALLBACK, CALLBACK_ENV, DEADLINE_ENV
 
 for _name, _value in {
@@ -49,29 +42,6 @@ def criteo_samples(request: pytest.FixtureRequest,
 @pytest.fixture(scope="session")
 def unlabelled_tsv(criteo_samples: Path) -> Path:
     return criteo_samples / UNLABELLED
-
-
-@pytest.fixture(scope="session")
-def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Two good models (v1, v2) and the broken directories a deploy must refuse."""
-    root = tmp_path_factory.mktemp("models")
-    v1 = export_test_model(root / "v1", seed=1, version="v1")
-    v2 = export_test_model(root / "v2", seed=2, version="v2")
-
-    truncated = root / "truncated"
-    shutil.copytree(v1, truncated)
-    weights = truncated / WEIGHTS_FILE
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-
-    # Same size, one flipped byte deep inside a tensor: only the checksum can tell.
-    corrupted = root / "checksum"
-    shutil.copytree(v1, corrupted)
-    data = bytearray((corrupted / WEIGHTS_FILE).read_bytes())
-    data[-100] ^= 0xFF
-    (corrupted / WEIGHTS_FILE).write_bytes(bytes(data))
-
-    return {"v1": v1, "v2": v2, "missing": root / "does-not-exist",
-            "truncated": truncated, "checksum": corrupted}
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,8 @@ from serving_helpers import build_test_model
 
 from embeddings.serving import MODEL_FILE, ModelFileError, check_model_dir, export_model
 from services.app import build_app
-from services.scoring import BearerAuth, ScoringSettings, load_for_serving
+from services.auth import BearerAuth
+from services.served_model import ScoringSettings, load_for_serving
 
 REASONS = {
     "missing": "does not exist",

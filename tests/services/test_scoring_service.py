@@ -29,7 +29,7 @@ from jobs import score as score_job
 from jobs import serve as serve_job
 from jobs.ports import free_port
 from services.app import application_urls
-from services.scoring import TOKEN_ENV
+from services.auth import TOKEN_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 APP = "embpress-test"

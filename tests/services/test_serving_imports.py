@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]
 SERVING_MODULES = frozenset({
     "embeddings",
     "embeddings.budget",
-    "embeddings.hashing",
     "embeddings.mapping",
     "embeddings.models",
+    "embeddings.models.common",
     "embeddings.models.dcn",
     "embeddings.models.dlrm",
     "embeddings.models.presets",
@@ -76,9 +76,9 @@ def test_numba_scalar_hash_is_still_there_for_kernels() -> None:
     """The hash module compiles its numba twin only when a kernel asks for it."""
     code = (
         "import sys\n"
-        "import embeddings.hashing as h\n"
+        "import idhash.splitmix as h\n"
         "assert 'numba' not in sys.modules\n"
-        "from embeddings.hashing import hash64_scalar\n"
+        "from idhash.splitmix import hash64_scalar\n"
         "import numba\n"
         "assert isinstance(hash64_scalar, numba.core.registry.CPUDispatcher)\n"
         "assert h.hash64_scalar is hash64_scalar\n"

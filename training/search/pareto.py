@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from embeddings.budget import format_bytes as _format_binary
+
 AUC = "validation_auc"
 BYTES = "serving_bytes"
 
@@ -95,13 +97,9 @@ def best_under_budget(rows: Iterable[Mapping[str, Any]], budget: int | None,
 
 
 def format_bytes(n: float) -> str:
-    """Bytes in binary units with three significant figures (1.23 MiB)."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.3g} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+    """Bytes in binary units with three significant figures (1.23 MiB): short enough for
+    plot ticks and table cells."""
+    return _format_binary(n, ".3g")
 
 
 def _cell(value: Any) -> str:
@@ -164,26 +162,13 @@ def plot_front(
 
     matplotlib.use("Agg")  # files only: no display on a cluster node
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     scored = [r for r in rows if _finite(r.get(auc)) and _finite(r.get(nbytes))]
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     try:
-        groups = sorted({str(r.get(group, "")) for r in scored})
-        colours = plt.get_cmap("tab10")
-        for k, name in enumerate(groups):
-            members = [r for r in scored if str(r.get(group, "")) == name]
-            for finished in (True, False):
-                part = [r for r in members if (r.get("status", "finished") == "finished")
-                        == finished]
-                if not part:
-                    continue
-                ax.scatter([r[nbytes] for r in part], [r[auc] for r in part],
-                           s=36, color=colours(k % 10) if finished else "none",
-                           edgecolors=colours(k % 10), linewidths=1.2, zorder=3,
-                           label=name if finished else f"{name} (stopped early)")
+        _scatter(ax, scored, group, auc, nbytes, plt.get_cmap("tab10"))
         if front:
             xs = [r[nbytes] for r in front]
             ys = [r[auc] for r in front]
@@ -195,12 +180,7 @@ def plot_front(
         if budget is not None:
             ax.axvline(budget, color="tab:red", linestyle="--", linewidth=1.3, zorder=1,
                        label=f"budget {format_bytes(budget)}")
-        positive = [r[nbytes] for r in scored if r[nbytes] > 0] + ([budget] if budget else [])
-        if positive and max(positive) / min(positive) > 20:
-            ax.set_xscale("log", base=2)  # ticks at 8 KiB, 16 KiB, ... not at 9.77 KiB
-            ax.xaxis.set_major_locator(LogLocator(base=2, numticks=12))
-            ax.xaxis.set_minor_locator(NullLocator())
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_bytes(v)))
+        _bytes_axis(ax, [r[nbytes] for r in scored if r[nbytes] > 0] + ([budget] if budget else []))
         ax.set_xlabel("serving bytes (embedding tables and mappers, as exported)")
         ax.set_ylabel("validation AUC")
         ax.set_title(title)
@@ -212,3 +192,31 @@ def plot_front(
     finally:
         plt.close(fig)
     return path
+
+
+def _scatter(ax: Any, scored: Sequence[Mapping[str, Any]], group: str, auc: str, nbytes: str,
+             colours: Any) -> None:
+    """One colour per group; finished trials filled, those stopped early hollow."""
+    groups = sorted({str(r.get(group, "")) for r in scored})
+    for k, name in enumerate(groups):
+        members = [r for r in scored if str(r.get(group, "")) == name]
+        for finished in (True, False):
+            part = [r for r in members if (r.get("status", "finished") == "finished")
+                    == finished]
+            if not part:
+                continue
+            ax.scatter([r[nbytes] for r in part], [r[auc] for r in part],
+                       s=36, color=colours(k % 10) if finished else "none",
+                       edgecolors=colours(k % 10), linewidths=1.2, zorder=3,
+                       label=name if finished else f"{name} (stopped early)")
+
+
+def _bytes_axis(ax: Any, positive: list[float]) -> None:
+    """Bytes in binary units; a log scale when they span more than 20x."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
+    if positive and max(positive) / min(positive) > 20:
+        ax.set_xscale("log", base=2)  # ticks at 8 KiB, 16 KiB, ... not at 9.77 KiB
+        ax.xaxis.set_major_locator(LogLocator(base=2, numticks=12))
+        ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_bytes(v)))

@@ -1,20 +1,21 @@
-"""The training job's configuration: one pydantic model, loaded from YAML."""
+"""The sections of a training config (data, optimizer, schedule, scaling, run, export,
+fault): pydantic models whose `Args:` are the documentation of every YAML field."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from embeddings.collection import CollectionConfig
-from embeddings.models import ModelConfig, model_preset
+from embeddings.budget import ExportQuantize
 from embeddings.tables import TableOptimizer
-from jobs.config import ConfigError, format_validation_error
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """A config section: an unknown field is an error, never ignored."""
+
     model_config = ConfigDict(extra="forbid")
 
 
@@ -24,7 +25,7 @@ def _absolute(path: Path | None) -> Path | None:
     return None if path is None else path.expanduser().resolve()
 
 
-class DataSettings(_Strict):
+class DataSettings(Strict):
     """Where the shards are and how they are batched.
 
     Args:
@@ -45,7 +46,7 @@ class DataSettings(_Strict):
     _path = field_validator("path")(_absolute)
 
 
-class OptimizerSettings(_Strict):
+class OptimizerSettings(Strict):
     """Optimizers: row-wise Adagrad (or lazy Adam) on embedding tables, Adam on dense layers.
 
     Args:
@@ -91,7 +92,7 @@ class OptimizerSettings(_Strict):
         return self.dense_lr * factor
 
 
-class EarlyStopping(_Strict):
+class EarlyStopping(Strict):
     """Stop when the validation metric stops improving, and export the best model seen.
 
     The metric is evaluated every `schedule.eval_every` steps, or at the end of every epoch
@@ -123,7 +124,7 @@ class EarlyStopping(_Strict):
         return value < best - self.min_delta
 
 
-class ScheduleSettings(_Strict):
+class ScheduleSettings(Strict):
     """How long to train and how often to evaluate, log and checkpoint.
 
     Args:
@@ -147,7 +148,7 @@ class ScheduleSettings(_Strict):
     early_stopping: EarlyStopping | None = None
 
 
-class ScalingSettings(_Strict):
+class ScalingSettings(Strict):
     """The Ray Train worker group.
 
     Args:
@@ -173,7 +174,7 @@ class ScalingSettings(_Strict):
         return max(1, self.plan_for_workers or self.num_workers)
 
 
-class RunSettings(_Strict):
+class RunSettings(Strict):
     """Where the run keeps its checkpoints, TensorBoard curves and results.
 
     Args:
@@ -189,21 +190,21 @@ class RunSettings(_Strict):
     max_failures: int = Field(1, ge=0)
 
 
-class ExportSettings(_Strict):
+class ExportSettings(Strict):
     """The serving model written at the end.
 
     Args:
         out: directory for model.json + weights.safetensors (None: <run folder>/model).
-        quantize: storage of the serving tables.
+        quantize: storage of the serving tables: none (fp32), fp16, int8 or int4.
     """
 
     out: Path | None = None
-    quantize: Literal["none", "fp16", "int8", "int4"] = "none"
+    quantize: ExportQuantize = ExportQuantize.NONE
 
     _out = field_validator("out")(_absolute)
 
 
-class FaultSettings(_Strict):
+class FaultSettings(Strict):
     """Injected failure, for testing recovery: rank `rank` raises once at step `step`.
 
     Args:
@@ -217,83 +218,3 @@ class FaultSettings(_Strict):
     marker: Path
 
     _marker = field_validator("marker")(_absolute)
-
-
-class TrainConfig(_Strict):
-    """A training run: data, model, compressed embeddings, optimizer, schedule, scaling.
-
-    Args:
-        model: a preset name (dlrm-small, dcn-small, dlrm-mlperf, dcn-mlperf) or a model config
-            with `kind: dlrm|dcn`.
-        embeddings: the embedding collection (see `embeddings.collection.CollectionConfig`);
-            `cardinalities` may be left out and are then read from the data's statistics;
-            `dim` defaults to the model's `table_dim` (embedding_dim, + 1 when the model's
-            first_order term is on: its scalar is the tables' last column).
-        seed: seeds initialisation and the data order.
-    """
-
-    data: DataSettings
-    model: ModelConfig | str = Field("dlrm-small", validate_default=True)
-    embeddings: dict[str, Any] = Field(
-        default_factory=lambda: {"method": {"method": "hash"}, "ratio": 10}
-    )
-    optimizer: OptimizerSettings = Field(default_factory=OptimizerSettings)
-    schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
-    scaling: ScalingSettings = Field(default_factory=ScalingSettings)
-    run: RunSettings = Field(default_factory=RunSettings)
-    export: ExportSettings = Field(default_factory=ExportSettings)
-    fault: FaultSettings | None = None
-    seed: int = 0
-
-    @field_validator("model")
-    @classmethod
-    def _model(cls, model: ModelConfig | str) -> ModelConfig:
-        return model_preset(model) if isinstance(model, str) else model
-
-    @field_validator("embeddings")
-    @classmethod
-    def _embeddings(cls, emb: dict[str, Any]) -> dict[str, Any]:
-        # Checked in full once cardinalities are known (collection()); here only the shape.
-        allowed = set(CollectionConfig.model_fields)
-        unknown = sorted(set(emb) - allowed)
-        if unknown:
-            raise ValueError(f"unknown embeddings field(s) {unknown}; allowed: {sorted(allowed)}")
-        return emb
-
-    @property
-    def model_spec(self) -> ModelConfig:
-        assert not isinstance(self.model, str)
-        return self.model
-
-    def collection(self, cardinalities: list[int] | None = None) -> CollectionConfig:
-        """The collection config with cardinalities filled in; errors name `embeddings.*`."""
-        data = dict(self.embeddings)
-        width = self.model_spec.table_dim
-        data.setdefault("dim", width)
-        if "cardinalities" not in data:
-            if cardinalities is None:
-                raise ConfigError("embeddings.cardinalities: not given and no data statistics")
-            data["cardinalities"] = list(cardinalities)
-        try:
-            config = CollectionConfig.model_validate(data)
-        except ValidationError as e:
-            message = format_validation_error("embeddings", e)
-            if self.model_spec.first_order:
-                message += (f" (model.first_order makes every table {width} wide: d + 1, the "
-                            "first-order scalar being the last column)")
-            raise ConfigError(message) from None
-        if config.dim != width:
-            raise ConfigError(
-                f"embeddings.dim={config.dim} differs from the model's table width {width} "
-                f"(embedding_dim={self.model_spec.embedding_dim}"
-                + (" + 1 for model.first_order)" if self.model_spec.first_order else ")")
-            )
-        return config
-
-    @property
-    def run_dir(self) -> Path:
-        return self.run.storage_path.resolve() / self.run.name
-
-    @property
-    def export_dir(self) -> Path:
-        return (self.export.out or self.run_dir / "model").resolve()

@@ -1,4 +1,5 @@
-"""Helpers of the serving tests: small exported models and offline reference scores.
+"""Helpers of the serving tests (tests/services, and the serve/export jobs' in tests/jobs):
+small exported models, broken copies of them, and offline reference scores.
 
 The models are built the way the train job builds its export — a compressed embedding
 collection collapsed to its serving form, a dlrm-small dense model, `export_model` — only
@@ -8,6 +9,7 @@ TSV reader and `transform_table`, the path evaluation takes, never the service's
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ from data_pipeline.schema import TERABYTE_CARDINALITIES
 from data_pipeline.transforms import transform_table
 from embeddings.collection import CollectionConfig, EmbeddingCollection
 from embeddings.models import model_preset
-from embeddings.serving import ServingModel, export_model, load_model
+from embeddings.serving import WEIGHTS_FILE, ServingModel, export_model, load_model
 
 UNLABELLED = "criteo_kaggle_unlabeled_sample.tsv"
 LABELLED = "criteo_kaggle_sample.tsv"
@@ -59,6 +61,23 @@ def build_test_model(seed: int) -> ServingModel:
 def export_test_model(directory: Path, seed: int, version: str | None = None) -> Path:
     metadata = {"version": version} if version else {}
     return export_model(build_test_model(seed), directory, metadata)
+
+
+def broken_model_dirs(good: Path, root: Path) -> dict[str, Path]:
+    """Directories a deploy must refuse, made from the good model at `good` under `root`:
+    "missing", "truncated" (half its weights) and "checksum" (one flipped byte)."""
+    truncated = root / "truncated"
+    shutil.copytree(good, truncated)
+    weights = truncated / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    # Same size, one flipped byte deep inside a tensor: only the checksum can tell.
+    corrupted = root / "checksum"
+    shutil.copytree(good, corrupted)
+    data = bytearray((corrupted / WEIGHTS_FILE).read_bytes())
+    data[-100] ^= 0xFF
+    (corrupted / WEIGHTS_FILE).write_bytes(bytes(data))
+    return {"missing": root / "does-not-exist", "truncated": truncated, "checksum": corrupted}
 
 
 def offline_probabilities(model_dir: Path, tsv: Path) -> np.ndarray:

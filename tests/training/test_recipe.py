@@ -15,9 +15,12 @@ from embeddings.metrics import roc_auc
 from embeddings.serving import load_model
 from jobs import prepare
 from jobs.config import ConfigError, load_config
-from jobs.train import plan_run, run
-from jobs.train_config import OptimizerSettings, TrainConfig
-from jobs.train_loop import BEST_DIR, RANK_FILE, train_loop_per_worker
+from training.checkpoint import BEST_DIR, RANK_FILE
+from training.config import TrainConfig
+from training.plan import plan_run
+from training.run import run
+from training.settings import OptimizerSettings
+from training.worker import train_loop_per_worker
 
 PRESET = Path(__file__).resolve().parents[2] / "deploy" / "configs" / "criteo_kaggle_sample.yaml"
 
@@ -84,7 +87,7 @@ def test_early_stopping_exports_the_best_epochs_model_not_the_last(
     kaggle_rows, ray_cluster, tmp_path
 ):
     config = _overfitting_config(kaggle_rows, tmp_path, "stop")
-    train_loop_per_worker({"spec": plan_run(config, verbose=False).__dict__})
+    train_loop_per_worker({"spec": plan_run(config, verbose=False)})
     _assert_exported_the_best(config, kaggle_rows)
 
 

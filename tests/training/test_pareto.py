@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from jobs import pareto
+from training.search import pareto
 
 
 def _brute_force_front(rows):

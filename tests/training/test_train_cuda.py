@@ -10,9 +10,10 @@ import torch
 from data_pipeline.datasets import iter_local_batches
 from embeddings.metrics import roc_auc
 from embeddings.serving import load_model
-from jobs.train import plan_run, run
-from jobs.train_config import TrainConfig
-from jobs.train_loop import train_loop_per_worker
+from training.config import TrainConfig
+from training.plan import plan_run
+from training.run import run
+from training.worker import train_loop_per_worker
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device here; the GPU path runs on a GPU machine"
@@ -47,7 +48,7 @@ def test_single_process_gpu_run_trains_what_the_cpu_trains(synth_data, ray_clust
     metrics = {}
     for use_gpu in (False, True):
         config = _config(synth_data, tmp_path, f"gpu-{use_gpu}", use_gpu)
-        train_loop_per_worker({"spec": plan_run(config, verbose=False).__dict__})
+        train_loop_per_worker({"spec": plan_run(config, verbose=False)})
         auc, metrics[use_gpu] = _exported_auc(config, synth_data)
         assert abs(auc - metrics[use_gpu]["validation_auc"]) < 1e-4, (use_gpu, auc, metrics)
     gpu, cpu = metrics[True], metrics[False]
@@ -58,7 +59,7 @@ def test_single_process_gpu_run_trains_what_the_cpu_trains(synth_data, ray_clust
 
 def test_ray_train_gpu_worker_trains_over_nccl(synth_data, ray_cluster, tmp_path):
     single = _config(synth_data, tmp_path, "gpu-single", use_gpu=True)
-    train_loop_per_worker({"spec": plan_run(single, verbose=False).__dict__})
+    train_loop_per_worker({"spec": plan_run(single, verbose=False)})
     _, expected = _exported_auc(single, synth_data)
 
     config = _config(synth_data, tmp_path, "gpu-worker", use_gpu=True, workers=1)

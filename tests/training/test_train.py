@@ -13,10 +13,12 @@ from data_pipeline.stats import load_feature_stats
 from data_pipeline.transforms import transform_table
 from embeddings.metrics import FrequencyBand, roc_auc, row_bands
 from embeddings.serving import load_model
-from jobs.config import ConfigError
-from jobs.train import plan_run, realised_ratio, run
-from jobs.train_config import TrainConfig
-from jobs.train_loop import FINGERPRINT_MOD, _bands, row_fingerprint, train_loop_per_worker
+from training.audit import FINGERPRINT_MOD, row_fingerprint
+from training.config import ConfigError, TrainConfig
+from training.evaluation import frequency_bands
+from training.plan import plan_run, realised_ratio
+from training.run import run
+from training.worker import train_loop_per_worker
 
 
 def _config(root, tmp_path, name, **overrides) -> TrainConfig:
@@ -77,7 +79,7 @@ def test_a_missing_value_does_not_make_a_row_rare(synth_data):
     sparse = torch.tensor([[hot_id] + [MISSING_ID] * 25,  # missing elsewhere: still hot
                            [MISSING_ID] + [MISSING_ID] * 25,  # nothing present: hot
                            [10**12] + [MISSING_ID] * 25])  # never seen: rare
-    bands = _bands(stats, names, [0, 9, 21], sparse)
+    bands = frequency_bands(stats, names, [0, 9, 21], sparse)
     assert row_bands(bands).tolist() == [FrequencyBand.HOT, FrequencyBand.HOT,
                                          FrequencyBand.RARE]
 
@@ -87,7 +89,7 @@ def test_single_process_run_exports_a_model_that_scores_like_the_trained_one(
 ):
     config = _config(synth_data, tmp_path, "local")
     spec = plan_run(config, verbose=False)
-    train_loop_per_worker({"spec": spec.__dict__})
+    train_loop_per_worker({"spec": spec})
     model, document = load_model(config.export_dir)
     logits, labels = [], []
     for batch in iter_local_batches(synth_data, "validation", 8192):

@@ -1,0 +1,44 @@
+"""Starting a training run on Ray Train: plan it on the driver, then a `TorchTrainer` whose
+workers run `training.worker.train_loop_per_worker`. A rerun with the same run name resumes
+from the run's latest checkpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from training.config import TrainConfig
+from training.plan import plan_run
+from training.worker import train_loop_per_worker
+
+
+def run(
+    config: TrainConfig, audit: bool = False, verbose: bool = True,
+    callbacks: list[Any] | None = None,
+) -> Any:
+    """Train as configured; returns the Ray Train result (metrics of rank 0, checkpoint).
+
+    `callbacks` are Ray Train user callbacks (a Tune trial passes its TuneReportCallback).
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    spec = plan_run(config, verbose)
+    scaling = config.scaling
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec, "audit": audit},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker,
+                                  **({"GPU": 1} if scaling.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=config.run.name,
+            storage_path=str(config.run.storage_path.resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+        ),
+    )
+    return trainer.fit()
