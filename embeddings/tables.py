@@ -182,8 +182,25 @@ class FbgemmTables(TableStore):
         return [w.detach() for w in self.tbe.split_embedding_weights()]
 
     def row_states(self, table: int) -> list[torch.Tensor]:
-        rows = self.specs[table].rows
-        return [s.detach().view(rows, -1) for s in self.tbe.split_optimizer_states()[table]]
+        # `split_optimizer_states` splits every table's state on each call (a CAFE step
+        # asks a dozen times): the views are kept while the state tensors stay where they
+        # are (a loaded state dict copies into them; a new tensor would change the key).
+        if not hasattr(self, "_state_names"):
+            self._state_names = [
+                name for name in (f"momentum{i}_{where}" for i in (1, 2)
+                                  for where in ("host", "dev", "uvm"))
+                if getattr(self.tbe, name, None) is not None
+                and getattr(self.tbe, name).numel() > 1
+            ]
+        key = tuple(getattr(self.tbe, name).data_ptr() for name in self._state_names)
+        if getattr(self, "_states_key", None) != key:
+            self._states = [
+                [s.detach().view(max(1, spec.rows), -1)[: spec.rows] for s in states]
+                for spec, states in zip(self.specs, self.tbe.split_optimizer_states(),
+                                        strict=True)
+            ]
+            self._states_key = key
+        return self._states[table]
 
 
 class TorchTables(TableStore):
