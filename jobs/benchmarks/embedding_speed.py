@@ -253,11 +253,30 @@ def main(argv: list[str] | None = None) -> None:
     table = {name: seconds for name, seconds, *_ in rows}
     _print_rows(rows, args.batch, table)
     _goals(table)
+    if fbgemm_available() and any(name.startswith("mlet(") for name in table):
+        _tbe_width_reference(args, cards, batches, device)
     tbe_hash = next((tbe for name, _, _, tbe, _, _ in rows if name == "hash"), None)
     if "hash" in table and tbe_hash:
         share = tbe_hash / table["hash"]
         verdict = "meets" if share >= 0.8 else "MISSES"
         print(f"goal: hash ≥ 0.8 of the bare TBE's samples/s: {share:.2f} ({verdict})")
+
+
+def _tbe_width_reference(args: argparse.Namespace, cards: list[int],
+                         batches: list[torch.Tensor], device: torch.device) -> None:
+    """A bare TBE at MLET's training width k beside one at d (tables of n / ratio rows):
+    how much of MLET's cost the k-wide tables themselves explain."""
+    rows = [max(1, int(n / args.ratio)) for n in cards]
+    seconds = {}
+    for width in (args.dim, args.dim * args.mlet_factor):
+        head = (torch.randn(len(cards) * width) / (len(cards) * width) ** 0.5).to(device)
+        trainer = Trainer(BareTBE(rows, width, device), head, args.batch)
+        for i, batch in enumerate(batches):
+            trainer.step(batch, record=i >= args.warmup)
+        seconds[width] = trainer.seconds()
+    d, k = args.dim, args.dim * args.mlet_factor
+    print(f"\nbare TBE at MLET's width k={k}: {seconds[k] * 1e3:.1f} ms/step, "
+          f"{seconds[k] / seconds[d]:.2f}× the TBE at d={d} ({seconds[d] * 1e3:.1f} ms)")
 
 
 def _goals(table: dict[str, float]) -> None:
