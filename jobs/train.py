@@ -14,6 +14,7 @@ from pathlib import Path
 
 from jobs.config import add_override_arguments, config_on_ray, load_config, override_sections
 from training.config import TrainConfig
+from training.preflight import ResourcesUnavailable
 from training.run import run
 
 
@@ -44,7 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     config = config_on_ray(load, args)
     if config is None:
         return 2
-    result = run(config)
+    try:
+        result = run(config)
+    except ResourcesUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     metrics = result.metrics or {}
     print(f"[train] validation AUC {metrics.get('validation_auc', float('nan')):.4f}  "
           f"test AUC {metrics.get('test_auc', float('nan')):.4f}  "

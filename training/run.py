@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from data_pipeline.datasets import DEFAULT_TASK_CPUS
 from training.config import TrainConfig
 from training.plan import plan_run
+from training.preflight import check_schedulable
 from training.worker import train_loop_per_worker
 
 
@@ -22,8 +24,9 @@ def run(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    spec = plan_run(config, verbose)
     scaling = config.scaling
+    check_schedulable(scaling, DEFAULT_TASK_CPUS)
+    spec = plan_run(config, verbose)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec, "audit": audit},

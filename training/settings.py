@@ -160,6 +160,9 @@ class ScalingSettings(Strict):
         plan_for_workers: plan the embedding placement and cut the data for this many
             workers (default: num_workers); a run with fewer workers (a divisor) then sees
             the same global batches and trains the very same model.
+        wait_for_resources_s: on a cluster that grows on demand (KubeRay, the cluster
+            launcher), how long to wait for nodes that can run the worker group and its
+            data reads; 0 (default) refuses such a run at once (`training.preflight`).
     """
 
     num_workers: int = Field(2, ge=0)
@@ -167,6 +170,7 @@ class ScalingSettings(Strict):
     use_gpu: bool = False
     worker_budget_bytes: int | None = Field(None, gt=0)
     plan_for_workers: int | None = Field(None, ge=1)
+    wait_for_resources_s: float = Field(0.0, ge=0)
 
     @property
     def data_shards(self) -> int:
