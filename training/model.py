@@ -73,6 +73,17 @@ class TrainableModel:
         self.dense_opt.load_state_dict(state["dense_opt"])
 
 
+def data_parallel(dense: nn.Module, device: torch.device) -> nn.Module:
+    """The dense model under DDP (the process group must be up)."""
+    # No buffer sync before each forward: the models' only buffers are constant index tables
+    # built from the config (DLRM's interaction pairs), the same on every rank, and DDP still
+    # syncs them once at construction. Gradients live in DDP's buckets, saving a copy per step.
+    return nn.parallel.DistributedDataParallel(
+        dense, device_ids=[device] if device.type == "cuda" else None,
+        forward_sync_buffers=False, gradient_as_bucket_view=True,
+    )
+
+
 def build_model(spec: RunSpec, ctx: WorkerContext,
                 stats: Mapping[str, FeatureStats]) -> TrainableModel:
     """This worker's part of the model, initialised from the run's seed."""
@@ -82,12 +93,7 @@ def build_model(spec: RunSpec, ctx: WorkerContext,
     embeddings = build_embeddings(spec, ctx, stats)
     sparse_opt, dense_opt = _optimizers(spec, embeddings, dense)
     if ctx.distributed:
-        # Buffers are broadcast before every forward only when the model has some (DLRM and
-        # DCN have none); gradients live in DDP's buckets, saving a copy per step.
-        dense = nn.parallel.DistributedDataParallel(
-            dense, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
-            broadcast_buffers=any(True for _ in dense.buffers()), gradient_as_bucket_view=True,
-        )
+        dense = data_parallel(dense, ctx.device)
     return TrainableModel(dense, embeddings, sparse_opt, dense_opt)
 
 
