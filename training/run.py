@@ -42,6 +42,10 @@ def run(
             failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
+            # Ray Train patches `print` in its workers to log through the root logger and,
+            # when stdout is wrapped, to print as well: each progress line reached the
+            # driver twice. Workers print plainly; their stdout still reaches the driver.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
     )
     return trainer.fit()

@@ -108,7 +108,18 @@ def test_job_submit_trains_on_a_local_cluster_and_writes_the_export(synth_data, 
                 break
             time.sleep(5)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        assert "succeeded" in (job.stdout + job.stderr).lower()
+        output = job.stdout + job.stderr
+        assert "succeeded" in output.lower()
+        # What a user reads: each progress line once (Ray Train's print patch doubled them),
+        # and no warning raised in the project's own modules.
+        lines = output.splitlines()
+        for step in (5, 10):
+            assert sum(f"step {step}/" in line for line in lines) == 1, output[-3000:]
+        assert sum("exported the serving model" in line for line in lines) == 1
+        own = [line for line in lines if "Warning" in line
+               and any(f"/{room}/" in line for room in ("embeddings", "training", "jobs",
+                                                          "data_pipeline", "services"))]
+        assert not own, own
         model = json.loads((tmp_path / "model" / "model.json").read_text())
         assert model["metrics"]["samples"] == 10 * 1024
         assert 0.5 < model["metrics"]["validation_auc"] <= 1.0
