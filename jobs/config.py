@@ -88,3 +88,16 @@ def config_on_ray(
     if config is not None:
         ensure_ray(args.num_cpus)
     return config
+
+
+R = TypeVar("R")
+
+
+def refused(action: Callable[[], R], *errors: type[Exception]) -> R | None:
+    """`action()`, or None after printing why it cannot run (one `error:` line on stderr)
+    when it raises one of `errors`: a config the cluster cannot run, a bad search space."""
+    try:
+        return action()
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None

@@ -12,7 +12,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from jobs.config import add_override_arguments, config_on_ray, load_config, override_sections
+from jobs.config import (
+    add_override_arguments,
+    config_on_ray,
+    load_config,
+    override_sections,
+    refused,
+)
 from training.config import TrainConfig
 from training.preflight import ResourcesUnavailable
 from training.run import run
@@ -45,10 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     config = config_on_ray(load, args)
     if config is None:
         return 2
-    try:
-        result = run(config)
-    except ResourcesUnavailable as e:
-        print(f"error: {e}", file=sys.stderr)
+    result = refused(lambda: run(config), ResourcesUnavailable)
+    if result is None:
         return 2
     metrics = result.metrics or {}
     print(f"[train] validation AUC {metrics.get('validation_auc', float('nan')):.4f}  "

@@ -14,13 +14,16 @@ import argparse
 import sys
 from pathlib import Path
 
+from data_pipeline.datasets import DEFAULT_TASK_CPUS
 from jobs.config import (
     ConfigError,
     add_override_arguments,
     config_on_ray,
     load_config,
     override_sections,
+    refused,
 )
+from training.preflight import ResourcesUnavailable, check_schedulable
 from training.search import pareto
 from training.search.config import TuneConfig
 from training.search.driver import run_search
@@ -83,15 +86,19 @@ def print_result(result: SearchResult, config_path: Path) -> None:
     print(f"[tune] TensorBoard: tensorboard --logdir {result.experiment_dir}")
 
 
+def _search(config: TuneConfig, resume: bool) -> SearchResult:
+    # Every trial's worker group must fit the cluster: said once here, before any trial.
+    check_schedulable(config.scaling, DEFAULT_TASK_CPUS)
+    return run_search(config, resume=resume)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_on_ray(load, args)
     if config is None:
         return 2
-    try:
-        result = run_search(config, resume=args.resume)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    result = refused(lambda: _search(config, args.resume), ConfigError, ResourcesUnavailable)
+    if result is None:
         return 2
     print_result(result, args.config)
     return 0 if result.complete else EXIT_INTERRUPTED

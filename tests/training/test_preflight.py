@@ -69,6 +69,23 @@ def test_the_train_job_refuses_what_the_cluster_cannot_run(synth_data, ray_clust
         (tmp_path / "runs" / "too_big").rglob("checkpoint_*")), "no worker may have started"
 
 
+def test_the_tune_job_refuses_before_any_trial(synth_data, ray_cluster, tmp_path):
+    from search_helpers import raw_search
+
+    raw = raw_search(synth_data, tmp_path, "too_big",
+                     scaling={"num_workers": 4, "cpus_per_worker": 1})
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    job = subprocess.run([sys.executable, "-m", "jobs.tune", "--config", str(path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ,
+                              "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address})
+    assert job.returncode == 2, job.stdout[-2000:] + job.stderr[-2000:]
+    assert "error: scaling.cpus_per_worker: 4 workers × 1 CPU" in job.stderr
+    assert not (tmp_path / "tune" / "too_big").exists() or not any(
+        (tmp_path / "tune" / "too_big").glob("trial_*")), "no trial may have started"
+
+
 @pytest.mark.parametrize("value", [-1, "soon"])
 def test_a_bad_wait_names_its_field(value) -> None:
     from pydantic import ValidationError
