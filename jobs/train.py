@@ -22,6 +22,7 @@ from jobs.config import (
 from training.config import TrainConfig
 from training.preflight import ResourcesUnavailable
 from training.run import run
+from training.summary import format_summary, train_summary, write_summary
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,11 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     result = refused(lambda: run(config), ResourcesUnavailable)
     if result is None:
         return 2
-    metrics = result.metrics or {}
-    print(f"[train] validation AUC {metrics.get('validation_auc', float('nan')):.4f}  "
-          f"test AUC {metrics.get('test_auc', float('nan')):.4f}  "
-          f"serving bytes {metrics.get('serving_bytes', 0):,}")
-    print(f"[train] model: {config.export_dir}  run: {config.run_dir}")
+    summary = train_summary(config, result)
+    print(format_summary(summary, write_summary(config, summary)))
     return 0
 
 

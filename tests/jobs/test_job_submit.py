@@ -132,6 +132,15 @@ def test_job_submit_trains_on_a_local_cluster_and_writes_the_export(synth_data, 
         model = json.loads((tmp_path / "model" / "model.json").read_text())
         assert model["metrics"]["samples"] == 10 * 1024
         assert 0.5 < model["metrics"]["validation_auc"] <= 1.0
+        # The job ends with its result, once, and the same in the run folder for scripts.
+        summary = json.loads((tmp_path / "runs" / "submitted" / "summary.json").read_text())
+        assert summary["validation_auc"] == pytest.approx(model["metrics"]["validation_auc"])
+        assert summary["serving_bytes"] == model["serving_bytes"]["embeddings"] > 0
+        assert summary["model"] == str(tmp_path / "model")
+        assert sum("=== train: result ===" in line for line in lines) == 1
+        shown = next(line for line in lines if line.startswith("validation AUC "))
+        assert shown.split()[2] == f"{summary['validation_auc']:.4f}"
+        assert f"tensorboard --logdir {tmp_path / 'runs' / 'submitted' / 'tensorboard'}" in output
     finally:
         _stop_head(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
