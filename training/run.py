@@ -4,13 +4,19 @@ from the run's latest checkpoint."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from data_pipeline.datasets import DEFAULT_TASK_CPUS
 from training.config import TrainConfig
 from training.plan import plan_run
 from training.preflight import check_schedulable
-from training.worker import train_loop_per_worker
+from training.worker import WORKER_LOG_LEVEL_ENV, train_loop_per_worker
+
+
+def train_log_level() -> str:
+    """Ray Train's console log level: `EMBPRESS_LOG_LEVEL`, WARNING by default."""
+    return os.environ.get("EMBPRESS_LOG_LEVEL", "WARNING").upper()
 
 
 def run(
@@ -45,7 +51,12 @@ def run(
             # Ray Train patches `print` in its workers to log through the root logger and,
             # when stdout is wrapped, to print as well: each progress line reached the
             # driver twice. Workers print plainly; their stdout still reaches the driver.
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            # Ray Train's own INFO lines (resource requests, a TrainingReport dump per rank
+            # and report, every checkpoint) buried the run's progress and result; warnings
+            # and errors still show. EMBPRESS_LOG_LEVEL=INFO brings them back.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                                             WORKER_LOG_LEVEL_ENV: train_log_level()}},
+            logging_config=ray.train.LoggingConfig(log_level=train_log_level()),
         ),
     )
     return trainer.fit()

@@ -9,6 +9,7 @@ The same function runs in one process (tests, benchmarks) without Ray Train.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -25,6 +26,8 @@ from training.model import build_model
 from training.plan import LazyFeatureStats, RunSpec
 from training.progress import Monitor
 
+WORKER_LOG_LEVEL_ENV = "EMBPRESS_WORKER_LOG_LEVEL"
+
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker (and of a single-process run).
@@ -35,6 +38,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """
     spec: RunSpec = loop_config["spec"]
     config = spec.config
+    # Set by `training.run` for its workers only: Ray Train logs a TrainingReport dump per
+    # rank and report through the root logger, which would bury the progress lines.
+    if level := os.environ.get(WORKER_LOG_LEVEL_ENV):
+        logging.getLogger().setLevel(level)
     ctx = WorkerContext.current(config.scaling.use_gpu)
     torch.set_num_threads(max(1, int(os.environ.get("EMBPRESS_TORCH_THREADS", "1"))))
     stats = load_feature_stats(config.data.path)  # once: the methods and the bands read it

@@ -125,6 +125,7 @@ def test_job_submit_trains_on_a_local_cluster_and_writes_the_export(synth_data, 
         for step in (5, 10):
             assert sum(f"step {step}/" in line for line in lines) == 1, output[-3000:]
         assert sum("exported the serving model" in line for line in lines) == 1
+        assert "TrainingReport(" not in output, "Ray Train's INFO dumps are off by default"
         own = [line for line in lines if "Warning" in line
                and any(f"/{room}/" in line for room in ("embeddings", "training", "jobs",
                                                           "data_pipeline", "services"))]
