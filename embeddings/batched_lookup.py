@@ -73,7 +73,7 @@ class LookupLayout:
         bags: zero vectors). `compiled`: map the plain features in one compiled pass
         (default: on CPU where numba is loaded, as in every training process)."""
         if compiled is None:
-            compiled = sparse.device.type == "cpu" and "numba" in sys.modules
+            compiled = compiled_path(sparse)
         plain = compiled and valid is None and bool(self.plain)
         n = sparse.shape[0]
         placement = self._placement(n, sparse.device, plain)
@@ -219,12 +219,25 @@ def _compact(indices: torch.Tensor, read: torch.Tensor, offsets: torch.Tensor
     return torch.from_numpy(out[:kept]), torch.from_numpy(new_offsets)
 
 
-def column_norms(grad: torch.Tensor, starts: np.ndarray, width: int) -> torch.Tensor:
-    """[n, len(starts)] L2 norms of each row's columns [start, start + width) of a CPU
-    float32 gradient, in one compiled pass."""
+def compiled_path(t: torch.Tensor) -> bool:
+    """Whether a batch takes the compiled kernels: on CPU, where numba is loaded (every
+    training process loads it for CAFE's sketch; serving never does)."""
+    return t.device.type == "cpu" and "numba" in sys.modules
+
+
+def column_norms(grad: torch.Tensor, columns: list[tuple[int, int]]) -> torch.Tensor:
+    """[n, len(columns)] L2 norms of each row's columns [start, start + width), on the CPU.
+
+    One compiled pass where the widths agree: a torch norm per strided column slice cost
+    ~150 µs each at batch 4096 on CPU, and a gather first about as much.
+    """
+    widths = {w for _, w in columns}
+    if len(widths) != 1 or not compiled_path(grad):
+        return torch.stack([grad[:, a : a + w].norm(dim=1) for a, w in columns], dim=1).cpu()
+    starts = np.array([a for a, _ in columns], np.int64)
     g = grad.detach().contiguous().numpy()
     out = np.empty((g.shape[0], starts.shape[0]), np.float32)
-    _norms_kernel()(g, starts, width, out)
+    _norms_kernel()(g, starts, widths.pop(), out)
     return torch.from_numpy(out)
 
 

@@ -174,6 +174,14 @@ class FbgemmTables(TableStore):
             )
         finally:
             logging.disable(previous)
+        # The row-shaped optimizer states' tensors (for `row_states`' cache key).
+        self._state_names = [
+            name for name in (f"momentum{i}_{where}" for i in (1, 2)
+                              for where in ("host", "dev", "uvm"))
+            if getattr(self.tbe, name, None) is not None and getattr(self.tbe, name).numel() > 1
+        ]
+        self._states_key: tuple[int, ...] | None = None
+        self._states: list[list[torch.Tensor]] = []
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         return self.tbe(indices, offsets)
@@ -185,15 +193,8 @@ class FbgemmTables(TableStore):
         # `split_optimizer_states` splits every table's state on each call (a CAFE step
         # asks a dozen times): the views are kept while the state tensors stay where they
         # are (a loaded state dict copies into them; a new tensor would change the key).
-        if not hasattr(self, "_state_names"):
-            self._state_names = [
-                name for name in (f"momentum{i}_{where}" for i in (1, 2)
-                                  for where in ("host", "dev", "uvm"))
-                if getattr(self.tbe, name, None) is not None
-                and getattr(self.tbe, name).numel() > 1
-            ]
         key = tuple(getattr(self.tbe, name).data_ptr() for name in self._state_names)
-        if getattr(self, "_states_key", None) != key:
+        if self._states_key != key:
             self._states = [
                 [s.detach().view(max(1, spec.rows), -1)[: spec.rows] for s in states]
                 for spec, states in zip(self.specs, self.tbe.split_optimizer_states(),

@@ -14,7 +14,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from data_pipeline.datasets import DEFAULT_TASK_CPUS
 from jobs.config import (
     ConfigError,
     add_override_arguments,
@@ -88,7 +87,7 @@ def print_result(result: SearchResult, config_path: Path) -> None:
 
 def _search(config: TuneConfig, resume: bool) -> SearchResult:
     # Every trial's worker group must fit the cluster: said once here, before any trial.
-    check_schedulable(config.scaling, DEFAULT_TASK_CPUS)
+    check_schedulable(config.scaling)
     return run_search(config, resume=resume)
 
 

@@ -15,6 +15,7 @@ import math
 import time
 from dataclasses import dataclass
 
+from data_pipeline.datasets import DEFAULT_TASK_CPUS
 from training.settings import ScalingSettings
 
 
@@ -85,7 +86,7 @@ def unschedulable_reason(scaling: ScalingSettings, nodes: list[Node],
             f"({len(nodes)} node(s): {have}): the run would wait forever; {hint}")
 
 
-def check_schedulable(scaling: ScalingSettings, data_cpus: float) -> None:
+def check_schedulable(scaling: ScalingSettings, data_cpus: float = DEFAULT_TASK_CPUS) -> None:
     """Raise `ResourcesUnavailable` when the connected cluster cannot run the worker group,
     after waiting up to `scaling.wait_for_resources_s` for it to grow."""
     deadline = time.monotonic() + (scaling.wait_for_resources_s or 0.0)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from data_pipeline.datasets import DEFAULT_TASK_CPUS
 from training.config import TrainConfig
 from training.plan import plan_run
 from training.preflight import check_schedulable
@@ -31,7 +30,7 @@ def run(
     from ray.train.torch import TorchTrainer
 
     scaling = config.scaling
-    check_schedulable(scaling, DEFAULT_TASK_CPUS)
+    check_schedulable(scaling)
     spec = plan_run(config, verbose)
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from embeddings.serving import MODEL_FILE
+from embeddings.serving import MODEL_FILE, read_model_json
 from training.config import TrainConfig
 
 SUMMARY_FILE = "summary.json"
@@ -17,8 +17,8 @@ SUMMARY_FILE = "summary.json"
 def train_summary(config: TrainConfig, result: Any) -> dict[str, Any]:
     """The run's result from Ray Train's (rank 0's last report) and the exported model."""
     metrics = dict(result.metrics or {})
-    model_file = Path(config.export_dir) / MODEL_FILE
-    exported = json.loads(model_file.read_text()) if model_file.is_file() else {}
+    exported = (read_model_json(config.export_dir)
+                if (Path(config.export_dir) / MODEL_FILE).is_file() else {})
     checkpoint = getattr(result, "checkpoint", None)
     return {
         **{key: metrics.get(key) for key in ("validation_auc", "validation_auc_rare",

@@ -74,9 +74,13 @@ def test_a_loaded_vocabulary_is_the_one_the_compiled_pass_reads() -> None:
 
 def test_column_norms_are_torch_norms() -> None:
     grad = torch.randn(300, 40)
-    starts = torch.tensor([0, 8, 24]).numpy()
-    expected = torch.stack([grad[:, a : a + 8].norm(dim=1) for a in starts], dim=1)
-    assert torch.allclose(column_norms(grad, starts, 8), expected, rtol=1e-5, atol=1e-6)
+    columns = [(0, 8), (8, 8), (24, 8)]
+    expected = torch.stack([grad[:, a : a + w].norm(dim=1) for a, w in columns], dim=1)
+    assert torch.allclose(column_norms(grad, columns), expected, rtol=1e-5, atol=1e-6)
+    # Mixed widths take torch's path, with the same answer.
+    mixed = [(0, 8), (8, 16)]
+    assert torch.allclose(column_norms(grad, mixed), torch.stack(
+        [grad[:, a : a + w].norm(dim=1) for a, w in mixed], dim=1), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif(not fbgemm_available(), reason="fbgemm is not installed")
