@@ -55,6 +55,8 @@ from data_pipeline.schema import SCHEMA_VERSION
 DEFAULT_ROWS_PER_SHARD = 1_000_000
 DONE_DIR = "_done"
 REJECTS_DIR = "_rejects"
+# CPUs each conversion task reserves (one file, one core: the parse is single-threaded).
+CONVERT_TASK_CPUS = 1
 # Bumped when the converter's output for the same input changes, so old markers are not trusted.
 CONVERTER_VERSION = 1
 _DAY_NAME = re.compile(r"^day_(\d+)(?:\.[A-Za-z0-9]+)*$")
@@ -392,7 +394,7 @@ def _run_on_ray(plans: list[InputFile], output_dir: Path, kwargs: dict[str, Any]
     import ray
 
     counter = _progress_actor_class().remote()
-    task = ray.remote(num_cpus=1)(_convert_file_on_worker)
+    task = ray.remote(num_cpus=CONVERT_TASK_CPUS)(_convert_file_on_worker)
     refs = {
         task.remote(p.path, output_dir, p.day, name=p.name,
                     on_progress=functools.partial(_report_progress, counter), **kwargs): i

@@ -10,6 +10,7 @@ consumed. Each worker still reads its range through Ray Data (read tasks on the 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -110,7 +111,37 @@ def dataset_of(pieces: Sequence[Piece]) -> ray.data.Dataset:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    _quiet_ray_data_notices()
     return transformed(read_pieces(pieces))
+
+
+class _DropNotices(logging.Filter):
+    """Drops Ray Data's notices that say nothing to someone training:
+    - "Progress bars disabled": disabling them is this module's choice (above);
+    - "does not have any available CPUs": read at the instant a dataset starts, while the
+      other streams' read tasks hold the CPUs left over by the workers, so it fires on
+      healthy runs; a cluster that can never run the reads is refused before training
+      starts (`training.preflight`), and a run that stalls anyway ends with what it waited
+      for (`training.stall`).
+    Kept where a user asked for Ray's INFO lines (EMBPRESS_LOG_LEVEL=INFO, `--verbose`)."""
+
+    NOTICES = ("Progress bars disabled", "does not have any available CPUs")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(n in record.getMessage() for n in self.NOTICES)
+
+
+def _quiet_ray_data_notices() -> None:
+    # The driver's level, or the one `training.run` hands its workers.
+    asked = os.environ.get("EMBPRESS_LOG_LEVEL") or os.environ.get("EMBPRESS_WORKER_LOG_LEVEL")
+    if (asked or "").upper() in ("INFO", "DEBUG"):
+        return
+    # Each notice is logged straight to its module's logger, where a filter applies
+    # (a parent logger's filters skip records its children propagate).
+    for name in ("ray.data.dataset", "ray.data._internal.progress"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotices) for f in log.filters):
+            log.addFilter(_DropNotices())
 
 
 # Pieces (blocks) per window of `iter_piece_batches`: two windows (~8 blocks of 131k rows,

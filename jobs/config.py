@@ -4,6 +4,7 @@ command-line flags that override a training or search config's data and run sect
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from jobs.ray_session import ensure_ray
 from training.config import ConfigError, TrainConfig, format_validation_error
+from training.run import LOG_LEVEL_ENV
 
 __all__ = ["ConfigError", "add_override_arguments", "checked_config", "load_config",
            "override_sections"]
@@ -49,6 +51,9 @@ def add_override_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="override run.name (the run or experiment folder)")
     parser.add_argument("--storage-path", type=Path, help="override run.storage_path")
     parser.add_argument("--num-cpus", type=int, help="CPUs of a local Ray started by this job")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray Train's INFO lines (resource requests, every "
+                             "rank's reports, checkpoints); the same as EMBPRESS_LOG_LEVEL=INFO")
 
 
 def override_sections(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -84,6 +89,9 @@ def config_on_ray(
     """`checked_config`, then Ray joined or started with `--num-cpus`: how the train and tune
     jobs begin (the trials show on Ray's dashboard, and Ray Train needs its state API to free
     the workers of trials ASHA stops)."""
+    if getattr(args, "verbose", False):
+        # Read where the run starts its workers (`training.run.train_log_level`).
+        os.environ[LOG_LEVEL_ENV] = "INFO"
     config = checked_config(load_fn, args)
     if config is not None:
         ensure_ray(args.num_cpus)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 APP_NAME = "embpress"
+LOG_LEVEL_ENV = "EMBPRESS_LOG_LEVEL"  # as the training jobs read it (`training.run`)
 DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
 DIRECT_PORT_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"
 DIRECT_PORT_MAX_ENV = "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"
@@ -91,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="requests with more rows get 413 (default: 4096)")
     parser.add_argument("--num-cpus", type=int, default=None, metavar="N",
                         help="CPUs of the local Ray instance (default: all)")
+    parser.add_argument("--wait-for-resources", type=float, default=0.0, metavar="S",
+                        help="on a cluster that adds nodes on demand, wait up to S seconds "
+                             "for CPUs for every replica (default: refuse at once)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Serve's INFO lines (endpoint updates, replica "
+                             "changes); the same as EMBPRESS_LOG_LEVEL=INFO")
     return parser
 
 
@@ -169,8 +177,25 @@ def start_service(args: argparse.Namespace) -> tuple[dict[str, list[str]], bool]
         app_args["max_batch_rows"] = max(8192, args.max_rows_per_request)
     if args.replicas:
         app_args["num_replicas"] = args.replicas
+    from jobs.preflight import check_replicas
+    from services.scoring import REPLICA_CPUS
+    from training.preflight import ResourcesUnavailable
+
+    try:
+        # Autoscaling (--replicas 0) starts at one replica.
+        check_replicas(args.replicas or 1, REPLICA_CPUS, args.wait_for_resources)
+    except ResourcesUnavailable as exc:
+        if started:
+            ray.shutdown()
+        raise ServeStartError(str(exc)) from None
+    # Serve's controller and proxy narrate every endpoint update and replica change at
+    # INFO; a user starting a server wants its URLs and errors. The replicas' own lines
+    # (model loaded, auth) stay. --verbose or EMBPRESS_LOG_LEVEL=INFO brings them back.
+    level = os.environ.get(LOG_LEVEL_ENV, "WARNING").upper()
+    logging.getLogger("ray.serve").setLevel(level)
     serve.start(http_options={"host": args.host, "port": args.port,
-                              "request_timeout_s": REQUEST_TIMEOUT_S})
+                              "request_timeout_s": REQUEST_TIMEOUT_S},
+                logging_config={"log_level": level})
     serve.run(build_app(app_args), name=args.app, route_prefix="/")
     return application_urls(args.app), started
 
@@ -201,6 +226,8 @@ def print_urls(app_name: str = APP_NAME) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ[LOG_LEVEL_ENV] = "INFO"
     if args.urls:
         return print_urls(args.app)
     try:

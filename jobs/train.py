@@ -22,6 +22,7 @@ from jobs.config import (
 from training.config import TrainConfig
 from training.preflight import ResourcesUnavailable
 from training.run import run
+from training.stall import TrainingStalled
 from training.summary import format_summary, train_summary, write_summary
 
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     config = config_on_ray(load, args)
     if config is None:
         return 2
-    result = refused(lambda: run(config), ResourcesUnavailable)
+    result = refused(lambda: run(config), ResourcesUnavailable, TrainingStalled)
     if result is None:
         return 2
     summary = train_summary(config, result)

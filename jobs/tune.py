@@ -69,25 +69,38 @@ def load(args: argparse.Namespace) -> TuneConfig:
     return load_config(args.config, TuneConfig, {**override_sections(args), **trials})
 
 
+FRONT_ROWS_SHOWN = 10
+
+
 def print_result(result: SearchResult, config_path: Path) -> None:
-    """The front, the best model under the budget, and where the files are."""
-    print(pareto.markdown_table(result.front, FRONT_COLUMNS))
+    """The search's result block: the front's best rows, the best model under the budget,
+    where the files are (the same as summary.json in the experiment folder)."""
+    print("=== tune: result ===")
+    # The front runs from the smallest model to the best AUC; its best-AUC end is what a
+    # reader looks for first, the CSV holds every row.
+    top = sorted(result.front, key=lambda r: -r["validation_auc"])[:FRONT_ROWS_SHOWN]
+    print(pareto.markdown_table(top, FRONT_COLUMNS), end="")
+    if len(result.front) > len(top):
+        print(f"({len(result.front) - len(top)} more on the front in pareto.csv)")
     if not result.complete:
-        print(f"[tune] the search was interrupted; continue it with: python -m jobs.tune "
-              f"--config {config_path} --resume", flush=True)
+        print(f"the search was interrupted; continue it with: python -m jobs.tune "
+              f"--config {config_path} --resume")
     if result.best is not None:
-        print(f"[tune] best under the budget: trial {result.best['trial']} "
-              f"(validation AUC {result.best['validation_auc']:.4f}, "
-              f"{result.best['serving_bytes']:,} bytes) → {result.files['best_model']}")
+        print(f"best under the budget  trial {result.best['trial']}, validation AUC "
+              f"{result.best['validation_auc']:.4f}, {result.best['serving_bytes']:,} bytes"
+              f" → {result.files['best_model']}")
     else:
-        print("[tune] no finished trial fits the budget")
-    print(f"[tune] front: {result.files['pareto_md']}  plot: {result.files['pareto_png']}")
-    print(f"[tune] TensorBoard: tensorboard --logdir {result.experiment_dir}")
+        print("best under the budget  none: no finished trial fits the budget")
+    print(f"front           {result.files['pareto_csv']}  (table: {result.files['pareto_md']})")
+    print(f"plot            {result.files['pareto_png']}")
+    print(f"curves          tensorboard --logdir {result.experiment_dir}")
+    print(f"this summary    {result.files['summary']}", flush=True)
 
 
 def _search(config: TuneConfig, resume: bool) -> SearchResult:
-    # Every trial's worker group must fit the cluster: said once here, before any trial.
-    check_schedulable(config.scaling)
+    # Every trial's worker group, after its driver, must fit the cluster: said once here,
+    # before any trial.
+    check_schedulable(config.scaling, driver_cpus=config.trials.driver_cpus)
     return run_search(config, resume=resume)
 
 

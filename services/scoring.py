@@ -71,6 +71,8 @@ THREADS_ENV = "EMBPRESS_TORCH_THREADS"
 # against 7.5 at 256 and 7.2 at 8,192 (large batches fall out of cache), so a merged batch
 # is scored in slices of this size.
 FORWARD_ROWS = 1024
+# CPUs each replica reserves (`jobs.serve` checks that the cluster can place them all).
+REPLICA_CPUS = 1
 
 
 def _rows_in(items: list[tuple[np.ndarray, np.ndarray]]) -> int:
@@ -103,7 +105,7 @@ def _replica_id() -> str:
 
 
 @serve.deployment(
-    ray_actor_options={"num_cpus": 1},
+    ray_actor_options={"num_cpus": REPLICA_CPUS},
     # Enough in flight per replica for @serve.batch to have rows to merge at concurrency 32.
     max_ongoing_requests=64,
     # Serve's per-request access log is formatted and written to two handlers on the

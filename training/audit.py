@@ -3,6 +3,8 @@ fingerprint of every trained row that shows a resumed run saw each sample exactl
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from idhash.splitmix import hash64
@@ -31,4 +33,7 @@ def inject_fault(fault: FaultSettings | None, step: int, rank: int) -> None:
     if fault is None or step != fault.step or rank != fault.rank or fault.marker.exists():
         return
     fault.marker.write_text(f"failed at step {step}\n")
+    if fault.kind == "hang":
+        while True:  # as a worker stuck in a collective or a read: alive, doing nothing
+            time.sleep(60)
     raise RuntimeError(f"injected failure at step {step}")

@@ -16,6 +16,7 @@ from embeddings.metrics import EvalAccumulator, FrequencyBand
 from training.context import WorkerContext
 from training.model import TrainableModel
 from training.plan import RunSpec
+from training.stall import pulse
 
 Batch = dict[str, torch.Tensor]
 
@@ -43,7 +44,10 @@ def evaluate(split: str, spec: RunSpec, ctx: WorkerContext, model: TrainableMode
                          block_rows=config.data.block_rows)
     acc = EvalAccumulator(with_bands=bool(spec.band_columns))
     batches = iter_piece_batches(pieces, config.data.eval_batch_size) if pieces else iter(())
+    beat = pulse()
+    beat.waiting(f"the {split} evaluation's batches")
     for batch in _in_step(batches, ctx, len(spec.names)):
+        beat.progress()
         sparse = batch["sparse"].to(ctx.device)
         logits = model(batch["dense"].to(ctx.device), sparse)
         bands = frequency_bands(stats, spec.names, spec.band_columns, sparse) \

@@ -18,7 +18,8 @@ from training.context import WorkerContext
 from training.evaluation import evaluate
 from training.model import TrainableModel
 from training.plan import RunSpec
-from training.progress import Monitor, Progress
+from training.progress import Monitor, Progress, format_duration
+from training.stall import pulse
 
 
 class TrainLoop:
@@ -43,7 +44,7 @@ class TrainLoop:
         self.config = spec.config
         self.schedule = self.config.schedule
         self.save = saver(ctx, progress, model)
-        self.t0, self.rows0 = time.perf_counter(), progress.samples
+        self.t0, self.rows0, self.step0 = time.perf_counter(), progress.samples, progress.step
         self.t_first: float | None = None  # when the first batch was in hand: startup ends there
         mine = worker_shards(self.config, ctx.rank, ctx.world)
         self._streams, self.steps_per_epoch = train_streams(self.config, progress, mine)
@@ -58,10 +59,15 @@ class TrainLoop:
         """This worker's batches, one per step still to train (none after early stopping)."""
         if self.progress.stopped:
             return
+        beat = pulse()
+        beat.waiting("the first batch from Ray Data (its read tasks need a free CPU)")
         for batch in zip_batches(self._streams):
             if self.t_first is None:
                 self.t_first = time.perf_counter()
+            beat.waiting(f"step {self.progress.step + 1} to finish (lookups, all-to-all, "
+                         "backward, on every worker)")
             yield batch
+            beat.waiting(f"the batch of step {self.progress.step + 1} from Ray Data")
 
     def dense_lr(self) -> float:
         """The dense learning rate of the next step."""
@@ -71,6 +77,7 @@ class TrainLoop:
         """Count the step just taken; log, evaluate and checkpoint as scheduled. True when
         training is over (early stopping or max_steps)."""
         p, sched = self.progress, self.schedule
+        pulse().progress()
         p.step += 1
         p.step_in_epoch += 1
         p.samples += self.config.data.batch_size
@@ -88,7 +95,10 @@ class TrainLoop:
         checkpoint_now = checkpoint_now or bool(p.stopped)
         if evaluate_now or checkpoint_now:
             metrics = {**self.last_metrics, **p.as_dict(), "loss": loss.item()}
+            pulse().waiting(f"the checkpoint of step {p.step} to be saved" if checkpoint_now
+                            else f"every worker to report step {p.step}")
             report(self.ctx, metrics, self.save if checkpoint_now else None)
+            pulse().progress()
         if p.stopped:
             self._say_stopped()
             return True
@@ -142,11 +152,21 @@ class TrainLoop:
         self.loss_curve.append(global_loss)
         if not self.monitor.enabled:
             return
-        rate = (p.samples - self.rows0) / (time.perf_counter() - (self.t_first or self.t0))
+        elapsed = time.perf_counter() - (self.t_first or self.t0)
+        rate = (p.samples - self.rows0) / elapsed
         self.monitor.say(f"[train] epoch {p.epoch} step {p.step_in_epoch}/"
-                         f"{self.steps_per_epoch} loss {global_loss:.4f} {rate:,.0f} samples/s")
+                         f"{self.steps_per_epoch} loss {global_loss:.4f} {rate:,.0f} samples/s, "
+                         f"{format_duration(self._epoch_left(elapsed))} left in the epoch")
         self.monitor.scalars({"train/loss": global_loss, "train/dense_lr": lr,
                               "train/samples_per_s": rate}, p.step)
+
+    def _epoch_left(self, elapsed: float) -> float:
+        """Seconds until this epoch's last step (or max_steps) at this run's pace so far."""
+        p = self.progress
+        last = self.steps_per_epoch
+        if self.schedule.max_steps is not None:
+            last = min(last, p.step_in_epoch + self.schedule.max_steps - p.step)
+        return (last - p.step_in_epoch) * elapsed / max(1, p.step - self.step0)
 
     def _validate(self) -> None:
         p, stopping = self.progress, self.schedule.early_stopping

@@ -29,6 +29,16 @@ class Progress:
         return dict(self.__dict__)
 
 
+def format_duration(seconds: float) -> str:
+    """"42s", "3m05s", "2h07m": a time left, short enough for a progress line."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 class Monitor:
     """Progress lines on stdout and curves under <run folder>/tensorboard, from rank 0."""
 

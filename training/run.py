@@ -10,12 +10,16 @@ from typing import Any
 from training.config import TrainConfig
 from training.plan import plan_run
 from training.preflight import check_schedulable
+from training.stall import StallWatch, heartbeat_actor
 from training.worker import WORKER_LOG_LEVEL_ENV, train_loop_per_worker
+
+LOG_LEVEL_ENV = "EMBPRESS_LOG_LEVEL"
 
 
 def train_log_level() -> str:
-    """Ray Train's console log level: `EMBPRESS_LOG_LEVEL`, WARNING by default."""
-    return os.environ.get("EMBPRESS_LOG_LEVEL", "WARNING").upper()
+    """Ray Train's console log level: `EMBPRESS_LOG_LEVEL` (`--verbose`: INFO), WARNING by
+    default."""
+    return os.environ.get(LOG_LEVEL_ENV, "WARNING").upper()
 
 
 def run(
@@ -26,15 +30,19 @@ def run(
 
     `callbacks` are Ray Train user callbacks (a Tune trial passes its TuneReportCallback).
     """
+    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
     scaling = config.scaling
     check_schedulable(scaling)
     spec = plan_run(config, verbose)
+    heartbeat = heartbeat_actor(
+        f"Ray to start the worker group ({scaling.num_workers} × "
+        f"{scaling.cpus_per_worker:g} CPU" + (" + 1 GPU" if scaling.use_gpu else "") + ")")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec, "audit": audit},
+        train_loop_config={"spec": spec, "audit": audit, "heartbeat": heartbeat},
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,
@@ -58,4 +66,8 @@ def run(
             logging_config=ray.train.LoggingConfig(log_level=train_log_level()),
         ),
     )
-    return trainer.fit()
+    try:
+        with StallWatch(heartbeat, config.run.stall_timeout_s):
+            return trainer.fit()
+    finally:
+        ray.kill(heartbeat)

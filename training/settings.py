@@ -185,6 +185,10 @@ class RunSettings(Strict):
         name: the run's folder under storage_path; running again with the same name resumes.
         storage_path: root of run folders.
         max_failures: worker-group restarts from the latest checkpoint before giving up.
+        stall_timeout_s: fail the run when no training step (or evaluation batch) has
+            finished for this long, naming what rank 0 waited for (`training.stall`);
+            None waits forever. Counted from the start, so it covers a worker group or a
+            first batch that never comes.
     """
 
     name: str = Field("embpress", pattern=r"^[A-Za-z0-9_.-]+$")
@@ -192,6 +196,7 @@ class RunSettings(Strict):
 
     _storage = field_validator("storage_path")(_absolute)
     max_failures: int = Field(1, ge=0)
+    stall_timeout_s: float | None = Field(600.0, gt=0)
 
 
 class ExportSettings(Strict):
@@ -209,16 +214,19 @@ class ExportSettings(Strict):
 
 
 class FaultSettings(Strict):
-    """Injected failure, for testing recovery: rank `rank` raises once at step `step`.
+    """Injected failure, for testing recovery: rank `rank` fails once at step `step`.
 
     Args:
         step: the step at which to fail.
         rank: the worker that fails.
         marker: file written when the failure fires, so it fires only once.
+        kind: `raise` (the worker dies; the group restarts from the latest checkpoint) or
+            `hang` (the worker stops making progress; `run.stall_timeout_s` ends the run).
     """
 
     step: int = Field(ge=1)
     rank: int = Field(0, ge=0)
     marker: Path
+    kind: Literal["raise", "hang"] = "raise"
 
     _marker = field_validator("marker")(_absolute)

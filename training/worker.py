@@ -25,6 +25,7 @@ from training.loop import TrainLoop
 from training.model import build_model
 from training.plan import LazyFeatureStats, RunSpec
 from training.progress import Monitor
+from training.stall import start_pulse
 
 WORKER_LOG_LEVEL_ENV = "EMBPRESS_WORKER_LOG_LEVEL"
 
@@ -43,10 +44,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if level := os.environ.get(WORKER_LOG_LEVEL_ENV):
         logging.getLogger().setLevel(level)
     ctx = WorkerContext.current(config.scaling.use_gpu)
+    beat = start_pulse(loop_config.get("heartbeat") if ctx.rank == 0 else None)
     torch.set_num_threads(max(1, int(os.environ.get("EMBPRESS_TORCH_THREADS", "1"))))
     stats = load_feature_stats(config.data.path)  # once: the methods and the bands read it
     model = build_model(spec, ctx, LazyFeatureStats(stats))
+    beat.waiting("the latest checkpoint to be restored")
     progress = restore(ctx, model)
+    beat.progress()
     monitor = Monitor(config, ctx.rank)
     loop = TrainLoop(spec, ctx, model, progress, stats, monitor,
                      audit=bool(loop_config.get("audit")))
@@ -62,6 +66,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             break
     loop.finish()
     metrics = loop.final_metrics()
+    beat.waiting("the serving model's export")
     export_trained(spec, ctx, model, metrics, progress.step)
+    beat.progress()
     monitor.close()
     report(ctx, metrics, loop.save)

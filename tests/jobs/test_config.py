@@ -35,3 +35,21 @@ def test_unknown_field_and_missing_file(tmp_path):
         load_config(p, Outer)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml", Outer)
+
+
+def test_verbose_brings_ray_trains_info_lines_back(synth_data, ray_cluster, tmp_path,
+                                                   monkeypatch):
+    import yaml
+
+    from jobs import train
+    from training.run import LOG_LEVEL_ENV, train_log_level
+
+    monkeypatch.delenv(LOG_LEVEL_ENV, raising=False)
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump({"data": {"path": str(synth_data)}}))
+    quiet = train.build_parser().parse_args(["--config", str(path)])
+    assert train.config_on_ray(train.load, quiet) is not None
+    assert train_log_level() == "WARNING"
+    loud = train.build_parser().parse_args(["--config", str(path), "--verbose"])
+    assert train.config_on_ray(train.load, loud) is not None
+    assert train_log_level() == "INFO"

@@ -54,6 +54,13 @@ def test_real_samples_convert_with_exact_counts(ray_cluster, real_data, tmp_path
         1, 2, 3, 0xC41A84C8, None)
     printed = capsys.readouterr().out
     assert str(out / shards.MANIFEST) in printed and "6,000 rows" in printed
+    # The job ends with its result block, and the same as JSON beside the shards.
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["rows"], summary["rejected"]) == (19000, 0)
+    assert summary["rejects"] == str(out / "_rejects")
+    block = printed[printed.index("=== prepare: result ==="):]
+    assert "rows kept       19,000 (3,271 positives)" in block
+    assert f"rows rejected   0, each with its file and line in {out / '_rejects'}" in block
 
 
 def test_unlabelled_sample_converts_without_a_label(ray_cluster, real_data, tmp_path):

@@ -267,3 +267,12 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(
         assert after[name] == pytest.approx(auc)
     assert load_model(exp / "best_model")[0] is not None
     assert pareto.pareto_front(rows), "the resumed search reports its front"
+    # The job ends with its result block: the front, and where the files are, the same as
+    # the experiment's summary.json.
+    block = second.stdout[second.stdout.index("=== tune: result ==="):]
+    summary = json.loads((exp / "summary.json").read_text())
+    assert f"front           {summary['files']['pareto_csv']}" in block
+    assert f"plot            {summary['files']['pareto_png']}" in block
+    assert f"this summary    {exp / 'summary.json'}" in block
+    best = summary["best"]
+    assert f"trial {best['trial']}, validation AUC {best['validation_auc']:.4f}" in block
