@@ -65,7 +65,7 @@ def test_a_hung_worker_ends_the_run_with_what_it_waited_for(synth_data, ray_clus
         "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
         "fault": {"step": 3, "rank": 0, "marker": str(tmp_path / "hung"), "kind": "hang"},
         "run": {"storage_path": str(tmp_path / "runs"), "name": "hangs",
-                "stall_timeout_s": 25},
+                "stall_timeout_s": 20},
     })
     free = ray_cluster.available_resources().get("CPU", 0)
     start = time.monotonic()
