@@ -22,7 +22,7 @@ from torch import nn
 # here: training imports serving, never the reverse.
 from embeddings.mapping import Combiner, Lookup, Mapper, combine, tensor_bytes
 from embeddings.methods.mlet import check_mlet
-from embeddings.serving_embedding import ServingEmbedding
+from embeddings.serving_embedding import ServingEmbedding, shared_slots
 
 
 @dataclass
@@ -36,16 +36,24 @@ class FeatureStats:
     Args:
         values: int64 [m] raw values, sorted by descending count, no duplicates.
         counts: int64 [m] occurrences of each value.
+        signatures: optional int32 [m, K] minhash signatures of each value's set of training
+            rows (32-bit bit patterns; SCMA's addresses, `data_pipeline.row_signatures`),
+            for the first rows of `values` only when shorter.
     """
 
     values: torch.Tensor
     counts: torch.Tensor
+    signatures: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.values = torch.as_tensor(np.asarray(self.values), dtype=torch.int64)
         self.counts = torch.as_tensor(np.asarray(self.counts), dtype=torch.int64)
         if self.values.shape != self.counts.shape or self.values.dim() != 1:
             raise ValueError("FeatureStats.values and .counts must be 1-D and of equal length")
+        if self.signatures is not None:
+            self.signatures = torch.as_tensor(np.asarray(self.signatures), dtype=torch.int32)
+            if self.signatures.dim() != 2 or self.signatures.shape[0] > self.values.shape[0]:
+                raise ValueError("FeatureStats.signatures must be [m' ≤ values, K]")
 
     @classmethod
     def from_ids(cls, ids: torch.Tensor | np.ndarray) -> FeatureStats:
@@ -68,7 +76,7 @@ def gather(
 ) -> torch.Tensor:
     """Read every table at its rows, weight, combine: the lookup shared by training and serving."""
     vectors = []
-    for t, table in enumerate(tables):
+    for t, table in enumerate(shared_slots(list(tables), lookup)):
         v = torch.nn.functional.embedding(lookup.rows[:, t], table, sparse=sparse)
         if lookup.weights is not None:
             v = v * lookup.weights[:, t : t + 1].to(v.dtype)
@@ -173,6 +181,13 @@ class CompressedEmbedding(nn.Module):
     def packed_slots(self) -> int:
         """Columns of `packed_lookup`'s rows: the reads of one id (at most)."""
         return len(self.tables)
+
+    def packed_bags(self) -> list[int] | None:
+        """Where one table is read in several bags side by side (SCMA's slots over its one
+        shared array): the table of `packed_specs` each bag reads, one slot per bag, in
+        output order. None: the usual layout (sum: one bag; concat, product: a bag per
+        table)."""
+        return None
 
     def packed_initial(self) -> list[torch.Tensor]:
         """The initial values of each store table of `packed_specs`."""

@@ -1,0 +1,98 @@
+"""Minhash signatures of each categorical value's set of training rows: SCMA's addresses.
+
+SCMA (arXiv 2103.06124) represents a value by the rows it occurs in; K minhashes of that set
+(min over its rows r of hash_k(r), 32 bits) are what `embeddings.methods.scma` stores for the
+frequent values. A signature is the minimum of a hash, so signatures of disjoint parts of the
+data merge by element-wise minimum: each shard is signed on its own (vectorised numpy, the
+one hash of `idhash.splitmix`) and the parts merge, whatever their order.
+
+Layout: `<root>/stats/signatures.npz`, per feature `<name>.values` (int64, the statistics'
+order: by count, descending) and `<name>.signatures` (int32 bit patterns [m, K]), for the
+values seen at least `min_count` times.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from idhash.splitmix import hash64_bits
+
+SIGNATURES_FILE = "signatures.npz"
+# Seeds of the K row hashes; far from the seeds mappers use.
+ROW_SEED = 0x524F57  # "ROW"
+_EMPTY = np.uint32(0xFFFFFFFF)
+
+
+def row_hashes(rows: np.ndarray, k: int) -> np.ndarray:
+    """uint32 [len(rows), k]: the K independent 32-bit hashes of global row numbers."""
+    rows = np.asarray(rows, dtype=np.int64)
+    return np.stack([(hash64_bits(rows, ROW_SEED + j) >> np.uint64(32)).astype(np.uint32)
+                     for j in range(k)], axis=1)
+
+
+def minhash_signatures(ids: np.ndarray, rows: np.ndarray, k: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct values sorted ascending, uint32 [m, k] signatures) of one feature's column.
+
+    Args:
+        ids: int64 [N] the column's values (missing entries already dropped).
+        rows: int64 [N] the global row number of each entry (its training row).
+        k: signatures per value.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    values, inverse = np.unique(ids, return_inverse=True)
+    hashes = row_hashes(rows, k)
+    out = np.full((values.shape[0], k), _EMPTY, dtype=np.uint32)
+    for j in range(k):
+        np.minimum.at(out[:, j], inverse, hashes[:, j])
+    return values, out
+
+
+def merge_signatures(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """The signatures of two parts of the data together (element-wise minimum per value)."""
+    values = np.concatenate([a[0], b[0]])
+    sigs = np.concatenate([a[1], b[1]])
+    merged, inverse = np.unique(values, return_inverse=True)
+    out = np.full((merged.shape[0], sigs.shape[1]), _EMPTY, dtype=np.uint32)
+    for j in range(sigs.shape[1]):
+        np.minimum.at(out[:, j], inverse, sigs[:, j])
+    return merged, out
+
+
+def align(values: np.ndarray, signed: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """int32 bit patterns [len(values), K] of `values` (statistics' order); a value without
+    a signature raises (every counted value was signed in the same pass)."""
+    known, sigs = signed
+    pos = np.searchsorted(known, values).clip(max=max(0, len(known) - 1))
+    if len(values) and (len(known) == 0 or not np.array_equal(known[pos], values)):
+        raise ValueError("a value of the statistics has no signature")
+    return sigs[pos].view(np.int32)
+
+
+def write_signatures(directory: str | Path, per_feature: dict[str, tuple[np.ndarray, np.ndarray]]
+                     ) -> Path:
+    """Write `signatures.npz` into a statistics folder: per feature (values, int32 [m, K])."""
+    path = Path(directory) / SIGNATURES_FILE
+    arrays = {}
+    for name, (values, sigs) in per_feature.items():
+        arrays[f"{name}.values"] = np.asarray(values, np.int64)
+        arrays[f"{name}.signatures"] = np.asarray(sigs).view(np.int32)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+    return path
+
+
+def read_signatures(directory: str | Path, feature: str
+                    ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(values, int32 [m, K] signatures) of one feature, or None where none were written."""
+    path = Path(directory) / SIGNATURES_FILE
+    if not path.is_file():
+        return None
+    with np.load(path) as data:
+        if f"{feature}.values" not in data:
+            return None
+        return data[f"{feature}.values"], data[f"{feature}.signatures"]

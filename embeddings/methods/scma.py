@@ -1,0 +1,220 @@
+"""SCMA: semantically constrained memory allocation (Desai, Chou, Shrivastava et al.,
+"Semantically Constrained Memory Allocation (SCMA) for Embedding in Efficient Recommendation
+Systems", arXiv 2103.06124; code yanzhoupan/dlrm_ssm, tricks/lsh_embedding_bag.py).
+
+Every value is represented by the set of training rows it occurs in; D minhashes of that set
+address one shared array W of M floats (element j of the embedding is W[minhash_j mod M]), so
+values that occur together share memory and values with identical row sets share it all.
+
+What is changed, and why:
+* Bounded sketch instead of an n × D minhash table. The paper's prototype stores D minhashes
+  for every value, which costs more than the embedding table it compresses. Here only K
+  (default 2) 32-bit minhash signatures are kept, only for the most frequent values above a
+  frequency floor (`min_count`) and only as many as `sketch_share` of the byte budget pays
+  for; every other value addresses W by hashing its id (ROBE-style). The stored sketch
+  (sorted values, 8 bytes each, plus 4·K bytes of signatures) is counted in the method's
+  training and serving bytes, and W gets the rest of the budget.
+* D addresses from K signatures: slot s reads hash(signature[s mod K], s) mod rows, so two
+  values agree in a slot with the probability their minhashes agree (the Jaccard similarity
+  of their row sets), and identical row sets give identical embeddings, as in the paper.
+* Chunked addressing: W is an (M / c) × c table read c contiguous floats at a time, d / c
+  reads per id concatenated (c = 1 is the paper's per-element addressing). Width-1 reads of
+  a table-batched store cost one bag per element; the default c = 4 keeps 4 slots per id at
+  d = 16 (see `jobs/benchmarks/embedding_speed.py` for the measured speed against hash).
+  In the collection the slots are virtual tables over the one store table (FBGEMM's
+  `feature_table_map`), so all slots train one shared W.
+* The signatures come from a pass over the training shards (`data_pipeline.row_signatures`,
+  written beside the frequency statistics); without them (no statistics, a feature split
+  over workers whose statistics were filtered) every value hashes its id.
+* MLET composes: training reads k-wide vectors from W; collapse folds the projection into
+  one d-wide table per slot (W · P_s, summed), exact but S times W's rows × d in bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from embeddings import budget
+from embeddings.mapping import Combiner, ScmaMapper
+from embeddings.methods.base import (
+    CompressedEmbedding,
+    FeatureStats,
+    MethodConfig,
+    ordinary_bound,
+)
+from embeddings.serving_embedding import ServingEmbedding
+
+__all__ = ["ScmaConfig", "ScmaEmbedding", "ScmaMapper", "signed_values"]
+
+VALUE_BYTES = 8  # one int64 sorted value per signed value
+SIGNATURE_BYTES = 4  # one 32-bit minhash
+
+
+class ScmaEmbedding(CompressedEmbedding):
+    """One shared (rows × chunk) array read in `slots` chunks per id, concatenated.
+
+    Args:
+        mapper: the SCMA mapper (slot rows of each id).
+        rows: rows of the shared array.
+        chunk: floats per read (c).
+        dim: output width d.
+        mlet_dim: MLET's k (k/c slots, then the k×d projection); None = none.
+        sparse: sparse gradients.
+    """
+
+    def __init__(
+        self,
+        mapper: ScmaMapper,
+        rows: int,
+        chunk: int,
+        dim: int,
+        mlet_dim: int | None = None,
+        sparse: bool = False,
+    ) -> None:
+        nn.Module.__init__(self)
+        width = mlet_dim or dim
+        if width % chunk or mapper.slots != width // chunk:
+            raise ValueError(f"width {width} must be {mapper.slots} chunks of {chunk}")
+        self.mapper = mapper
+        self.combiner = Combiner.CONCAT
+        self.dim = dim
+        self.mlet_dim = mlet_dim
+        self.sparse = sparse
+        self.chunk = chunk
+        # Each output element is one element of W: W starts at an ordinary width-wide scale.
+        bound = ordinary_bound(width)
+        self.tables = nn.ParameterList(
+            [nn.Parameter(torch.empty(rows, chunk).uniform_(-bound, bound))]
+        )
+        self.projection: nn.Parameter | None = None
+        if mlet_dim is not None:
+            # As CompressedEmbedding: N(0, 1/d) keeps the output at an ordinary scale.
+            self.projection = nn.Parameter(torch.randn(mlet_dim, dim) / dim**0.5)
+
+    @property
+    def slots(self) -> int:
+        return self.mapper.slots
+
+    def packed_slots(self) -> int:
+        return self.slots
+
+    def packed_bags(self) -> list[int] | None:
+        return [0] * self.slots
+
+    def serving_widths(self) -> list[int]:
+        if self.projection is None:
+            return [self.chunk]
+        return [self.dim] * self.slots  # one folded table per slot, see `collapse`
+
+    def serving_bytes(self, fmt: str = "fp32") -> int:
+        rows = self.tables[0].shape[0]
+        return self.mapper.serving_bytes() + sum(
+            budget.table_bytes(rows, w, fmt) for w in self.serving_widths()
+        )
+
+    @torch.no_grad()
+    def collapse(self) -> ServingEmbedding:
+        """W itself (the serving mapper reads it at every slot, concatenated); under MLET,
+        slot s's chunk times its rows of the projection, one d-wide table per slot, summed
+        ([w_0, …, w_S] · P = Σ_s w_s · P_s)."""
+        (table,) = self.serving_tables()
+        mapper = self.frozen_mapper().to(table.device)
+        if self.projection is None:
+            return ServingEmbedding(mapper, [table], Combiner.CONCAT)
+        p, c = self.projection.detach(), self.chunk
+        tables = [table @ p[s * c : (s + 1) * c] for s in range(self.slots)]
+        return ServingEmbedding(mapper, tables, Combiner.SUM)
+
+
+def signed_values(
+    stats: FeatureStats | None, limit: int, min_count: int, keep: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(sorted values, their first `keep` signatures) of the at most `limit` most frequent
+    values seen at least `min_count` times that have signatures; None if there are none."""
+    if stats is None or stats.signatures is None or limit <= 0:
+        return None
+    m = stats.signatures.shape[0]
+    eligible = torch.nonzero(stats.counts[:m] >= min_count).flatten()[:limit]
+    if eligible.numel() == 0:
+        return None
+    values, order = torch.sort(stats.values[eligible])
+    return values, stats.signatures[eligible[order], :keep].contiguous()
+
+
+class ScmaConfig(MethodConfig):
+    """SCMA: minhash-addressed shared memory (arXiv 2103.06124), with a bounded sketch.
+
+    Args:
+        ratio: compression ratio: the shared array plus the signature sketch take
+            n·d·4 / ratio bytes.
+        memory: floats of the shared array (M), instead of a ratio; the sketch then takes
+            what `sketch_share` of M·4 bytes pays for.
+        chunk: floats per read (c); d (or MLET's k) must be a multiple. c = 1 is the
+            paper's per-element addressing; 4 keeps training at hash's speed class.
+        signatures: minhash signatures kept per signed value (K; the paper's D addresses
+            are derived from them by hashing with the slot).
+        min_count: frequency floor: values seen fewer times get no signature.
+        sketch_share: most of the budget the signature sketch may take.
+        seed: hash seed.
+    """
+
+    method: Literal["scma"] = "scma"
+    ratio: float | None = Field(None, ge=1)
+    memory: int | None = Field(None, gt=0)
+    chunk: int = Field(4, ge=1)
+    signatures: int = Field(2, ge=1, le=16)
+    min_count: int = Field(3, ge=1)
+    sketch_share: float = Field(0.25, ge=0, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_size(self) -> ScmaConfig:
+        if self.ratio is not None and self.memory is not None:
+            raise ValueError("give either ratio or memory, not both")
+        return self
+
+    def combiner(self) -> Combiner:
+        return Combiner.CONCAT
+
+    def check(self, num_embeddings: int, dim: int) -> None:
+        super().check(num_embeddings, dim)
+        if self.ratio is None and self.memory is None:
+            raise ValueError("scma needs a size: set ratio or memory (or a collection ratio)")
+        width = self.mlet_dim or dim
+        if width % self.chunk:
+            raise ValueError(f"scma's chunk {self.chunk} must divide the width {width}")
+
+    def at_ratio(self, ratio: float) -> ScmaConfig:
+        return self.model_copy(update={"ratio": ratio, "memory": None})
+
+    def entry_bytes(self) -> int:
+        """Stored bytes of one signed value: its value and its K signatures."""
+        return VALUE_BYTES + SIGNATURE_BYTES * self.signatures
+
+    def build(
+        self, num_embeddings: int, dim: int, stats: FeatureStats | None = None
+    ) -> CompressedEmbedding:
+        self.check(num_embeddings, dim)
+        available = 0
+        if stats is not None and stats.signatures is not None:
+            m = stats.signatures.shape[0]
+            available = int((stats.counts[:m] >= self.min_count).sum())
+            if stats.signatures.shape[1] < self.signatures:
+                raise ValueError(f"scma wants {self.signatures} signatures per value; the "
+                                 f"statistics hold {stats.signatures.shape[1]}")
+        if self.ratio is not None:
+            rows, signed = budget.scma_sizes(num_embeddings, dim, self.ratio, self.chunk,
+                                             self.entry_bytes(), available, self.sketch_share)
+        else:
+            rows = max(1, self.memory // self.chunk)
+            signed = min(available, int(self.memory * 4 * self.sketch_share)
+                         // self.entry_bytes())
+        sketch = signed_values(stats, signed, self.min_count, self.signatures)
+        width = self.mlet_dim or dim
+        mapper = ScmaMapper(rows, width // self.chunk, self.seed,
+                            *(sketch if sketch is not None else (None, None)))
+        return ScmaEmbedding(mapper, rows, self.chunk, dim, self.mlet_dim, self.sparse)
