@@ -23,6 +23,9 @@ SIGNATURES_FILE = "signatures.npz"
 # Seeds of the K row hashes; far from the seeds mappers use.
 ROW_SEED = 0x524F57  # "ROW"
 _EMPTY = np.uint32(0xFFFFFFFF)
+DEFAULT_K = 4  # signatures computed per value (a method keeps up to this many)
+DEFAULT_MIN_COUNT = 2  # a value seen once has a one-row set: nothing to share
+DEFAULT_MAX_VALUES = 1 << 20  # per feature: 24 MiB of signatures at most
 
 
 def row_hashes(rows: np.ndarray, k: int) -> np.ndarray:
@@ -70,6 +73,51 @@ def align(values: np.ndarray, signed: tuple[np.ndarray, np.ndarray]) -> np.ndarr
     if len(values) and (len(known) == 0 or not np.array_equal(known[pos], values)):
         raise ValueError("a value of the statistics has no signature")
     return sigs[pos].view(np.int32)
+
+
+def sign_dataset(root: str | Path, k: int = DEFAULT_K, min_count: int = DEFAULT_MIN_COUNT,
+                 max_values: int = DEFAULT_MAX_VALUES, split: str = "train") -> Path:
+    """Sign every categorical feature of `split` under `root` and write `signatures.npz`
+    beside its statistics (`data_pipeline.stats`, which must exist); returns its path.
+
+    Bounded: only values counted at least `min_count` times, at most `max_values` per
+    feature (the most frequent; in sketch mode the statistics' heavy hitters), are signed,
+    each with `k` signatures, so memory is k·4 + 8 bytes per signed value whatever the data.
+    A row's number is its position in the split (pieces in order), the same on every run.
+    """
+    from data_pipeline import datasets
+    from data_pipeline.stats import load_feature_stats
+
+    stats = load_feature_stats(root)
+    names = list(stats.features)
+    signed: dict[str, np.ndarray] = {}
+    order: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name in names:
+        values, counts = stats.counts(name)
+        m = min(max_values, int(np.searchsorted(-counts, -min_count, side="right")))
+        keep = values[:m]
+        sort = np.argsort(keep, kind="stable")
+        order[name] = (keep[sort], sort)
+        signed[name] = np.full((m, k), _EMPTY, dtype=np.uint32)
+    first_row = 0
+    for piece in datasets.split_pieces(root, split):
+        table = datasets.read_piece(piece, columns=names)
+        hashes = row_hashes(np.arange(first_row, first_row + table.num_rows), k)
+        first_row += table.num_rows
+        for name in names:
+            sorted_values, sort = order[name]
+            if not len(sorted_values):
+                continue
+            col = table.column(name)
+            present = col.is_valid().to_numpy(zero_copy_only=False)
+            ids = col.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+            pos = np.searchsorted(sorted_values, ids).clip(max=len(sorted_values) - 1)
+            hit = present & (sorted_values[pos] == ids)
+            where, rows = sort[pos[hit]], hashes[hit]
+            for j in range(k):
+                np.minimum.at(signed[name][:, j], where, rows[:, j])
+    return write_signatures(stats.directory, {
+        name: (stats.counts(name)[0][: len(signed[name])], signed[name]) for name in names})
 
 
 def write_signatures(directory: str | Path, per_feature: dict[str, tuple[np.ndarray, np.ndarray]]

@@ -55,6 +55,15 @@ class FeatureStats:
             if self.signatures.dim() != 2 or self.signatures.shape[0] > self.values.shape[0]:
                 raise ValueError("FeatureStats.signatures must be [m' ≤ values, K]")
 
+    def select(self, keep: torch.Tensor) -> FeatureStats:
+        """The statistics of the values where `keep` (bool [m]) is set, signatures kept
+        aligned (a feature split over workers keeps each shard's part)."""
+        signatures = None
+        if self.signatures is not None:
+            m = self.signatures.shape[0]
+            signatures = self.signatures[keep[:m]]
+        return FeatureStats(self.values[keep], self.counts[keep], signatures)
+
     @classmethod
     def from_ids(cls, ids: torch.Tensor | np.ndarray) -> FeatureStats:
         """Exact statistics of a stream of raw ids (ties broken by value, for determinism)."""
