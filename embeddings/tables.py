@@ -343,7 +343,12 @@ def build_store(
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "meta":
         raise ValueError("a table store holds real memory; count bytes from the specs instead")
-    chosen = choose_backend(backend, optimizer, device)
+    narrow = [s.width for s in specs if s.width % 4]
+    if narrow and backend == "fbgemm":
+        raise ValueError(f"fbgemm's TBE needs table widths that are multiples of 4, got "
+                         f"{sorted(set(narrow))}; use backend 'torch' or 'auto'")
+    # FBGEMM's TBE refuses such widths (SCMA's per-element chunks, c = 1): auto → torch.
+    chosen = "torch" if narrow else choose_backend(backend, optimizer, device)
     cls = FbgemmTables if chosen == "fbgemm" else TorchTables
     return cls(specs, optimizer, device, table_of)
 
