@@ -75,6 +75,18 @@ def test_signatures_agree_as_often_as_the_row_sets_overlap():
     assert agree == pytest.approx(1 / 3, abs=0.07)
 
 
+def test_the_compiled_training_lookup_reads_the_rows_of_the_serving_mapper():
+    pytest.importorskip("numba")
+    import numba  # noqa: F401 - loaded, as in every training process: the compiled path
+
+    ids = np.random.default_rng(4).zipf(1.2, 5000) % 700
+    emb = ScmaConfig(ratio=4, chunk=4).build(700, DIM, _stats(ids, np.arange(len(ids))))
+    probe = torch.cat([torch.from_numpy(ids[:2000]), torch.tensor([2**40, -1, -(2**62)])])
+    rows, mask = emb.packed_lookup(probe)
+    assert mask is None
+    assert torch.equal(rows, emb.collapse().mapper(probe).rows)
+
+
 def test_unsigned_values_hash_their_id_and_signed_values_their_signatures():
     ids = np.repeat(np.arange(50), 4)
     stats = _stats(ids, np.arange(len(ids)))
