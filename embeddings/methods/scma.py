@@ -32,6 +32,7 @@ What is changed, and why:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import numpy as np
@@ -52,6 +53,7 @@ from embeddings.serving_embedding import ServingEmbedding
 
 __all__ = ["ScmaConfig", "ScmaEmbedding", "ScmaMapper", "signed_values"]
 
+DEFAULT_CHUNK = 4  # floats per read: ≥ 0.5 of hash's samples/s at d = 16 (embedding_speed)
 VALUE_BYTES = 8  # one int64 sorted value per signed value
 SIGNATURE_BYTES = 4  # one 32-bit minhash
 
@@ -210,7 +212,8 @@ class ScmaConfig(MethodConfig):
         memory: floats of the shared array (M), instead of a ratio; the sketch then takes
             what `sketch_share` of M·4 bytes pays for.
         chunk: floats per read (c); d (or MLET's k) must be a multiple. c = 1 is the
-            paper's per-element addressing; 4 keeps training at hash's speed class.
+            paper's per-element addressing; None (default) is 4 where it divides the width
+            (hash's speed class, see the module's notes), else gcd(width, 4).
         signatures: minhash signatures kept per signed value (K; the paper's D addresses
             are derived from them by hashing with the slot).
         min_count: frequency floor: values seen fewer times get no signature.
@@ -221,7 +224,7 @@ class ScmaConfig(MethodConfig):
     method: Literal["scma"] = "scma"
     ratio: float | None = Field(None, ge=1)
     memory: int | None = Field(None, gt=0)
-    chunk: int = Field(4, ge=1)
+    chunk: int | None = Field(None, ge=1)
     signatures: int = Field(2, ge=1, le=16)
     min_count: int = Field(3, ge=1)
     sketch_share: float = Field(0.25, ge=0, lt=1)
@@ -241,11 +244,15 @@ class ScmaConfig(MethodConfig):
         if self.ratio is None and self.memory is None:
             raise ValueError("scma needs a size: set ratio or memory (or a collection ratio)")
         width = self.mlet_dim or dim
-        if width % self.chunk:
+        if width % self.chunk_for(width):
             raise ValueError(f"scma's chunk {self.chunk} must divide the width {width}")
 
     def at_ratio(self, ratio: float) -> ScmaConfig:
         return self.model_copy(update={"ratio": ratio, "memory": None})
+
+    def chunk_for(self, width: int) -> int:
+        """The chunk c at this width (the default: 4 where it divides it)."""
+        return self.chunk if self.chunk is not None else math.gcd(width, DEFAULT_CHUNK)
 
     def entry_bytes(self) -> int:
         """Stored bytes of one signed value: its value and its K signatures."""
@@ -262,15 +269,16 @@ class ScmaConfig(MethodConfig):
             if stats.signatures.shape[1] < self.signatures:
                 raise ValueError(f"scma wants {self.signatures} signatures per value; the "
                                  f"statistics hold {stats.signatures.shape[1]}")
+        width = self.mlet_dim or dim
+        chunk = self.chunk_for(width)
         if self.ratio is not None:
-            rows, signed = budget.scma_sizes(num_embeddings, dim, self.ratio, self.chunk,
+            rows, signed = budget.scma_sizes(num_embeddings, dim, self.ratio, chunk,
                                              self.entry_bytes(), available, self.sketch_share)
         else:
-            rows = max(1, self.memory // self.chunk)
+            rows = max(1, self.memory // chunk)
             signed = min(available, int(self.memory * 4 * self.sketch_share)
                          // self.entry_bytes())
         sketch = signed_values(stats, signed, self.min_count, self.signatures)
-        width = self.mlet_dim or dim
-        mapper = ScmaMapper(rows, width // self.chunk, self.seed,
+        mapper = ScmaMapper(rows, width // chunk, self.seed,
                             *(sketch if sketch is not None else (None, None)))
-        return ScmaEmbedding(mapper, rows, self.chunk, dim, self.mlet_dim, self.sparse)
+        return ScmaEmbedding(mapper, rows, chunk, dim, self.mlet_dim, self.sparse)
