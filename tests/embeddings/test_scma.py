@@ -210,3 +210,24 @@ def test_the_signing_pass_over_shards_equals_signing_the_rows_directly(tmp_path)
     assert five == 5
     assert np.array_equal(five_sig, align(np.array([5]), minhash_signatures(
         np.full(700, 5), np.arange(700), 3)))
+
+
+@pytest.mark.parametrize("ratio", [10, 100, 1000])
+def test_a_collection_of_scma_features_lands_on_its_budget(ratio: float):
+    from data_pipeline.schema import TERABYTE_CARDINALITIES
+
+    cards = [max(3, n // 1000) for n in TERABYTE_CARDINALITIES]
+    stats = {}
+    rng = np.random.default_rng(5)
+    for i, n in enumerate(cards):
+        ids = rng.zipf(1.2, 20_000) % n
+        stats[f"C{i + 1}"] = _stats(ids, np.arange(len(ids)), 2)
+    config = CollectionConfig(dim=DIM, cardinalities=cards, ratio=ratio,
+                              method={"method": "scma"})
+    allocated = config.allocate(stats)
+    target = config.target_bytes()
+    assert 0.95 * target <= allocated.planned_bytes <= target
+    col = EmbeddingCollection(config, stats)
+    assert col.serving_bytes() == allocated.planned_bytes
+    assert any(e.mapper.values.numel() for e in col.embeddings.values()
+               if hasattr(e.mapper, "signatures"))
