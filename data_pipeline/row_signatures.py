@@ -6,9 +6,16 @@ frequent values. A signature is the minimum of a hash, so signatures of disjoint
 data merge by element-wise minimum: each shard is signed on its own (vectorised numpy, the
 one hash of `idhash.splitmix`) and the parts merge, whatever their order.
 
+A value's rows never hold another value of its own feature, so within one feature row sets
+are disjoint and their minhashes agree only by chance: the row sets alone give no semantic
+sharing inside a feature (only across features). The same pass therefore also signs each
+value's *context*, the set of values of the other features in its rows: values seen with
+the same partners share memory in proportion to that overlap, and identical row sets still
+give identical signatures. `ScmaConfig.sets` chooses.
+
 Layout: `<root>/stats/signatures.npz`, per feature `<name>.values` (int64, the statistics'
-order: by count, descending) and `<name>.signatures` (int32 bit patterns [m, K]), for the
-values seen at least `min_count` times.
+order: by count, descending), `<name>.rows` and `<name>.contexts` (int32 bit patterns
+[m, K]), for the values seen at least `min_count` times.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ SIGNATURES_FILE = "signatures.npz"
 # Seeds of the K row hashes; far from the seeds mappers use.
 ROW_SEED = 0x524F57  # "ROW"
 _EMPTY = np.uint32(0xFFFFFFFF)
+CONTEXT_SEED = 0x435458  # "CTX": seeds of the (feature, value) hashes of contexts
+SETS = ("rows", "contexts")
 DEFAULT_K = 4  # signatures computed per value (a method keeps up to this many)
 DEFAULT_MIN_COUNT = 2  # a value seen once has a one-row set: nothing to share
 DEFAULT_MAX_VALUES = 1 << 20  # per feature: 24 MiB of signatures at most
@@ -75,15 +84,37 @@ def align(values: np.ndarray, signed: tuple[np.ndarray, np.ndarray]) -> np.ndarr
     return sigs[pos].view(np.int32)
 
 
+def context_hashes(columns: list[np.ndarray], present: list[np.ndarray], k: int
+                   ) -> np.ndarray:
+    """uint32 [F, rows, k]: for feature f, the K minhashes of each row's other features'
+    values ((feature, value) pairs hashed; missing ones left out), so that a value's
+    signature over its rows is the minhash of the set of values it co-occurs with."""
+    f_count, n = len(columns), len(columns[0]) if columns else 0
+    h = np.full((f_count, n, k), _EMPTY, dtype=np.uint32)
+    for g, (ids, ok) in enumerate(zip(columns, present, strict=True)):
+        for j in range(k):
+            bits = hash64_bits(ids, CONTEXT_SEED + j * 64 + g) >> np.uint64(32)
+            h[g, :, j] = np.where(ok, bits.astype(np.uint32), _EMPTY)
+    # Minimum over every feature but f: prefix minimum before f, suffix minimum after.
+    before = np.minimum.accumulate(h, axis=0)
+    after = np.minimum.accumulate(h[::-1], axis=0)[::-1]
+    out = np.full_like(h, _EMPTY)
+    out[1:] = before[:-1]
+    np.minimum(out[:-1], after[1:], out=out[:-1])
+    return out
+
+
 def sign_dataset(root: str | Path, k: int = DEFAULT_K, min_count: int = DEFAULT_MIN_COUNT,
                  max_values: int = DEFAULT_MAX_VALUES, split: str = "train") -> Path:
     """Sign every categorical feature of `split` under `root` and write `signatures.npz`
     beside its statistics (`data_pipeline.stats`, which must exist); returns its path.
 
-    Bounded: only values counted at least `min_count` times, at most `max_values` per
-    feature (the most frequent; in sketch mode the statistics' heavy hitters), are signed,
-    each with `k` signatures, so memory is k·4 + 8 bytes per signed value whatever the data.
-    A row's number is its position in the split (pieces in order), the same on every run.
+    Two sets per value, both minhashed in the one pass: its rows (each row's number is its
+    position in the split, pieces in order, the same on every run), and its contexts (the
+    values of the other features in those rows, `context_hashes`). Bounded: only values
+    counted at least `min_count` times, at most `max_values` per feature (the most
+    frequent; in sketch mode the statistics' heavy hitters), each with `k` signatures of
+    each kind, so memory is 8·k + 8 bytes per signed value whatever the data.
     """
     from data_pipeline import datasets
     from data_pipeline.stats import load_feature_stats
@@ -91,6 +122,7 @@ def sign_dataset(root: str | Path, k: int = DEFAULT_K, min_count: int = DEFAULT_
     stats = load_feature_stats(root)
     names = list(stats.features)
     signed: dict[str, np.ndarray] = {}
+    contexts: dict[str, np.ndarray] = {}
     order: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name in names:
         values, counts = stats.counts(name)
@@ -99,48 +131,58 @@ def sign_dataset(root: str | Path, k: int = DEFAULT_K, min_count: int = DEFAULT_
         sort = np.argsort(keep, kind="stable")
         order[name] = (keep[sort], sort)
         signed[name] = np.full((m, k), _EMPTY, dtype=np.uint32)
+        contexts[name] = np.full((m, k), _EMPTY, dtype=np.uint32)
     first_row = 0
     for piece in datasets.split_pieces(root, split):
         table = datasets.read_piece(piece, columns=names)
         hashes = row_hashes(np.arange(first_row, first_row + table.num_rows), k)
         first_row += table.num_rows
-        for name in names:
+        present = [table.column(n).is_valid().to_numpy(zero_copy_only=False) for n in names]
+        columns = [table.column(n).fill_null(0).to_numpy(zero_copy_only=False)
+                   .astype(np.int64) for n in names]
+        context = context_hashes(columns, present, k)
+        for f, name in enumerate(names):
             sorted_values, sort = order[name]
             if not len(sorted_values):
                 continue
-            col = table.column(name)
-            present = col.is_valid().to_numpy(zero_copy_only=False)
-            ids = col.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+            ids = columns[f]
             pos = np.searchsorted(sorted_values, ids).clip(max=len(sorted_values) - 1)
-            hit = present & (sorted_values[pos] == ids)
-            where, rows = sort[pos[hit]], hashes[hit]
+            hit = present[f] & (sorted_values[pos] == ids)
+            where, rows, ctx = sort[pos[hit]], hashes[hit], context[f][hit]
             for j in range(k):
                 np.minimum.at(signed[name][:, j], where, rows[:, j])
+                np.minimum.at(contexts[name][:, j], where, ctx[:, j])
     return write_signatures(stats.directory, {
-        name: (stats.counts(name)[0][: len(signed[name])], signed[name]) for name in names})
+        name: (stats.counts(name)[0][: len(signed[name])], signed[name], contexts[name])
+        for name in names})
 
 
-def write_signatures(directory: str | Path, per_feature: dict[str, tuple[np.ndarray, np.ndarray]]
-                     ) -> Path:
-    """Write `signatures.npz` into a statistics folder: per feature (values, int32 [m, K])."""
+def write_signatures(directory: str | Path,
+                     per_feature: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Path:
+    """Write `signatures.npz` into a statistics folder: per feature (values, row-set
+    signatures, context signatures), signatures as int32 bit patterns [m, K]."""
     path = Path(directory) / SIGNATURES_FILE
     arrays = {}
-    for name, (values, sigs) in per_feature.items():
+    for name, (values, sigs, ctx) in per_feature.items():
         arrays[f"{name}.values"] = np.asarray(values, np.int64)
-        arrays[f"{name}.signatures"] = np.asarray(sigs).view(np.int32)
+        arrays[f"{name}.rows"] = np.asarray(sigs).view(np.int32)
+        arrays[f"{name}.contexts"] = np.asarray(ctx).view(np.int32)
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, **arrays)
     tmp.replace(path)
     return path
 
 
-def read_signatures(directory: str | Path, feature: str
+def read_signatures(directory: str | Path, feature: str, sets: str = "rows"
                     ) -> tuple[np.ndarray, np.ndarray] | None:
-    """(values, int32 [m, K] signatures) of one feature, or None where none were written."""
+    """(values, int32 [m, K] signatures of their `sets`: "rows" or "contexts") of one
+    feature, or None where none were written."""
+    if sets not in SETS:
+        raise ValueError(f"sets must be one of {SETS}, got {sets!r}")
     path = Path(directory) / SIGNATURES_FILE
     if not path.is_file():
         return None
     with np.load(path) as data:
-        if f"{feature}.values" not in data:
+        if f"{feature}.values" not in data or f"{feature}.{sets}" not in data:
             return None
-        return data[f"{feature}.values"], data[f"{feature}.signatures"]
+        return data[f"{feature}.values"], data[f"{feature}.{sets}"]

@@ -56,10 +56,10 @@ def feature_stats_of(stats: DatasetStats, name: str) -> FeatureStats:
     """One feature's statistics for the methods: values and counts, with the SCMA
     signatures `data_pipeline.row_signatures` wrote beside them where there are any."""
     values, counts = stats.counts(name)
-    signed = read_signatures(stats.directory, name)
-    if signed is None or not np.array_equal(signed[0], values[: len(signed[0])]):
+    signed = [read_signatures(stats.directory, name, sets) for sets in ("rows", "contexts")]
+    if signed[0] is None or not np.array_equal(signed[0][0], values[: len(signed[0][0])]):
         return FeatureStats(values, counts)  # none, or stale (statistics rewritten since)
-    return FeatureStats(values, counts, signed[1])
+    return FeatureStats(values, counts, signed[0][1], None if signed[1] is None else signed[1][1])
 
 
 class LazyFeatureStats(Mapping[str, FeatureStats]):

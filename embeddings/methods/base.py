@@ -39,30 +39,34 @@ class FeatureStats:
         signatures: optional int32 [m, K] minhash signatures of each value's set of training
             rows (32-bit bit patterns; SCMA's addresses, `data_pipeline.row_signatures`),
             for the first rows of `values` only when shorter.
+        contexts: the same for each value's set of co-occurring values of other features.
     """
 
     values: torch.Tensor
     counts: torch.Tensor
     signatures: torch.Tensor | None = None
+    contexts: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.values = torch.as_tensor(np.asarray(self.values), dtype=torch.int64)
         self.counts = torch.as_tensor(np.asarray(self.counts), dtype=torch.int64)
         if self.values.shape != self.counts.shape or self.values.dim() != 1:
             raise ValueError("FeatureStats.values and .counts must be 1-D and of equal length")
-        if self.signatures is not None:
-            self.signatures = torch.as_tensor(np.asarray(self.signatures), dtype=torch.int32)
-            if self.signatures.dim() != 2 or self.signatures.shape[0] > self.values.shape[0]:
-                raise ValueError("FeatureStats.signatures must be [m' ≤ values, K]")
+        for name in ("signatures", "contexts"):
+            sigs = getattr(self, name)
+            if sigs is None:
+                continue
+            sigs = torch.as_tensor(np.asarray(sigs), dtype=torch.int32)
+            if sigs.dim() != 2 or sigs.shape[0] > self.values.shape[0]:
+                raise ValueError(f"FeatureStats.{name} must be [m' ≤ values, K]")
+            setattr(self, name, sigs)
 
     def select(self, keep: torch.Tensor) -> FeatureStats:
         """The statistics of the values where `keep` (bool [m]) is set, signatures kept
         aligned (a feature split over workers keeps each shard's part)."""
-        signatures = None
-        if self.signatures is not None:
-            m = self.signatures.shape[0]
-            signatures = self.signatures[keep[:m]]
-        return FeatureStats(self.values[keep], self.counts[keep], signatures)
+        sigs = [None if s is None else s[keep[: s.shape[0]]]
+                for s in (self.signatures, self.contexts)]
+        return FeatureStats(self.values[keep], self.counts[keep], *sigs)
 
     @classmethod
     def from_ids(cls, ids: torch.Tensor | np.ndarray) -> FeatureStats:

@@ -24,8 +24,13 @@ What is changed, and why:
   In the collection the slots are virtual tables over the one store table (FBGEMM's
   `feature_table_map`), so all slots train one shared W.
 * The signatures come from a pass over the training shards (`data_pipeline.row_signatures`,
-  written beside the frequency statistics); without them (no statistics, a feature split
-  over workers whose statistics were filtered) every value hashes its id.
+  written beside the frequency statistics); without them (no statistics) every value
+  hashes its id.
+* Within one feature, row sets are disjoint (a row holds one value of each feature), so the
+  paper's row-set minhashes agree between two values of one feature only by chance: they
+  place values like a hash. `sets="contexts"` signs instead the set of other features'
+  values a value occurs with, whose overlap is semantic (identical row sets still give
+  identical signatures); the quality table compares both.
 * MLET composes: training reads k-wide vectors from W; collapse folds the projection into
   one d-wide table per slot (W · P_s, summed), exact but S times W's rows × d in bytes.
 """
@@ -189,18 +194,19 @@ def _scma_kernel() -> Any:
 
 
 def signed_values(
-    stats: FeatureStats | None, limit: int, min_count: int, keep: int
+    stats: FeatureStats | None, sigs: torch.Tensor | None, limit: int, min_count: int,
+    keep: int,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(sorted values, their first `keep` signatures) of the at most `limit` most frequent
-    values seen at least `min_count` times that have signatures; None if there are none."""
-    if stats is None or stats.signatures is None or limit <= 0:
+    """(sorted values, their first `keep` signatures of `sigs`) of the at most `limit` most
+    frequent values seen at least `min_count` times that have signatures; None if none."""
+    if stats is None or sigs is None or limit <= 0:
         return None
-    m = stats.signatures.shape[0]
+    m = sigs.shape[0]
     eligible = torch.nonzero(stats.counts[:m] >= min_count).flatten()[:limit]
     if eligible.numel() == 0:
         return None
     values, order = torch.sort(stats.values[eligible])
-    return values, stats.signatures[eligible[order], :keep].contiguous()
+    return values, sigs[eligible[order], :keep].contiguous()
 
 
 class ScmaConfig(MethodConfig):
@@ -218,6 +224,9 @@ class ScmaConfig(MethodConfig):
             are derived from them by hashing with the slot).
         min_count: frequency floor: values seen fewer times get no signature.
         sketch_share: most of the budget the signature sketch may take.
+        sets: what a value's signatures summarise: "rows" (the paper's: the training rows
+            it occurs in) or "contexts" (the values of other features in those rows; see
+            `data_pipeline.row_signatures` for why).
         seed: hash seed.
     """
 
@@ -228,6 +237,7 @@ class ScmaConfig(MethodConfig):
     signatures: int = Field(2, ge=1, le=16)
     min_count: int = Field(3, ge=1)
     sketch_share: float = Field(0.25, ge=0, lt=1)
+    sets: Literal["rows", "contexts"] = "rows"
     seed: int = 0
 
     @model_validator(mode="after")
@@ -263,12 +273,14 @@ class ScmaConfig(MethodConfig):
     ) -> CompressedEmbedding:
         self.check(num_embeddings, dim)
         available = 0
-        if stats is not None and stats.signatures is not None:
-            m = stats.signatures.shape[0]
+        sigs = None if stats is None else (
+            stats.signatures if self.sets == "rows" else stats.contexts)
+        if sigs is not None:
+            m = sigs.shape[0]
             available = int((stats.counts[:m] >= self.min_count).sum())
-            if stats.signatures.shape[1] < self.signatures:
+            if sigs.shape[1] < self.signatures:
                 raise ValueError(f"scma wants {self.signatures} signatures per value; the "
-                                 f"statistics hold {stats.signatures.shape[1]}")
+                                 f"statistics hold {sigs.shape[1]}")
         width = self.mlet_dim or dim
         chunk = self.chunk_for(width)
         if self.ratio is not None:
@@ -278,7 +290,7 @@ class ScmaConfig(MethodConfig):
             rows = max(1, self.memory // chunk)
             signed = min(available, int(self.memory * 4 * self.sketch_share)
                          // self.entry_bytes())
-        sketch = signed_values(stats, signed, self.min_count, self.signatures)
+        sketch = signed_values(stats, sigs, signed, self.min_count, self.signatures)
         mapper = ScmaMapper(rows, width // chunk, self.seed,
                             *(sketch if sketch is not None else (None, None)))
         return ScmaEmbedding(mapper, rows, chunk, dim, self.mlet_dim, self.sparse)

@@ -231,3 +231,38 @@ def test_a_collection_of_scma_features_lands_on_its_budget(ratio: float):
     assert col.serving_bytes() == allocated.planned_bytes
     assert any(e.mapper.values.numel() for e in col.embeddings.values()
                if hasattr(e.mapper, "signatures"))
+
+
+def test_context_signatures_are_the_minhash_of_the_other_features_values(tmp_path):
+    # C1 varies, C2 is 5 in every row: each C1 value's context is {C2 = 5}, so all C1
+    # values share one context signature (and its embedding under sets="contexts").
+    c1 = [int(v) for v in np.random.default_rng(1).zipf(1.5, 600) % 40]
+    write_table_atomic(_table(c1, [5] * 600), shard_path(tmp_path, 0, 0))
+    write_table_atomic(_table([1, 2] * 20, [5] * 40), shard_path(tmp_path, 1, 0))
+    write_json_atomic({"days": {"0": {}, "1": {}}}, tmp_path / "manifest.json")
+    stats_dir = write_feature_stats(tmp_path, use_ray=False)
+    sign_dataset(tmp_path, k=4, min_count=2)
+    values, ctx = read_signatures(stats_dir, "C1", "contexts")
+    assert len(values) > 5 and (ctx == ctx[0]).all()
+    _, rows = read_signatures(stats_dir, "C1", "rows")
+    assert not (rows == rows[0]).all()
+    # C2's one value: its context is every C1 value seen in train.
+    from data_pipeline.row_signatures import CONTEXT_SEED
+    from idhash.splitmix import hash64_bits
+
+    seen = np.unique(np.array(c1, np.int64))
+    expected = [int((hash64_bits(seen, CONTEXT_SEED + j * 64 + 0) >> np.uint64(32)).min())
+                for j in range(4)]
+    (_, five_ctx) = read_signatures(stats_dir, "C2", "contexts")
+    assert five_ctx.view(np.uint32)[0].tolist() == expected
+    # The training stats carry both kinds, and scma picks the one its config names.
+    from data_pipeline.stats import load_feature_stats
+    from training.plan import feature_stats_of
+
+    stats = feature_stats_of(load_feature_stats(tmp_path), "C1")
+    assert stats.contexts is not None and stats.signatures is not None
+    by_context = ScmaConfig(memory=256, sets="contexts", sketch_share=0.9).build(40, DIM, stats)
+    probe = torch.from_numpy(values[:5])
+    with torch.no_grad():
+        out = by_context(probe)
+    assert all(torch.equal(out[0], out[i]) for i in range(1, 5))
