@@ -266,3 +266,17 @@ def test_context_signatures_are_the_minhash_of_the_other_features_values(tmp_pat
     with torch.no_grad():
         out = by_context(probe)
     assert all(torch.equal(out[0], out[i]) for i in range(1, 5))
+
+
+def test_a_shard_of_the_statistics_keeps_each_value_with_its_signatures():
+    ids = np.repeat(np.arange(30), np.arange(30, 0, -1))
+    stats = _stats(ids, np.arange(len(ids)))
+    stats = FeatureStats(stats.values, stats.counts, stats.signatures[:20],
+                         stats.signatures[:20] + 1)
+    keep = stats.values % 2 == 0
+    part = stats.select(keep)
+    assert torch.equal(part.values, stats.values[keep])
+    first = keep[:20]
+    assert torch.equal(part.signatures, stats.signatures[:20][first])
+    assert torch.equal(part.contexts, stats.contexts[:20][first])
+    assert part.signatures.shape[0] == int(first.sum())
