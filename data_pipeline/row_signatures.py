@@ -20,6 +20,7 @@ order: by count, descending), `<name>.rows` and `<name>.contexts` (int32 bit pat
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,21 @@ def sign_dataset(root: str | Path, k: int = DEFAULT_K, min_count: int = DEFAULT_
         for name in names})
 
 
+def sign_dataset_once(root: str | Path) -> Path | None:
+    """`sign_dataset` unless the statistics already have signatures (of both kinds)."""
+    from data_pipeline.stats import load_feature_stats
+
+    stats = load_feature_stats(root)
+    if not stats.features:
+        return None
+    first = stats.features[0]
+    if all(read_signatures(stats.directory, first, sets) is not None for sets in SETS):
+        return Path(stats.directory) / SIGNATURES_FILE
+    print("[scma] signing the training rows' values (minhash signatures of rows and "
+          "contexts)", flush=True)
+    return sign_dataset(root)
+
+
 def write_signatures(directory: str | Path,
                      per_feature: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Path:
     """Write `signatures.npz` into a statistics folder: per feature (values, row-set
@@ -167,7 +183,9 @@ def write_signatures(directory: str | Path,
         arrays[f"{name}.values"] = np.asarray(values, np.int64)
         arrays[f"{name}.rows"] = np.asarray(sigs).view(np.int32)
         arrays[f"{name}.contexts"] = np.asarray(ctx).view(np.int32)
-    tmp = path.with_suffix(".tmp.npz")
+    # Per process: trials that start together may each sign; the last replace wins, and
+    # every writer writes the same arrays.
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
     np.savez(tmp, **arrays)
     tmp.replace(path)
     return path

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.row_signatures import read_signatures, sign_dataset
+from data_pipeline.row_signatures import read_signatures, sign_dataset_once
 from data_pipeline.shards import read_manifest
 from data_pipeline.stats import DatasetStats, load_feature_stats
 from embeddings import budget
@@ -112,7 +112,7 @@ def plan_run(config: TrainConfig, verbose: bool = True) -> RunSpec:
     stats = load_feature_stats(config.data.path)
     collection = config.collection(cardinalities_of(stats)[1])
     names, sizes = collection.feature_names, collection.sizes()
-    ensure_signatures(config.data.path, stats, collection)
+    ensure_signatures(config.data.path, collection)
     # Planned bytes are the built ones only with the statistics the workers build from
     # (vocabularies of whole features, learned hashing's id map): read where needed.
     feature_stats = LazyFeatureStats(stats)
@@ -141,19 +141,13 @@ def plan_run(config: TrainConfig, verbose: bool = True) -> RunSpec:
                    band_columns=bands, ratio=ratio)
 
 
-def ensure_signatures(root: str | Path, stats: DatasetStats,
-                      collection: CollectionConfig) -> None:
+def ensure_signatures(root: str | Path, collection: CollectionConfig) -> None:
     """SCMA addresses its frequent values by minhash signatures of their training rows: a
     pass over the training split writes them beside the statistics the first time a run
     asks for SCMA (workers and trials then read them with the statistics)."""
     methods = [collection.method, *collection.features.values()]
-    if not any(m.method == "scma" for m in methods):
-        return
-    signed = read_signatures(stats.directory, stats.features[0]) if stats.features else None
-    if signed is None:
-        print("[train] scma: signing the training rows' values (minhash signatures)",
-              flush=True)
-        sign_dataset(root)
+    if any(m.method == "scma" for m in methods):
+        sign_dataset_once(root)
 
 
 def band_columns(config: TrainConfig, names: list[str], sizes: dict[str, int]) -> list[int]:
