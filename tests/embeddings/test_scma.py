@@ -280,3 +280,19 @@ def test_a_shard_of_the_statistics_keeps_each_value_with_its_signatures():
     assert torch.equal(part.signatures, stats.signatures[:20][first])
     assert torch.equal(part.contexts, stats.contexts[:20][first])
     assert part.signatures.shape[0] == int(first.sum())
+
+
+def test_a_checkpoint_restores_the_shared_array_and_the_sketch():
+    ids = np.random.default_rng(6).zipf(1.2, 20_000) % 3000
+    stats = {"C1": _stats(ids, np.arange(len(ids)))}
+    config = CollectionConfig(dim=DIM, cardinalities=[3000], ratio=8, method={"method": "scma"})
+    col = EmbeddingCollection(config, stats)
+    batch = torch.from_numpy(ids[:512, None])
+    col(batch).pow(2).sum().backward()
+    col.step()
+    state = {k: v.clone() for k, v in col.state_dict().items()}
+    assert any(k.endswith("mapper.signatures") for k in state)
+    fresh = EmbeddingCollection(config, stats)
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(fresh(batch), col(batch))
