@@ -19,8 +19,10 @@ What is changed, and why:
   of their row sets), and identical row sets give identical embeddings, as in the paper.
 * Chunked addressing: W is an (M / c) × c table read c contiguous floats at a time, d / c
   reads per id concatenated (c = 1 is the paper's per-element addressing). Width-1 reads of
-  a table-batched store cost one bag per element; the default c = 4 keeps 4 slots per id at
-  d = 16 (see `jobs/benchmarks/embedding_speed.py` for the measured speed against hash).
+  a table-batched store cost one bag per element, and FBGEMM's TBE refuses widths below 4
+  (such stores train on the torch fallback); the default c = 4 keeps 4 slots per id at
+  d = 16: 0.90 of hash's training samples/s in `jobs/benchmarks/embedding_speed.py`
+  (c = 1: 0.11, c = 8: 0.57, one loaded 2-core run).
   In the collection the slots are virtual tables over the one store table (FBGEMM's
   `feature_table_map`), so all slots train one shared W.
 * The signatures come from a pass over the training shards (`data_pipeline.row_signatures`,
