@@ -127,6 +127,22 @@ def cafe_rows(
     return max(0, hot), max(1, math.ceil(per * hash_share - 1e-9))
 
 
+def scma_sizes(
+    num_embeddings: int, dim: int, ratio: float, chunk: int, entry_bytes: int,
+    candidates: int, sketch_share: float,
+) -> tuple[int, int]:
+    """SCMA's (rows of its chunk-wide shared array, values that keep signatures) at `ratio`.
+
+    The budget is n·d·4 / ratio bytes: the signature sketch (`entry_bytes` per signed value)
+    takes at most `sketch_share` of it, for at most `candidates` values; the shared array
+    gets the rest, rounded to whole `chunk`-wide rows (at least one).
+    """
+    total = uncompressed_bytes(num_embeddings, dim) / ratio
+    signed = min(candidates, int(total * sketch_share / entry_bytes)) if entry_bytes else 0
+    rows = round((total - signed * entry_bytes) / row_bytes(chunk))
+    return max(1, rows), max(0, signed)
+
+
 def ratio_for_budget(
     bytes_at: Callable[[float], int],
     budget_bytes: int,

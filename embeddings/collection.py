@@ -313,7 +313,9 @@ class EmbeddingCollection(nn.Module):
         order = sorted(range(len(self.names)), key=lambda j: (methods[self.names[j]].mlet_dim or 0))
         self._order = order
         specs, slot_table, first_cols, second_cols = self._store_layout()
-        self.store = build_store(specs, optimizer, backend, device)
+        identity = self._table_of == list(range(len(specs)))
+        self.store = build_store(specs, optimizer, backend, device,
+                                 None if identity else self._table_of)
         initial = []
         for j in order:
             initial += methods[self.names[j]].packed_initial()
@@ -323,7 +325,7 @@ class EmbeddingCollection(nn.Module):
         # slot_table[s]; store table t's bags are its slots, per sample.
         self._lookup = LookupLayout([self.names[j] for j in order],
                                     [methods[self.names[j]] for j in order], order,
-                                    slot_table, len(specs))
+                                    slot_table, len(self._table_of))
         self._product = any(c >= 0 for c in second_cols)
         self._first_cols = torch.tensor(first_cols, dtype=torch.int64, device=device)
         # Features without a second factor read the column of ones forward appends.
@@ -344,9 +346,12 @@ class EmbeddingCollection(nn.Module):
     def _store_layout(self) -> tuple[list[TableSpec], list[int], list[int], list[int]]:
         """(store tables, the store table each lookup slot reads, each feature's first and
         second factor columns of the store output (-1: no second factor)), in store order;
-        sets each feature's store tables."""
+        sets each feature's store tables and `_table_of`, the store table each bag column
+        (virtual table) reads: slot_table names virtual tables, which are the store tables
+        themselves except where a method reads one table in several bags (SCMA)."""
         specs: list[TableSpec] = []
         self._store_tables: dict[str, list[int]] = {}
+        self._table_of: list[int] = []
         slot_table: list[int] = []
         first_cols: list[int] = []
         second_cols: list[int] = []
@@ -359,8 +364,16 @@ class EmbeddingCollection(nn.Module):
                 tables.append(len(specs))
                 specs.append(TableSpec(rows, width))
             self._store_tables[name] = tables
-            slot_table += [tables[0]] * emb.packed_slots() if emb.combiner is Combiner.SUM \
-                else tables
+            bags = emb.packed_bags()
+            if bags is None:
+                first = len(self._table_of)
+                self._table_of += tables
+                virtual = list(range(first, first + len(tables)))
+                slot_table += [virtual[0]] * emb.packed_slots() \
+                    if emb.combiner is Combiner.SUM else virtual
+            else:  # one slot per bag, each bag a virtual table over one of its store tables
+                slot_table += range(len(self._table_of), len(self._table_of) + len(bags))
+                self._table_of += [tables[b] for b in bags]
             w = self._width(name)
             first_cols += range(col, col + w)
             second_cols += range(col + w, col + 2 * w) if emb.combiner is Combiner.PRODUCT \

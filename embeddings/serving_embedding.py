@@ -18,6 +18,7 @@ from embeddings.mapping import (
     Combiner,
     FullMapper,
     HashMapper,
+    Lookup,
     Mapper,
     combine,
     hash_columns,
@@ -36,6 +37,14 @@ def check_ids(sparse: torch.Tensor, features: int) -> None:
     """Refuse a sparse input that is not [n, features]."""
     if sparse.dim() != 2 or sparse.shape[1] != features:
         raise ValueError(f"expected sparse ids [n, {features}], got {list(sparse.shape)}")
+
+
+def shared_slots(tables: list, lookup: Lookup) -> list:
+    """The table each column of a lookup reads: its own, or, where one table has several
+    columns (SCMA's slots over its one shared array), that table at every column."""
+    if len(tables) == 1 and lookup.rows.shape[1] > 1:
+        return tables * lookup.rows.shape[1]
+    return tables
 
 
 class ServingEmbedding(nn.Module):
@@ -60,7 +69,7 @@ class ServingEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         lookup = self.mapper(ids)
         vectors = []
-        for t, table in enumerate(self.tables):
+        for t, table in enumerate(shared_slots(list(self.tables), lookup)):
             v = table.lookup(lookup.rows[:, t])
             if lookup.weights is not None:
                 v = v * lookup.weights[:, t : t + 1].to(v.dtype)
@@ -82,6 +91,10 @@ class ServingEmbedding(nn.Module):
     def row_counts(self, values: torch.Tensor, counts: torch.Tensor) -> list[torch.Tensor]:
         """How often each row of each table is read, given raw values and their counts."""
         lookup = self.mapper(torch.as_tensor(values, dtype=torch.int64))
+        if len(self.tables) < lookup.rows.shape[1]:  # slots over one shared table (SCMA)
+            rows = lookup.rows.reshape(-1)
+            w = counts.to(torch.float64).repeat_interleave(lookup.rows.shape[1])
+            return [torch.bincount(rows, weights=w, minlength=self.tables[0].rows)]
         out = []
         for t, table in enumerate(self.tables):
             w = counts.to(torch.float64)

@@ -112,7 +112,7 @@ def build_embeddings(spec: RunSpec, ctx: WorkerContext,
         feature_stats = stats.get(name)
         if feature_stats is not None and num_shards > 1:
             keep = shard_of(feature_stats.values, num_shards) == s
-            feature_stats = FeatureStats(feature_stats.values[keep], feature_stats.counts[keep])
+            feature_stats = feature_stats.select(keep)
         torch.manual_seed(seed * 1_000_003 + i * 1009 + s * 17 + num_shards)
         n = math.ceil(spec.cardinalities[i] / num_shards)
         return spec.methods[name].build(n, dim, feature_stats)

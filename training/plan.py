@@ -6,7 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
+
+from data_pipeline.row_signatures import read_signatures, sign_dataset_once
 from data_pipeline.shards import read_manifest
 from data_pipeline.stats import DatasetStats, load_feature_stats
 from embeddings import budget
@@ -48,6 +52,16 @@ class RunSpec:
         return self.methods[name]
 
 
+def feature_stats_of(stats: DatasetStats, name: str) -> FeatureStats:
+    """One feature's statistics for the methods: values and counts, with the SCMA
+    signatures `data_pipeline.row_signatures` wrote beside them where there are any."""
+    values, counts = stats.counts(name)
+    signed = [read_signatures(stats.directory, name, sets) for sets in ("rows", "contexts")]
+    if signed[0] is None or not np.array_equal(signed[0][0], values[: len(signed[0][0])]):
+        return FeatureStats(values, counts)  # none, or stale (statistics rewritten since)
+    return FeatureStats(values, counts, signed[0][1], None if signed[1] is None else signed[1][1])
+
+
 class LazyFeatureStats(Mapping[str, FeatureStats]):
     """One feature's statistics at a time, read when first asked for."""
 
@@ -60,7 +74,7 @@ class LazyFeatureStats(Mapping[str, FeatureStats]):
         if name not in self._names:
             raise KeyError(name)
         if name not in self._cache:
-            self._cache[name] = FeatureStats(*self._stats.counts(name))
+            self._cache[name] = feature_stats_of(self._stats, name)
         return self._cache[name]
 
     def __iter__(self) -> Iterator[str]:
@@ -98,6 +112,7 @@ def plan_run(config: TrainConfig, verbose: bool = True) -> RunSpec:
     stats = load_feature_stats(config.data.path)
     collection = config.collection(cardinalities_of(stats)[1])
     names, sizes = collection.feature_names, collection.sizes()
+    ensure_signatures(config.data.path, collection)
     # Planned bytes are the built ones only with the statistics the workers build from
     # (vocabularies of whole features, learned hashing's id map): read where needed.
     feature_stats = LazyFeatureStats(stats)
@@ -124,6 +139,15 @@ def plan_run(config: TrainConfig, verbose: bool = True) -> RunSpec:
     return RunSpec(config=config, names=names, cardinalities=[sizes[n] for n in names],
                    methods={n: methods[n] for n in names}, plan=plan,
                    band_columns=bands, ratio=ratio)
+
+
+def ensure_signatures(root: str | Path, collection: CollectionConfig) -> None:
+    """SCMA addresses its frequent values by minhash signatures of their training rows: a
+    pass over the training split writes them beside the statistics the first time a run
+    asks for SCMA (workers and trials then read them with the statistics)."""
+    methods = [collection.method, *collection.features.values()]
+    if any(m.method == "scma" for m in methods):
+        sign_dataset_once(root)
 
 
 def band_columns(config: TrainConfig, names: list[str], sizes: dict[str, int]) -> list[int]:

@@ -22,7 +22,7 @@ from torch import nn
 # here: training imports serving, never the reverse.
 from embeddings.mapping import Combiner, Lookup, Mapper, combine, tensor_bytes
 from embeddings.methods.mlet import check_mlet
-from embeddings.serving_embedding import ServingEmbedding
+from embeddings.serving_embedding import ServingEmbedding, shared_slots
 
 
 @dataclass
@@ -36,16 +36,37 @@ class FeatureStats:
     Args:
         values: int64 [m] raw values, sorted by descending count, no duplicates.
         counts: int64 [m] occurrences of each value.
+        signatures: optional int32 [m, K] minhash signatures of each value's set of training
+            rows (32-bit bit patterns; SCMA's addresses, `data_pipeline.row_signatures`),
+            for the first rows of `values` only when shorter.
+        contexts: the same for each value's set of co-occurring values of other features.
     """
 
     values: torch.Tensor
     counts: torch.Tensor
+    signatures: torch.Tensor | None = None
+    contexts: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.values = torch.as_tensor(np.asarray(self.values), dtype=torch.int64)
         self.counts = torch.as_tensor(np.asarray(self.counts), dtype=torch.int64)
         if self.values.shape != self.counts.shape or self.values.dim() != 1:
             raise ValueError("FeatureStats.values and .counts must be 1-D and of equal length")
+        for name in ("signatures", "contexts"):
+            sigs = getattr(self, name)
+            if sigs is None:
+                continue
+            sigs = torch.as_tensor(np.asarray(sigs), dtype=torch.int32)
+            if sigs.dim() != 2 or sigs.shape[0] > self.values.shape[0]:
+                raise ValueError(f"FeatureStats.{name} must be [m' ≤ values, K]")
+            setattr(self, name, sigs)
+
+    def select(self, keep: torch.Tensor) -> FeatureStats:
+        """The statistics of the values where `keep` (bool [m]) is set, signatures kept
+        aligned (a feature split over workers keeps each shard's part)."""
+        sigs = [None if s is None else s[keep[: s.shape[0]]]
+                for s in (self.signatures, self.contexts)]
+        return FeatureStats(self.values[keep], self.counts[keep], *sigs)
 
     @classmethod
     def from_ids(cls, ids: torch.Tensor | np.ndarray) -> FeatureStats:
@@ -68,7 +89,7 @@ def gather(
 ) -> torch.Tensor:
     """Read every table at its rows, weight, combine: the lookup shared by training and serving."""
     vectors = []
-    for t, table in enumerate(tables):
+    for t, table in enumerate(shared_slots(list(tables), lookup)):
         v = torch.nn.functional.embedding(lookup.rows[:, t], table, sparse=sparse)
         if lookup.weights is not None:
             v = v * lookup.weights[:, t : t + 1].to(v.dtype)
@@ -173,6 +194,13 @@ class CompressedEmbedding(nn.Module):
     def packed_slots(self) -> int:
         """Columns of `packed_lookup`'s rows: the reads of one id (at most)."""
         return len(self.tables)
+
+    def packed_bags(self) -> list[int] | None:
+        """Where one table is read in several bags side by side (SCMA's slots over its one
+        shared array): the table of `packed_specs` each bag reads, one slot per bag, in
+        output order. None: the usual layout (sum: one bag; concat, product: a bag per
+        table)."""
+        return None
 
     def packed_initial(self) -> list[torch.Tensor]:
         """The initial values of each store table of `packed_specs`."""

@@ -58,6 +58,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "cafe": {"method": "cafe"},
     "learned_hash": {"method": "learned_hash"},
     "cafe_shared": {"method": "cafe", "hot_table": "shared"},
+    "scma": {"method": "scma"},
+    "scma_contexts": {"method": "scma", "sets": "contexts"},
+    # SCMA without its sketch: every value hashes its id into the chunked shared array.
+    "scma_hashed": {"method": "scma", "sketch_share": 0.0},
 }
 RATIOS = (10.0, 100.0, 1000.0)
 ALLOCATIONS = ("fill", "uniform", "sqrt", "frequency")

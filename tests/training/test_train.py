@@ -47,7 +47,7 @@ def test_every_feature_is_sized_from_its_own_statistics(synth_data, tmp_path):
     assert spec.cardinalities[1] < spec.cardinalities[9]  # C2 is small, C10 large
 
 
-@pytest.mark.parametrize("method", ["hash", "cafe", "learned_hash"])
+@pytest.mark.parametrize("method", ["hash", "cafe", "learned_hash", "scma"])
 def test_the_plan_prints_each_feature_and_lands_on_the_requested_bytes(
     synth_data, tmp_path, capsys, method
 ):

@@ -112,7 +112,7 @@ class SearchSpace(FrozenSection):
 
     Args:
         methods: compression method name (embeddings/methods: hash, qr, cafe, learned_hash,
-            full) → the method's own fields to search, e.g. `cafe: {hash_share: {low: 0.2,
+            scma, full) → the method's own fields to search, e.g. `cafe: {hash_share: {low: 0.2,
             high: 0.8}, threshold: [50, 500]}`, `qr: {operation: [sum, concat]}`; `{}`
             searches the method with its defaults. Size fields are not searched per method:
             `ratio` sizes every method.
@@ -129,7 +129,7 @@ class SearchSpace(FrozenSection):
 
     methods: dict[str, dict[str, Param]] = Field(
         default_factory=lambda: {"hash": {}, "qr": {"operation": ["sum", "concat"]},
-                                 "cafe": {}, "learned_hash": {}},
+                                 "cafe": {}, "learned_hash": {}, "scma": {}},
         min_length=1,
     )
     mlet: list[int] = Field(default_factory=lambda: [0, 2])
