@@ -56,6 +56,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         sparse = batch["sparse"].to(ctx.device)
         logits = model(batch["dense"].to(ctx.device), sparse)
         loss = loss_fn(logits, batch["label"].to(ctx.device))
+        if (penalty := model.embeddings.regularization()) is not None:
+            loss = loss + penalty  # a method's auxiliary term (MPE's bit-width penalty)
         lr = loop.dense_lr()
         model.step(loss, lr)
         if loop.after_step(sparse, loss, lr):

@@ -11,7 +11,7 @@ the collapsed form are the serving form's (`embeddings.mapping`,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -297,6 +297,24 @@ class CompressedEmbedding(nn.Module):
     def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Called after each optimizer step; adaptive methods update their state here."""
 
+    # -- per-id transform after the lookup, and an auxiliary loss (MPE) ---------------------
+
+    has_post_lookup: ClassVar[bool] = False
+    """Whether the vectors read from the store pass through `post_lookup_batch` (a
+    collection then routes this class's features through it; the others keep their path)."""
+
+    @classmethod
+    def post_lookup_batch(
+        cls, methods: list[CompressedEmbedding], vectors: torch.Tensor
+    ) -> torch.Tensor:
+        """[n, k, width] vectors of k features of this class as read from the store (each
+        method knows its last `packed_lookup`) → what the features output. Identity here."""
+        return vectors
+
+    def regularization(self) -> torch.Tensor | None:
+        """A term the training loss adds (MPE's bit-width penalty); None = nothing."""
+        return None
+
 
 class MethodBytes(NamedTuple):
     """Exact bytes of one built method: while training, and of its fp32 serving form."""
@@ -340,6 +358,11 @@ class MethodConfig(BaseModel):
     def combiner(self) -> Combiner:
         """The combiner this config builds (decides whether MLET may follow)."""
         return Combiner.SUM
+
+    def accepts_mlet(self) -> bool:
+        """Whether MLET's projection may follow this method (a linear combiner, and a
+        serving form the projection folds into)."""
+        return self.combiner() is not Combiner.PRODUCT
 
     def check(self, num_embeddings: int, dim: int) -> None:
         """Raise ValueError (saying why) if this config cannot be built at this size and width.
