@@ -48,7 +48,7 @@ def planned_serving_bytes(spec: RunSpec, config: TrainConfig) -> int:
         i = spec.names.index(feature.name)
         method = spec.method(feature.name)
         feature_stats = None
-        if method.method in ("full", "learned_hash"):  # their mappers hold the vocabulary
+        if method.method in ("full", "learned_hash", "mpe"):  # their mappers hold vocabularies
             stats = stats or load_feature_stats(config.data.path)
             feature_stats = FeatureStats(*stats.counts(feature.name))
         for s in range(feature.num_shards):
