@@ -403,7 +403,14 @@ class EmbeddingCollection(nn.Module):
             if emb.has_post_lookup:
                 by_class.setdefault(type(emb), []).append(self.names[j])
         total = sum(self._width(n) for n in self.names)
-        self._post_lookup: list[tuple[type, list[str], torch.Tensor | None]] = []
+        self._post_lookup: list[tuple[type, list[str | None], torch.Tensor | None]] = []
+        if len(by_class) == 1 and total == self._dim * len(self.names):
+            # Every feature d wide: the class sees the whole [n, F, d] block, None for the
+            # features of other methods (passed unchanged), and nothing is gathered.
+            ((cls, members),) = by_class.items()
+            slots = [self.names[j] if self.names[j] in members else None for j in order]
+            self._post_lookup.append((cls, slots, None))
+            by_class = {}
         for cls, members in by_class.items():
             cols = torch.cat([torch.arange(start_of[n], start_of[n] + self._width(n))
                               for n in members])
@@ -460,7 +467,7 @@ class EmbeddingCollection(nn.Module):
         for group, (columns, cols) in zip(self.cafe_groups, self._hot_layout, strict=True):
             pre = self._add_shared_hot(pre, valid, group, columns, cols)
         for cls, members, cols in self._post_lookup:
-            methods = [self.embeddings[name] for name in members]
+            methods = [self.embeddings[name] if name else None for name in members]
             if cols is None:
                 pre = cls.post_lookup_batch(methods, pre.view(n, len(members), -1)).reshape(n, -1)
             else:

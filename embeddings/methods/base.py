@@ -305,10 +305,11 @@ class CompressedEmbedding(nn.Module):
 
     @classmethod
     def post_lookup_batch(
-        cls, methods: list[CompressedEmbedding], vectors: torch.Tensor
+        cls, methods: list[CompressedEmbedding | None], vectors: torch.Tensor
     ) -> torch.Tensor:
-        """[n, k, width] vectors of k features of this class as read from the store (each
-        method knows its last `packed_lookup`) → what the features output. Identity here."""
+        """[n, k, width] vectors of k features as read from the store → what the features
+        output. Each method of this class knows its last `packed_lookup`; None marks a
+        feature of another method, whose vectors must pass unchanged. Identity here."""
         return vectors
 
     def regularization(self) -> torch.Tensor | None:

@@ -33,10 +33,13 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numba as nb
+import numpy as np
 import torch
 from pydantic import Field, model_validator
 
 from embeddings import budget
+from embeddings.batched_lookup import compiled_path
 from embeddings.mapping import Combiner, FullMapper
 from embeddings.methods.base import (
     CompressedEmbedding,
@@ -68,6 +71,101 @@ class _ScaleGrad(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         (scale,) = ctx.saved_tensors
         return grad * scale, None
+
+
+# A width whose probability is below this adds nothing a float32 sum would keep, and its
+# logit's gradient is as small (it carries a factor p_b): the CPU kernels skip it.
+_NEGLIGIBLE = 1e-7
+
+
+@nb.njit(nogil=True, cache=True)
+def _mixed_forward(x, p, alpha, beta, lo, hi, through, out):  # pragma: no cover - compiled
+    """out[i, f] = Σ_b p[i, f, b] · (clamp(round((x − β_f)/α_fb), lo_b, hi_b)·α_fb + β_f);
+    features with `through` set (another method's) pass unchanged."""
+    n, k, d = x.shape
+    widths = p.shape[2]
+    for i in range(n):
+        for f in range(k):
+            if through[f]:
+                for c in range(d):
+                    out[i, f, c] = x[i, f, c]
+                continue
+            for c in range(d):
+                acc = np.float32(0.0)
+                for b in range(widths):
+                    pb = p[i, f, b]
+                    if pb < _NEGLIGIBLE:
+                        continue
+                    a = alpha[f, b]
+                    q = min(max(np.round((x[i, f, c] - beta[f, c]) / a), lo[b]), hi[b])
+                    acc += pb * (q * a + beta[f, c])
+                out[i, f, c] = acc
+
+
+@nb.njit(nogil=True, cache=True)
+def _mixed_backward(g, x, p, alpha, beta, lo, hi, scale, through, want_p,
+                    dx, dp, dalpha, dbeta):  # pragma: no cover - compiled
+    """LSQ+'s gradients (the paper's code): x passes where lo ≤ w ≤ hi; α gets
+    round(w) − w inside and the bound outside, β the gradient outside, both × scale."""
+    n, k, d = x.shape
+    widths = p.shape[2]
+    for i in range(n):
+        for f in range(k):
+            for b in range(widths):
+                dp[i, f, b] = 0.0
+            if through[f]:
+                for c in range(d):
+                    dx[i, f, c] = g[i, f, c]
+                continue
+            for c in range(d):
+                gc = g[i, f, c]
+                acc = np.float32(0.0)
+                for b in range(widths):
+                    pb = p[i, f, b]
+                    if pb < _NEGLIGIBLE:
+                        continue
+                    a = alpha[f, b]
+                    w = (x[i, f, c] - beta[f, c]) / a
+                    if w < lo[b]:
+                        q, step, off = lo[b], lo[b], gc * pb
+                    elif w > hi[b]:
+                        q, step, off = hi[b], hi[b], gc * pb
+                    else:
+                        q = np.round(w)
+                        step, off = q - w, np.float32(0.0)
+                        acc += pb * gc
+                    dalpha[f, b] += gc * pb * step * scale[f, b]
+                    dbeta[f, c] += off * scale[f, b]
+                    if want_p:
+                        dp[i, f, b] += gc * (q * a + beta[f, c])
+                dx[i, f, c] = acc
+
+
+class _MixedLsq(torch.autograd.Function):
+    """Σ_b p_b·LSQ+(x; α_b, β) for [n, k, d] rows of k features in one compiled pass each
+    way (CPU): torch's ops over [n, k, widths, d] took 15× a hash step."""
+
+    @staticmethod
+    def forward(ctx, x, p, alpha, beta, scale, lo, hi, through, want_p):  # type: ignore[override]
+        x, p = x.detach().contiguous(), p.detach().contiguous()
+        alpha, beta = alpha.detach().contiguous(), beta.detach().contiguous()
+        out = torch.empty_like(x)
+        _mixed_forward(x.numpy(), p.numpy(), alpha.numpy(), beta.numpy(), lo.numpy(),
+                       hi.numpy(), through.numpy(), out.numpy())
+        ctx.save_for_backward(x, p, alpha, beta, scale, lo, hi, through)
+        ctx.want_p = want_p
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, p, alpha, beta, scale, lo, hi, through = ctx.saved_tensors
+        grad = grad.contiguous()
+        dx, dp = torch.empty_like(x), torch.empty_like(p)
+        dalpha, dbeta = torch.zeros_like(alpha), torch.zeros_like(beta)
+        _mixed_backward(grad.numpy(), x.numpy(), p.numpy(), alpha.numpy(), beta.numpy(),
+                        lo.numpy(), hi.numpy(), scale.numpy(), through.numpy(), ctx.want_p,
+                        dx.numpy(), dp.numpy(), dalpha.numpy(), dbeta.numpy())
+        return dx, dp if ctx.want_p else None, dalpha, dbeta, None, None, None, None, None
 
 
 def _round_ste(w: torch.Tensor) -> torch.Tensor:
@@ -224,13 +322,23 @@ class MpeEmbedding(CompressedEmbedding):
         return rows, mask
 
     @classmethod
-    def post_lookup_batch(cls, methods: list[CompressedEmbedding],
+    def post_lookup_batch(cls, methods: list[CompressedEmbedding | None],
                           vectors: torch.Tensor) -> torch.Tensor:
         """LSQ+ of every id's row at its group's width (fixed, or while evaluating a search
         the width it would fix now), or the soft mixture over widths (a training search)."""
-        mpe: list[MpeEmbedding] = methods  # type: ignore[assignment]
+        present = [i for i, m in enumerate(methods) if m is not None]
+        mpe: list[MpeEmbedding] = [methods[i] for i in present]  # type: ignore[misc]
         kinds = {(m.max_bits, m.searching and m.training and torch.is_grad_enabled())
                  for m in mpe}
+        compiled = (vectors.requires_grad and compiled_path(vectors)
+                    and vectors.dtype == torch.float32 and len(kinds) == 1)
+        if compiled:
+            ((max_bits, soft),) = kinds
+            return cls._compiled(methods, vectors, max_bits, soft)  # type: ignore[arg-type]
+        if len(present) < len(methods):  # other methods' features pass unchanged
+            out = vectors.clone()
+            out[:, present] = cls.post_lookup_batch(mpe, vectors[:, present])  # type: ignore[arg-type]
+            return out
         if len(kinds) > 1:  # features in different phases: each on its own
             return torch.stack([cls.post_lookup_batch([m], vectors[:, i : i + 1])[:, 0]
                                 for i, m in enumerate(mpe)], dim=1)
@@ -239,9 +347,9 @@ class MpeEmbedding(CompressedEmbedding):
         k = len(mpe)
         groups = torch.stack([m.last_groups.to(device) for m in mpe], dim=1)  # [n, k]
         scale = torch.tensor([m._grad_scale for m in mpe], device=device)  # [k, B]
+        feature = torch.arange(k, device=device)[None, :]
         alpha = _ScaleGrad.apply(torch.stack([m.step_sizes() for m in mpe]), scale)
         beta = torch.stack([m.beta for m in mpe])  # [k, d]
-        feature = torch.arange(k, device=device)[None, :]
         if soft:
             widths = torch.arange(1, max_bits + 1, device=device)
             lo = (-(2.0 ** (widths - 1)))[None, None, :, None]
@@ -263,6 +371,36 @@ class MpeEmbedding(CompressedEmbedding):
         w = (vectors - b) / a
         q = torch.clamp(_round_ste(w), (-half)[..., None], (half - 1)[..., None]) * a + b
         return torch.where(width[..., None] > 0, q, torch.zeros_like(q))
+
+    @staticmethod
+    def _compiled(methods: list[MpeEmbedding | None], vectors: torch.Tensor, max_bits: int,
+                  soft: bool) -> torch.Tensor:
+        """The training forward on CPU through `_MixedLsq`: a search's probabilities, or
+        one-hot ones at the fixed widths (no gradient to the logits then). None: another
+        method's feature, passed through by the kernel (no gather and scatter around it)."""
+        present = [i for i, m in enumerate(methods) if m is not None]
+        mpe: list[MpeEmbedding] = [methods[i] for i in present]  # type: ignore[misc]
+        n, k, d = vectors.shape
+        widths = torch.arange(1, max_bits + 1, dtype=torch.float32)
+        lo, hi = -(2.0 ** (widths - 1)), 2.0 ** (widths - 1) - 1
+        ones, zeros = torch.ones(max_bits), torch.zeros(d)
+        alpha = torch.stack([m.step_sizes() if m is not None else ones for m in methods])
+        beta = torch.stack([m.beta if m is not None else zeros for m in methods])
+        scale = torch.tensor([m._grad_scale if m is not None else [0.0] * max_bits
+                              for m in methods])
+        through = torch.tensor([m is None for m in methods])
+        groups = torch.stack([m.last_groups for m in mpe], dim=1)  # [n, k present]
+        feature = torch.arange(len(mpe))[None, :]
+        if soft:
+            probs = torch.stack([m.probabilities() for m in mpe])  # [k, g, B + 1]
+            p = probs[:, :, 1:][feature, groups]  # [n, k, B]: width 0 adds nothing
+        else:
+            bits = torch.stack([m.current_bits() for m in mpe])  # [k, g]
+            width = bits[feature, groups]
+            p = (width[..., None] == widths.to(torch.int64)).to(torch.float32)
+        if len(present) < k:
+            p = torch.zeros(n, k, max_bits).index_copy(1, torch.tensor(present), p)
+        return _MixedLsq.apply(vectors, p, alpha, beta, scale, lo, hi, through, soft)
 
     def regularization(self) -> torch.Tensor | None:
         """λ·Σ_g w_g Σ_b p_gb·b while searching; None once the widths are fixed."""

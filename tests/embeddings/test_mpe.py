@@ -204,3 +204,47 @@ def test_the_plan_is_the_largest_width_and_training_lowers_it() -> None:
     emb, _ = _pruned_group_model(pruned_group=1)
     assert emb.serving_bytes() < MpeConfig(ratio=4, groups=8).planned_bytes(
         N_VALUES, DIM, FeatureStats.from_ids(_stream(40)[1].flatten())).serving
+
+
+def test_the_compiled_kernel_has_lsq_plus_gradients_and_passes_other_features() -> None:
+    from embeddings.methods.mpe import _MixedLsq, _ScaleGrad
+
+    torch.manual_seed(0)
+    n, k, d, widths = 64, 3, 8, 6
+    x = (torch.randn(n, k, d) * 0.05).requires_grad_()
+    logits = torch.randn(n, k, widths + 1).requires_grad_()
+    alpha = (torch.rand(k, widths) * 0.02 + 0.005).requires_grad_()
+    beta = (torch.randn(k, d) * 0.01).requires_grad_()
+    scale = torch.rand(k, widths)
+    bits = torch.arange(1, widths + 1, dtype=torch.float32)
+    lo, hi = -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
+    through = torch.tensor([False, True, False])
+    grad = torch.randn(n, k, d)
+
+    def reference() -> torch.Tensor:
+        # LSQ+ as the paper's code: x passes where lo ≤ w ≤ hi, clamped values are constants.
+        p = torch.softmax(logits, -1)
+        a = _ScaleGrad.apply(alpha, scale)[None, :, :, None]
+        b = _ScaleGrad.apply(beta[:, None, :].expand(k, widths, d), scale[..., None])[None]
+        w = (x[:, :, None, :] - b) / a
+        lo_, hi_ = lo[None, None, :, None], hi[None, None, :, None]
+        inside = (w >= lo_) & (w <= hi_)
+        q = torch.where(inside, w + (torch.round(w) - w).detach(),
+                        torch.clamp(torch.round(w), lo_, hi_).detach())
+        out = ((q * a + b) * p[..., 1:, None]).sum(2)
+        return torch.where(through[None, :, None], x, out)
+
+    def compiled() -> torch.Tensor:
+        p = torch.softmax(logits, -1)[..., 1:]
+        return _MixedLsq.apply(x, p, alpha, beta, scale, lo, hi, through, True)
+
+    results = []
+    for fn in (reference, compiled):
+        for t in (x, logits, alpha, beta):
+            t.grad = None
+        out = fn()
+        (out * grad).sum().backward()
+        results.append([out.detach()] + [t.grad.clone() for t in (x, logits, alpha, beta)])
+    for want, got in zip(*results, strict=True):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert torch.equal(results[1][0][:, 1], x.detach()[:, 1])
