@@ -87,19 +87,17 @@ def _mixed_forward(x, p, alpha, beta, lo, hi, through, out):  # pragma: no cover
     for i in range(n):
         for f in range(k):
             if through[f]:
-                for c in range(d):
-                    out[i, f, c] = x[i, f, c]
+                out[i, f, :] = x[i, f, :]
                 continue
-            for c in range(d):
-                acc = np.float32(0.0)
-                for b in range(widths):
-                    pb = p[i, f, b]
-                    if pb < _NEGLIGIBLE:
-                        continue
-                    a = alpha[f, b]
-                    q = min(max(np.round((x[i, f, c] - beta[f, c]) / a), lo[b]), hi[b])
-                    acc += pb * (q * a + beta[f, c])
-                out[i, f, c] = acc
+            out[i, f, :] = 0.0
+            for b in range(widths):  # widths outside, so the loop over d vectorises
+                pb = p[i, f, b]
+                if pb < _NEGLIGIBLE:
+                    continue
+                a, low, high = alpha[f, b], lo[b], hi[b]
+                for c in range(d):
+                    q = min(max(np.round((x[i, f, c] - beta[f, c]) / a), low), high)
+                    out[i, f, c] += pb * (q * a + beta[f, c])
 
 
 @nb.njit(nogil=True, cache=True)
@@ -111,34 +109,38 @@ def _mixed_backward(g, x, p, alpha, beta, lo, hi, scale, through, want_p,
     widths = p.shape[2]
     for i in range(n):
         for f in range(k):
+            if through[f]:
+                dx[i, f, :] = g[i, f, :]
+                dp[i, f, :] = 0.0
+                continue
+            dx[i, f, :] = 0.0
             for b in range(widths):
                 dp[i, f, b] = 0.0
-            if through[f]:
+                pb = p[i, f, b]
+                if pb < _NEGLIGIBLE:
+                    continue
+                a, low, high, sc = alpha[f, b], lo[b], hi[b], scale[f, b]
+                da = np.float32(0.0)
+                dpb = np.float32(0.0)
                 for c in range(d):
-                    dx[i, f, c] = g[i, f, c]
-                continue
-            for c in range(d):
-                gc = g[i, f, c]
-                acc = np.float32(0.0)
-                for b in range(widths):
-                    pb = p[i, f, b]
-                    if pb < _NEGLIGIBLE:
-                        continue
-                    a = alpha[f, b]
+                    gc = g[i, f, c]
                     w = (x[i, f, c] - beta[f, c]) / a
-                    if w < lo[b]:
-                        q, step, off = lo[b], lo[b], gc * pb
-                    elif w > hi[b]:
-                        q, step, off = hi[b], hi[b], gc * pb
+                    if w < low:
+                        q = low
+                        da += gc * low
+                        dbeta[f, c] += gc * pb * sc
+                    elif w > high:
+                        q = high
+                        da += gc * high
+                        dbeta[f, c] += gc * pb * sc
                     else:
                         q = np.round(w)
-                        step, off = q - w, np.float32(0.0)
-                        acc += pb * gc
-                    dalpha[f, b] += gc * pb * step * scale[f, b]
-                    dbeta[f, c] += off * scale[f, b]
+                        da += gc * (q - w)
+                        dx[i, f, c] += pb * gc
                     if want_p:
-                        dp[i, f, b] += gc * (q * a + beta[f, c])
-                dx[i, f, c] = acc
+                        dpb += gc * (q * a + beta[f, c])
+                dalpha[f, b] += da * pb * sc
+                dp[i, f, b] = dpb
 
 
 class _MixedLsq(torch.autograd.Function):
