@@ -79,20 +79,21 @@ class _ScaleGrad(torch.autograd.Function):
 _NEGLIGIBLE = 1e-7
 
 
-@nb.njit(nogil=True, cache=True)
-def _mixed_forward(x, p, alpha, beta, lo, hi, through, out):  # pragma: no cover - compiled
-    """out[i, f] = Σ_b p[i, f, b] · (clamp(round((x − β_f)/α_fb), lo_b, hi_b)·α_fb + β_f);
-    features with `through` set (another method's) pass unchanged."""
+@nb.njit(nogil=True, cache=True, error_model="numpy")
+def _mixed_forward(x, p, alpha, beta, lo, hi, slot, out):  # pragma: no cover - compiled
+    """out[i, f] = Σ_b p[i, s, b] · (clamp(round((x − β_f)/α_fb), lo_b, hi_b)·α_fb + β_f),
+    s = slot[f]; a feature with slot −1 (another method's) passes unchanged."""
     n, k, d = x.shape
     widths = p.shape[2]
     for i in range(n):
         for f in range(k):
-            if through[f]:
-                out[i, f, :] = x[i, f, :]
+            s = slot[f]
+            for c in range(d):  # explicit loops: a slice per (i, f) cost more than the math
+                out[i, f, c] = x[i, f, c] if s < 0 else 0.0
+            if s < 0:
                 continue
-            out[i, f, :] = 0.0
             for b in range(widths):  # widths outside, so the loop over d vectorises
-                pb = p[i, f, b]
+                pb = p[i, s, b]
                 if pb < _NEGLIGIBLE:
                     continue
                 a, low, high = alpha[f, b], lo[b], hi[b]
@@ -101,8 +102,8 @@ def _mixed_forward(x, p, alpha, beta, lo, hi, through, out):  # pragma: no cover
                     out[i, f, c] += pb * (q * a + beta[f, c])
 
 
-@nb.njit(nogil=True, cache=True)
-def _mixed_backward(g, x, p, alpha, beta, lo, hi, scale, through, want_p,
+@nb.njit(nogil=True, cache=True, error_model="numpy")
+def _mixed_backward(g, x, p, alpha, beta, lo, hi, scale, slot, want_p,
                     dx, dp, dalpha, dbeta):  # pragma: no cover - compiled
     """LSQ+'s gradients (the paper's code): x passes where lo ≤ w ≤ hi; α gets
     round(w) − w inside and the bound outside, β the gradient outside, both × scale."""
@@ -110,38 +111,31 @@ def _mixed_backward(g, x, p, alpha, beta, lo, hi, scale, through, want_p,
     widths = p.shape[2]
     for i in range(n):
         for f in range(k):
-            if through[f]:
-                dx[i, f, :] = g[i, f, :]
-                dp[i, f, :] = 0.0
+            s = slot[f]
+            for c in range(d):
+                dx[i, f, c] = g[i, f, c] if s < 0 else 0.0
+            if s < 0:
                 continue
-            dx[i, f, :] = 0.0
             for b in range(widths):
-                dp[i, f, b] = 0.0
-                pb = p[i, f, b]
+                dp[i, s, b] = 0.0
+                pb = p[i, s, b]
                 if pb < _NEGLIGIBLE:
                     continue
                 a, low, high, sc = alpha[f, b], lo[b], hi[b], scale[f, b]
                 da = np.float32(0.0)
                 dpb = np.float32(0.0)
-                for c in range(d):
+                for c in range(d):  # branch-free, so it vectorises
                     gc = g[i, f, c]
                     w = (x[i, f, c] - beta[f, c]) / a
-                    if w < low:
-                        q = low
-                        da += gc * low
-                        dbeta[f, c] += gc * pb * sc
-                    elif w > high:
-                        q = high
-                        da += gc * high
-                        dbeta[f, c] += gc * pb * sc
-                    else:
-                        q = np.round(w)
-                        da += gc * (q - w)
-                        dx[i, f, c] += pb * gc
-                    if want_p:
-                        dpb += gc * (q * a + beta[f, c])
+                    q = min(max(np.round(w), low), high)
+                    inside = (w >= low) & (w <= high)
+                    da += gc * (q - w if inside else q)
+                    dbeta[f, c] += np.float32(0.0) if inside else gc * pb * sc
+                    dx[i, f, c] += pb * gc if inside else np.float32(0.0)
+                    dpb += gc * (q * a + beta[f, c])
                 dalpha[f, b] += da * pb * sc
-                dp[i, f, b] = dpb
+                if want_p:
+                    dp[i, s, b] = dpb
 
 
 @nb.njit(nogil=True, cache=True)
@@ -187,24 +181,24 @@ class _MixedLsq(torch.autograd.Function):
     way (CPU): torch's ops over [n, k, widths, d] took 15× a hash step."""
 
     @staticmethod
-    def forward(ctx, x, p, alpha, beta, scale, lo, hi, through, want_p):  # type: ignore[override]
+    def forward(ctx, x, p, alpha, beta, scale, lo, hi, slot, want_p):  # type: ignore[override]
         x, p = x.detach().contiguous(), p.detach().contiguous()
         alpha, beta = alpha.detach().contiguous(), beta.detach().contiguous()
         out = torch.empty_like(x)
         _mixed_forward(x.numpy(), p.numpy(), alpha.numpy(), beta.numpy(), lo.numpy(),
-                       hi.numpy(), through.numpy(), out.numpy())
-        ctx.save_for_backward(x, p, alpha, beta, scale, lo, hi, through)
+                       hi.numpy(), slot.numpy(), out.numpy())
+        ctx.save_for_backward(x, p, alpha, beta, scale, lo, hi, slot)
         ctx.want_p = want_p
         return out
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        x, p, alpha, beta, scale, lo, hi, through = ctx.saved_tensors
+        x, p, alpha, beta, scale, lo, hi, slot = ctx.saved_tensors
         grad = grad.contiguous()
         dx, dp = torch.empty_like(x), torch.empty_like(p)
         dalpha, dbeta = torch.zeros_like(alpha), torch.zeros_like(beta)
         _mixed_backward(grad.numpy(), x.numpy(), p.numpy(), alpha.numpy(), beta.numpy(),
-                        lo.numpy(), hi.numpy(), scale.numpy(), through.numpy(), ctx.want_p,
+                        lo.numpy(), hi.numpy(), scale.numpy(), slot.numpy(), ctx.want_p,
                         dx.numpy(), dp.numpy(), dalpha.numpy(), dbeta.numpy())
         return dx, dp if ctx.want_p else None, dalpha, dbeta, None, None, None, None, None
 
@@ -448,7 +442,7 @@ class MpeEmbedding(CompressedEmbedding):
         method's feature, passed through by the kernel (no gather and scatter around it)."""
         present = [i for i, m in enumerate(methods) if m is not None]
         mpe: list[MpeEmbedding] = [methods[i] for i in present]  # type: ignore[misc]
-        n, k, d = vectors.shape
+        k, d = vectors.shape[1:]
         widths = torch.arange(1, max_bits + 1, dtype=torch.float32)
         lo, hi = -(2.0 ** (widths - 1)), 2.0 ** (widths - 1) - 1
         ones, zeros = torch.ones(max_bits), torch.zeros(d)
@@ -456,7 +450,8 @@ class MpeEmbedding(CompressedEmbedding):
         beta = torch.stack([m.beta if m is not None else zeros for m in methods])
         scale = torch.tensor([m._grad_scale if m is not None else [0.0] * max_bits
                               for m in methods])
-        through = torch.tensor([m is None for m in methods])
+        slot = torch.full((k,), -1, dtype=torch.int64)
+        slot[present] = torch.arange(len(present))
         groups = torch.stack([m.last_groups for m in mpe], dim=1)  # [n, k present]
         feature = torch.arange(len(mpe))[None, :]
         if soft:
@@ -466,9 +461,7 @@ class MpeEmbedding(CompressedEmbedding):
             bits = torch.stack([m.current_bits() for m in mpe])  # [k, g]
             width = bits[feature, groups]
             p = (width[..., None] == widths.to(torch.int64)).to(torch.float32)
-        if len(present) < k:
-            p = torch.zeros(n, k, max_bits).index_copy(1, torch.tensor(present), p)
-        return _MixedLsq.apply(vectors, p, alpha, beta, scale, lo, hi, through, soft)
+        return _MixedLsq.apply(vectors, p, alpha, beta, scale, lo, hi, slot, soft)
 
     def regularization(self) -> torch.Tensor | None:
         """λ·Σ_g w_g Σ_b p_gb·b while searching; None once the widths are fixed."""

@@ -219,6 +219,7 @@ def test_the_compiled_kernel_has_lsq_plus_gradients_and_passes_other_features() 
     bits = torch.arange(1, widths + 1, dtype=torch.float32)
     lo, hi = -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
     through = torch.tensor([False, True, False])
+    slot = torch.tensor([0, -1, 1])
     grad = torch.randn(n, k, d)
 
     def reference() -> torch.Tensor:
@@ -235,8 +236,8 @@ def test_the_compiled_kernel_has_lsq_plus_gradients_and_passes_other_features() 
         return torch.where(through[None, :, None], x, out)
 
     def compiled() -> torch.Tensor:
-        p = torch.softmax(logits, -1)[..., 1:]
-        return _MixedLsq.apply(x, p, alpha, beta, scale, lo, hi, through, True)
+        p = torch.softmax(logits, -1)[:, [0, 2], 1:]  # the features of this method
+        return _MixedLsq.apply(x, p, alpha, beta, scale, lo, hi, slot, True)
 
     results = []
     for fn in (reference, compiled):
