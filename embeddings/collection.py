@@ -532,6 +532,11 @@ class EmbeddingCollection(nn.Module):
         for group in self.cafe_groups:
             group.after_step()
 
+    def schedule(self, total_steps: int) -> None:
+        """Tell every method the run's optimizer steps (`CompressedEmbedding.schedule`)."""
+        for emb in self.embeddings.values():
+            emb.schedule(total_steps)
+
     def regularization(self) -> torch.Tensor | None:
         """The sum of the methods' loss terms (MPE's bit-width penalty); None if none has one."""
         terms = [t for emb in self.embeddings.values() if (t := emb.regularization()) is not None]

@@ -316,6 +316,9 @@ class CompressedEmbedding(nn.Module):
         """A term the training loss adds (MPE's bit-width penalty); None = nothing."""
         return None
 
+    def schedule(self, total_steps: int) -> None:
+        """Told the run's optimizer steps before training (MPE places its search in them)."""
+
 
 class MethodBytes(NamedTuple):
     """Exact bytes of one built method: while training, and of its fp32 serving form."""

@@ -264,7 +264,9 @@ class MpeEmbedding(CompressedEmbedding):
         threshold: a width survives the search if its probability is ≥ threshold.
         reg: λ.
         rarity: float32 [g] w_g of the penalty.
-        search_steps: optimizer steps before the widths are fixed.
+        search_steps: optimizer steps before the widths are fixed (None: `search_fraction`
+            of the steps `schedule` announces; 1000 if none is announced).
+        search_fraction: share of the run spent searching when `search_steps` is None.
         init_std: rows start N(0, init_std²).
         sparse: sparse table gradients.
     """
@@ -273,8 +275,8 @@ class MpeEmbedding(CompressedEmbedding):
 
     def __init__(self, mapper: FullMapper, rows: int, explicit: int, dim: int, groups: int,
                  max_bits: int, tau: float, threshold: float, reg: float,
-                 rarity: torch.Tensor, search_steps: int, init_std: float = 0.003,
-                 sparse: bool = False) -> None:
+                 rarity: torch.Tensor, search_steps: int | None, search_fraction: float = 0.5,
+                 init_std: float = 0.003, sparse: bool = False) -> None:
         super().__init__(mapper, [rows], Combiner.SUM, dim, None, sparse)
         self.explicit = explicit
         self.tail_rows = rows - explicit
@@ -284,7 +286,9 @@ class MpeEmbedding(CompressedEmbedding):
         self.tau = tau
         self.threshold = threshold
         self.reg = reg
-        self.search_steps = search_steps
+        self.fixed_search = search_steps is not None
+        self.search_steps = search_steps if search_steps is not None else 1000
+        self.search_fraction = search_fraction
         self.init_std = init_std
         table = self.tables[0]
         self.gamma = torch.nn.Parameter(torch.zeros(groups, max_bits + 1, device=table.device))
@@ -473,6 +477,10 @@ class MpeEmbedding(CompressedEmbedding):
             p = (width[..., None] == widths.to(torch.int64)).to(torch.float32)
         return _MixedLsq.apply(vectors, p, alpha, beta, scale, lo, hi, slot, soft)
 
+    def schedule(self, total_steps: int) -> None:
+        if not self.fixed_search:
+            self.search_steps = max(1, int(total_steps * self.search_fraction))
+
     def regularization(self) -> torch.Tensor | None:
         """λ·Σ_g w_g Σ_b p_gb·b while searching; None once the widths are fixed."""
         if not self.searching:
@@ -573,7 +581,10 @@ class MpeConfig(MethodConfig):
         threshold: a width survives the search if its probability is ≥ this (1/14, i.e.
             1/(2·7) as the paper's code).
         reg: λ of the bit-width penalty (3e-4, the paper's Criteo script's l2_gamma).
-        search_steps: optimizer steps of the search before the widths are fixed.
+        search_steps: optimizer steps of the search before the widths are fixed; default
+            `search_fraction` of the run's steps (the train job announces them).
+        search_fraction: share of the run that searches (the paper searches, then
+            retrains from the initial rows for as long again: half).
         tail_share: share of the planned bytes given to hashed tail rows (the rest pays for
             explicit rows of the most frequent values, 8-byte key each).
         init_std: rows start N(0, init_std²) (the paper's 0.003), and restart there.
@@ -587,7 +598,8 @@ class MpeConfig(MethodConfig):
     tau: float = Field(3e-3, gt=0)
     threshold: float = Field(1 / 14, gt=0, lt=1)
     reg: float = Field(3e-4, ge=0)
-    search_steps: int = Field(1000, ge=1)
+    search_steps: int | None = Field(None, ge=1)
+    search_fraction: float = Field(0.5, gt=0, lt=1)
     tail_share: float = Field(0.25, gt=0, lt=1)
     init_std: float = Field(0.003, gt=0)
     seed: int = 0
@@ -630,7 +642,7 @@ class MpeConfig(MethodConfig):
         rarity = _rarity(stats, explicit, tail, self.groups)
         return MpeEmbedding(mapper, rows, explicit, dim, self.groups, self.max_bits, self.tau,
                             self.threshold, self.reg, rarity, self.search_steps,
-                            self.init_std, self.sparse)
+                            self.search_fraction, self.init_std, self.sparse)
 
 
 def _rarity(stats: FeatureStats | None, explicit: int, tail: int, groups: int) -> torch.Tensor:

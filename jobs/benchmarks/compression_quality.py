@@ -58,6 +58,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "cafe": {"method": "cafe"},
     "learned_hash": {"method": "learned_hash"},
     "cafe_shared": {"method": "cafe", "hot_table": "shared"},
+    "mpe": {"method": "mpe"},  # searches half the run, retrains the other half (issue 18)
 }
 RATIOS = (10.0, 100.0, 1000.0)
 ALLOCATIONS = ("fill", "uniform", "sqrt", "frequency")

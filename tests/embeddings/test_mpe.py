@@ -249,3 +249,12 @@ def test_the_compiled_kernel_has_lsq_plus_gradients_and_passes_other_features() 
     for want, got in zip(*results, strict=True):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
     assert torch.equal(results[1][0][:, 1], x.detach()[:, 1])
+
+
+def test_the_search_takes_its_share_of_the_steps_the_run_announces() -> None:
+    emb = MpeConfig(ratio=4).build(N_VALUES, DIM)
+    emb.schedule(300)
+    assert emb.search_steps == 150
+    fixed = MpeConfig(ratio=4, search_steps=7).build(N_VALUES, DIM)
+    fixed.schedule(300)
+    assert fixed.search_steps == 7
