@@ -258,3 +258,12 @@ def test_the_search_takes_its_share_of_the_steps_the_run_announces() -> None:
     fixed = MpeConfig(ratio=4, search_steps=7).build(N_VALUES, DIM)
     fixed.schedule(300)
     assert fixed.search_steps == 7
+
+
+def test_an_int8_export_keeps_the_packed_codes() -> None:
+    emb, values = _pruned_group_model(pruned_group=1, steps=20)
+    serving = emb.collapse()
+    quantised = serving.quantize("int8")
+    assert quantised.serving_bytes() == serving.serving_bytes()
+    with torch.no_grad():
+        assert torch.equal(quantised(values), serving(values))
