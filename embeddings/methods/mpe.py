@@ -80,11 +80,13 @@ _NEGLIGIBLE = 1e-7
 
 
 @nb.njit(nogil=True, cache=True, error_model="numpy")
-def _mixed_forward(x, p, alpha, beta, lo, hi, slot, out):  # pragma: no cover - compiled
-    """out[i, f] = Σ_b p[i, s, b] · (clamp(round((x − β_f)/α_fb), lo_b, hi_b)·α_fb + β_f),
-    s = slot[f]; a feature with slot −1 (another method's) passes unchanged."""
+def _mixed_forward(x, probs, groups, alpha, beta, lo, hi, slot,
+                   out):  # pragma: no cover - compiled
+    """out[i, f] = Σ_b p_b · (clamp(round((x − β_f)/α_fb), lo_b, hi_b)·α_fb + β_f), p_b =
+    probs[s, groups[i, s], b], s = slot[f]; a feature with slot −1 (another method's)
+    passes unchanged."""
     n, k, d = x.shape
-    widths = p.shape[2]
+    widths = probs.shape[2]
     for i in range(n):
         for f in range(k):
             s = slot[f]
@@ -92,8 +94,9 @@ def _mixed_forward(x, p, alpha, beta, lo, hi, slot, out):  # pragma: no cover - 
                 out[i, f, c] = x[i, f, c] if s < 0 else 0.0
             if s < 0:
                 continue
+            group = groups[i, s]
             for b in range(widths):  # widths outside, so the loop over d vectorises
-                pb = p[i, s, b]
+                pb = probs[s, group, b]
                 if pb < _NEGLIGIBLE:
                     continue
                 a, low, high = alpha[f, b], lo[b], hi[b]
@@ -104,12 +107,12 @@ def _mixed_forward(x, p, alpha, beta, lo, hi, slot, out):  # pragma: no cover - 
 
 # Reassociated sums (gradients only): the reductions over d then vectorise, 7× faster.
 @nb.njit(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc", "nsz", "contract"})
-def _mixed_backward(g, x, p, alpha, beta, lo, hi, scale, slot, want_p,
-                    dx, dp, dalpha, dbeta):  # pragma: no cover - compiled
+def _mixed_backward(g, x, probs, groups, alpha, beta, lo, hi, scale, slot, want_p,
+                    dx, dprobs, dalpha, dbeta):  # pragma: no cover - compiled
     """LSQ+'s gradients (the paper's code): x passes where lo ≤ w ≤ hi; α gets
     round(w) − w inside and the bound outside, β the gradient outside, both × scale."""
     n, k, d = x.shape
-    widths = p.shape[2]
+    widths = probs.shape[2]
     gx = np.empty(d, np.float32)
     gb = np.empty(d, np.float32)
     for i in range(n):
@@ -122,9 +125,9 @@ def _mixed_backward(g, x, p, alpha, beta, lo, hi, scale, slot, want_p,
             for c in range(d):
                 gx[c] = 0.0
                 gb[c] = 0.0
+            group = groups[i, s]
             for b in range(widths):
-                dp[i, s, b] = 0.0
-                pb = p[i, s, b]
+                pb = probs[s, group, b]
                 if pb < _NEGLIGIBLE:
                     continue
                 a, low, high = alpha[f, b], lo[b], hi[b]
@@ -142,7 +145,7 @@ def _mixed_backward(g, x, p, alpha, beta, lo, hi, scale, slot, want_p,
                     dpb += gc * (q * a + beta[f, c])
                 dalpha[f, b] += da * psc
                 if want_p:
-                    dp[i, s, b] = dpb
+                    dprobs[s, group, b] += dpb
             for c in range(d):
                 dx[i, f, c] = gx[c]
                 dbeta[f, c] += gb[c]
@@ -191,26 +194,29 @@ class _MixedLsq(torch.autograd.Function):
     way (CPU): torch's ops over [n, k, widths, d] took 15× a hash step."""
 
     @staticmethod
-    def forward(ctx, x, p, alpha, beta, scale, lo, hi, slot, want_p):  # type: ignore[override]
-        x, p = x.detach().contiguous(), p.detach().contiguous()
+    def forward(ctx, x, probs, groups, alpha, beta, scale, lo, hi, slot,  # type: ignore[override]
+                want_p):
+        x, probs = x.detach().contiguous(), probs.detach().contiguous()
         alpha, beta = alpha.detach().contiguous(), beta.detach().contiguous()
+        groups = groups.contiguous()
         out = torch.empty_like(x)
-        _mixed_forward(x.numpy(), p.numpy(), alpha.numpy(), beta.numpy(), lo.numpy(),
-                       hi.numpy(), slot.numpy(), out.numpy())
-        ctx.save_for_backward(x, p, alpha, beta, scale, lo, hi, slot)
+        _mixed_forward(x.numpy(), probs.numpy(), groups.numpy(), alpha.numpy(), beta.numpy(),
+                       lo.numpy(), hi.numpy(), slot.numpy(), out.numpy())
+        ctx.save_for_backward(x, probs, groups, alpha, beta, scale, lo, hi, slot)
         ctx.want_p = want_p
         return out
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        x, p, alpha, beta, scale, lo, hi, slot = ctx.saved_tensors
+        x, probs, groups, alpha, beta, scale, lo, hi, slot = ctx.saved_tensors
         grad = grad.contiguous()
-        dx, dp = torch.empty_like(x), torch.empty_like(p)
+        dx, dprobs = torch.empty_like(x), torch.zeros_like(probs)
         dalpha, dbeta = torch.zeros_like(alpha), torch.zeros_like(beta)
-        _mixed_backward(grad.numpy(), x.numpy(), p.numpy(), alpha.numpy(), beta.numpy(),
-                        lo.numpy(), hi.numpy(), scale.numpy(), slot.numpy(), ctx.want_p,
-                        dx.numpy(), dp.numpy(), dalpha.numpy(), dbeta.numpy())
-        return dx, dp if ctx.want_p else None, dalpha, dbeta, None, None, None, None, None
+        _mixed_backward(grad.numpy(), x.numpy(), probs.numpy(), groups.numpy(), alpha.numpy(),
+                        beta.numpy(), lo.numpy(), hi.numpy(), scale.numpy(), slot.numpy(),
+                        ctx.want_p, dx.numpy(), dprobs.numpy(), dalpha.numpy(), dbeta.numpy())
+        return (dx, dprobs if ctx.want_p else None, None, dalpha, dbeta, None, None, None, None,
+                None)
 
 
 def _round_ste(w: torch.Tensor) -> torch.Tensor:
@@ -407,7 +413,8 @@ class MpeEmbedding(CompressedEmbedding):
         kinds = {(m.max_bits, m.searching and m.training and torch.is_grad_enabled())
                  for m in mpe}
         compiled = (vectors.requires_grad and compiled_path(vectors)
-                    and vectors.dtype == torch.float32 and len(kinds) == 1)
+                    and vectors.dtype == torch.float32 and len(kinds) == 1
+                    and len({m.groups for m in mpe}) == 1)
         if compiled:
             ((max_bits, soft),) = kinds
             return cls._compiled(methods, vectors, max_bits, soft)  # type: ignore[arg-type]
@@ -467,15 +474,12 @@ class MpeEmbedding(CompressedEmbedding):
         slot = torch.full((k,), -1, dtype=torch.int64)
         slot[present] = torch.arange(len(present))
         groups = torch.stack([m.last_groups for m in mpe], dim=1)  # [n, k present]
-        feature = torch.arange(len(mpe))[None, :]
-        if soft:
-            probs = torch.stack([m.probabilities() for m in mpe])  # [k, g, B + 1]
-            p = probs[:, :, 1:][feature, groups]  # [n, k, B]: width 0 adds nothing
-        else:
-            bits = torch.stack([m.current_bits() for m in mpe])  # [k, g]
-            width = bits[feature, groups]
-            p = (width[..., None] == widths.to(torch.int64)).to(torch.float32)
-        return _MixedLsq.apply(vectors, p, alpha, beta, scale, lo, hi, slot, soft)
+        if soft:  # [k present, g, B]: width 0 adds nothing; the kernel reads each id's group
+            probs = torch.stack([m.probabilities()[:, 1:] for m in mpe])
+        else:  # one-hot at the fixed widths
+            bits = torch.stack([m.current_bits() for m in mpe])
+            probs = (bits[..., None] == widths.to(torch.int64)).to(torch.float32)
+        return _MixedLsq.apply(vectors, probs, groups, alpha, beta, scale, lo, hi, slot, soft)
 
     def schedule(self, total_steps: int) -> None:
         if not self.fixed_search:

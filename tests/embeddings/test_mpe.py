@@ -236,8 +236,10 @@ def test_the_compiled_kernel_has_lsq_plus_gradients_and_passes_other_features() 
         return torch.where(through[None, :, None], x, out)
 
     def compiled() -> torch.Tensor:
-        p = torch.softmax(logits, -1)[:, [0, 2], 1:]  # the features of this method
-        return _MixedLsq.apply(x, p, alpha, beta, scale, lo, hi, slot, True)
+        # Each id its own group: probs[s, i] is row i's probabilities in feature slot s.
+        probs = torch.softmax(logits, -1)[:, [0, 2], 1:].transpose(0, 1)
+        groups = torch.arange(n)[:, None].expand(n, 2)
+        return _MixedLsq.apply(x, probs, groups, alpha, beta, scale, lo, hi, slot, True)
 
     results = []
     for fn in (reference, compiled):
