@@ -9,7 +9,8 @@ is installed). Two references of the same serving bytes per method: a bare FBGEM
 `torch.nn.EmbeddingBag` with sparse gradients. All run in one process, one step each in
 turn, and each reports its fastest step, so that load from other processes on a shared
 machine disturbs the comparison as little as possible. Goals (issue 14): hash ≥ 0.8 of the
-bare TBE's samples/s; CAFE ≤ 1.3× the time of hash; MLET ≤ 1.3× the time of its base.
+bare TBE's samples/s; CAFE ≤ 1.3× the time of hash; MLET ≤ 1.3× the time of its base;
+MPE (issue 18) ≥ 0.5 of hash's samples/s while searching and after ("mpe retrain").
 Run: `python jobs/benchmarks/embedding_speed.py [--scale 0.005] [--threads 1] [--device cuda]`.
 """
 
