@@ -248,11 +248,9 @@ def mpe_serving_bytes(group_rows: torch.Tensor, tail_rows: int, bits: torch.Tens
     if tail_bits > 0:
         total += tail_rows * code_bytes(dim, tail_bits)
         segments += 1
-    else:
-        total += 0  # pruned explicit rows hash to the pruned tail: no keys needed
-    pruned = int(group_rows[bits == 0].sum())
-    if tail_bits > 0:
-        total += pruned * 8  # keys of pruned rows, which must not read the tail
+        # Pruned explicit rows keep their keys, so they do not read the tail; under a
+        # pruned tail they need none (their hash reads zero as well).
+        total += int(group_rows[bits == 0].sum()) * 8
     return total + 4 * segments + 4 * dim  # α per segment, β
 
 
