@@ -4,8 +4,9 @@ Values are ranked by frequency and cut into g = 128 groups; each group learns lo
 the bit widths {0, …, 6} (0 = its rows are pruned to zero). While searching, a row reads
 Σ_b softmax(γ_g/τ)_b · LSQ+(e; α_b, β) (τ = 3e-3, a learned step α_b per width and an
 offset β per dimension), and the loss adds λ·Σ_g w_g Σ_b p_gb·b with w_g the group's rarity
-(its mean count over the frequency of the most frequent group's, inverted: the rarest group
-weighs 1), so rare groups are pushed to few bits. After `search_steps` each group keeps
+(the lowest group mean count over group g's: the rarest group weighs 1, as the paper's
+1 / (count_g / min count)), so rare groups are pushed to few bits. After `search_steps`
+(default: half the run, which the train job announces through `schedule`) each group keeps
 the largest width whose probability is ≥ 1/14, the tables are reset to their initial values
 (regenerated from a stored seed, not copied), their optimizer rows zeroed, and training goes
 on quantisation-aware at those widths (α, β and the dense model are kept, as the paper's
@@ -13,9 +14,10 @@ code keeps them). Serving stores per-width packed codes (`embeddings.serving_mpe
 
 Changed from the paper's code (Leopold1423/mpe, model/embedding.py OptFP_Embedding), and why:
 - No exact vocabulary of every value: a key costs 8 bytes a value, more than the codes, and
-  caps the ratio near 6×. The most frequent values (as many as the budget pays for, at the
-  largest width) own rows; the rest hash into tail rows that form one more group, the last,
-  whose rarity is its count per tail row. Without statistics every value hashes to the tail.
+  would cap the ratio at 8× (a d = 16 fp32 row is 64 bytes). The most frequent values (as
+  many as the budget pays for, at the largest width) own rows; the rest hash into tail rows
+  that form one more group, the last, whose rarity is its count per tail row. Without
+  statistics every value hashes to the tail.
 - The budget is planned at the largest width (every group's widths are undecided before the
   search), so the realised serving bytes are at most the planned ones; the table reports
   the realised ones.
@@ -26,6 +28,9 @@ Changed from the paper's code (Leopold1423/mpe, model/embedding.py OptFP_Embeddi
 - Evaluation (no gradient) during the search scores the widths the search would fix now,
   which is what `collapse` serves; only a training forward reads the soft mixture.
 - MLET is refused: its projection would fold into the rows and undo their codes.
+- On CPU a training step runs the transform in two compiled kernels (`_MixedLsq`: the paper's
+  LSQ+ gradients, widths of negligible probability skipped); elsewhere, and without
+  gradients, torch ops compute the same values.
 """
 
 from __future__ import annotations
