@@ -68,7 +68,8 @@ def every_method(mlet_dim: int) -> dict[str, dict[str, Any]]:
     }
     for name in sorted(set(METHODS) - {"full", "hash", "qr"}):
         out[name] = {"method": name}
-        out[f"mlet({name})"] = {"method": name, "mlet_dim": mlet_dim}
+        if METHODS[name].model_validate({"method": name}).accepts_mlet():
+            out[f"mlet({name})"] = {"method": name, "mlet_dim": mlet_dim}
     out["cafe shared"] = {"method": "cafe", "hot_table": "shared"}
     out["mlet(cafe shared)"] = {"method": "cafe", "hot_table": "shared", "mlet_dim": mlet_dim}
     return out
@@ -407,6 +408,28 @@ class EmbeddingCollection(nn.Module):
                         for n in group.members]).to(device))
             for group in self.cafe_groups
         ]
+        # Features whose vectors pass a per-id transform after the lookup (MPE), by class:
+        # their pre-projection columns (None: every column, in order, so no gather).
+        by_class: dict[type, list[str]] = {}
+        for j in order:
+            emb = self.embeddings[self.names[j]]
+            if emb.has_post_lookup:
+                by_class.setdefault(type(emb), []).append(self.names[j])
+        total = sum(self._width(n) for n in self.names)
+        self._post_lookup: list[tuple[type, list[str | None], torch.Tensor | None]] = []
+        if len(by_class) == 1 and total == self._dim * len(self.names):
+            # Every feature d wide: the class sees the whole [n, F, d] block, None for the
+            # features of other methods (passed unchanged), and nothing is gathered.
+            ((cls, members),) = by_class.items()
+            slots = [self.names[j] if self.names[j] in members else None for j in order]
+            self._post_lookup.append((cls, slots, None))
+            by_class = {}
+        for cls, members in by_class.items():
+            cols = torch.cat([torch.arange(start_of[n], start_of[n] + self._width(n))
+                              for n in members])
+            whole = len(members) == len(self.names) and bool(
+                (cols == torch.arange(total)).all())
+            self._post_lookup.append((cls, members, None if whole else cols.to(device)))
         # Features that rank ids by gradient norms (CAFE): their pre-projection columns.
         self._norm_features = [
             (self.names[j], start_of[self.names[j]], self._width(self.names[j]))
@@ -456,6 +479,14 @@ class EmbeddingCollection(nn.Module):
             pre = out
         for group, (columns, cols) in zip(self.cafe_groups, self._hot_layout, strict=True):
             pre = self._add_shared_hot(pre, valid, group, columns, cols)
+        for cls, members, cols in self._post_lookup:
+            methods = [self.embeddings[name] if name else None for name in members]
+            if cols is None:
+                pre = cls.post_lookup_batch(methods, pre.view(n, len(members), -1)).reshape(n, -1)
+            else:
+                x = pre.index_select(1, cols).view(n, len(members), -1)
+                y = cls.post_lookup_batch(methods, x).reshape(n, -1)
+                pre = pre.index_copy(1, cols, y)
         if self._norm_features and self.training and pre.requires_grad:
             pre.register_hook(self._norm_hook(keys))
         # split, not slicing: the backward of a slice fills a zero tensor of the whole width.
@@ -513,6 +544,16 @@ class EmbeddingCollection(nn.Module):
             emb.after_step(optimizer)
         for group in self.cafe_groups:
             group.after_step()
+
+    def schedule(self, total_steps: int) -> None:
+        """Tell every method the run's optimizer steps (`CompressedEmbedding.schedule`)."""
+        for emb in self.embeddings.values():
+            emb.schedule(total_steps)
+
+    def regularization(self) -> torch.Tensor | None:
+        """The sum of the methods' loss terms (MPE's bit-width penalty); None if none has one."""
+        terms = [t for emb in self.embeddings.values() if (t := emb.regularization()) is not None]
+        return torch.stack(terms).sum() if terms else None
 
     def dense_parameters(self) -> list[nn.Parameter]:
         """Everything else that trains (MLET projections): for the dense optimizer."""

@@ -24,6 +24,7 @@ from embeddings.mapping import (
     hash_columns,
     seed_offsets,
 )
+from embeddings.serving_mpe import MpePackedTable
 from embeddings.serving_tables import MixedServingTable, ServingTable
 from idhash.splitmix import shard_of
 
@@ -83,8 +84,10 @@ class ServingEmbedding(nn.Module):
     def quantize(self, fmt: str) -> ServingEmbedding:
         """A copy whose tables are stored row-wise in `fmt` (fp32, fp16, int8, int4).
 
-        Per-row formats under a byte budget: `embeddings.methods.quantize`."""
-        tables = [ServingTable.encode(t.dequantize(), fmt) for t in self.tables]
+        Per-row formats under a byte budget: `embeddings.methods.quantize`. MPE's packed
+        codes are already its learned low-bit format and stay as they are."""
+        tables = [t if isinstance(t, MpePackedTable) else ServingTable.encode(t.dequantize(), fmt)
+                  for t in self.tables]
         return ServingEmbedding(self.mapper, tables, self.combiner)
 
     @torch.no_grad()

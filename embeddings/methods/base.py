@@ -11,7 +11,7 @@ the collapsed form are the serving form's (`embeddings.mapping`,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -325,6 +325,28 @@ class CompressedEmbedding(nn.Module):
     def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Called after each optimizer step; adaptive methods update their state here."""
 
+    # -- per-id transform after the lookup, and an auxiliary loss (MPE) ---------------------
+
+    has_post_lookup: ClassVar[bool] = False
+    """Whether the vectors read from the store pass through `post_lookup_batch` (a
+    collection then routes this class's features through it; the others keep their path)."""
+
+    @classmethod
+    def post_lookup_batch(
+        cls, methods: list[CompressedEmbedding | None], vectors: torch.Tensor
+    ) -> torch.Tensor:
+        """[n, k, width] vectors of k features as read from the store → what the features
+        output. Each method of this class knows its last `packed_lookup`; None marks a
+        feature of another method, whose vectors must pass unchanged. Identity here."""
+        return vectors
+
+    def regularization(self) -> torch.Tensor | None:
+        """A term the training loss adds (MPE's bit-width penalty); None = nothing."""
+        return None
+
+    def schedule(self, total_steps: int) -> None:
+        """Told the run's optimizer steps before training (MPE places its search in them)."""
+
 
 class MethodBytes(NamedTuple):
     """Exact bytes of one built method: while training, and of its fp32 serving form."""
@@ -368,6 +390,11 @@ class MethodConfig(BaseModel):
     def combiner(self) -> Combiner:
         """The combiner this config builds (decides whether MLET may follow)."""
         return Combiner.SUM
+
+    def accepts_mlet(self) -> bool:
+        """Whether MLET's projection may follow this method (a linear combiner, and a
+        serving form the projection folds into)."""
+        return self.combiner() is not Combiner.PRODUCT
 
     def check(self, num_embeddings: int, dim: int) -> None:
         """Raise ValueError (saying why) if this config cannot be built at this size and width.

@@ -62,6 +62,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "scma_contexts": {"method": "scma", "sets": "contexts"},
     # SCMA without its sketch: every value hashes its id into the chunked shared array.
     "scma_hashed": {"method": "scma", "sketch_share": 0.0},
+    "mpe": {"method": "mpe"},  # searches half the run, retrains the other half (issue 18)
 }
 RATIOS = (10.0, 100.0, 1000.0)
 ALLOCATIONS = ("fill", "uniform", "sqrt", "frequency")

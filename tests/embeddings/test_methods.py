@@ -9,6 +9,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+import embeddings.collection  # noqa: F401 - imports every method module: all register
 from embeddings import budget
 from embeddings.methods.base import (
     METHODS,
@@ -228,14 +229,14 @@ def test_mlet_output_starts_at_an_ordinary_scale() -> None:
 
 
 def test_every_registered_method_honours_the_contract() -> None:
-    """Methods registered by other modules (CAFE, learned hash) build at a ratio, train,
+    """Methods registered by other modules (CAFE, learned hash, MPE) build at a ratio, train,
     collapse exactly and count bytes exactly, like the ones above, bare and under MLET
-    when their combiner is linear."""
+    when they accept it."""
     stats = FeatureStats.from_ids(zipf_stream(300, 128)[1].flatten())
     for name, cls in sorted(METHODS.items()):
         base = cls.model_validate({"method": name}).at_ratio(4)
         variants = [base]
-        if base.combiner() is not Combiner.PRODUCT:
+        if base.accepts_mlet():
             variants.append(with_mlet(base, 2 * DIM))
         for config in variants:
             emb, values, _, _, _ = _train(config, stats, steps=80)

@@ -12,8 +12,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+import embeddings.collection  # noqa: F401 - imports every method module: all register
 from embeddings.budget import EXPORT_QUANTIZE
-from embeddings.methods.base import METHODS, Combiner, with_mlet
+from embeddings.methods.base import METHODS, with_mlet
 from embeddings.methods.mlet import MLET_MAX_RATIO, MLET_MIN_RATIO
 
 # Method fields the search sets itself for every method (`ratio`, `mlet`), or that would
@@ -112,12 +113,13 @@ class SearchSpace(FrozenSection):
 
     Args:
         methods: compression method name (embeddings/methods: hash, qr, cafe, learned_hash,
-            scma, full) → the method's own fields to search, e.g. `cafe: {hash_share: {low: 0.2,
+            scma, mpe, full) → the method's own fields to search, e.g. `cafe: {hash_share: {low: 0.2,
             high: 0.8}, threshold: [50, 500]}`, `qr: {operation: [sum, concat]}`; `{}`
             searches the method with its defaults. Size fields are not searched per method:
             `ratio` sizes every method.
         mlet: MLET's k/d to try, each 2..16; 0 trains without MLET. A trial whose method
-            combines tables non-linearly (QR by product) never gets MLET.
+            refuses MLET (QR by product combines tables non-linearly; MPE's codes would
+            not survive the fold) never gets MLET.
         ratio: compression ratio of every feature (features with at most 2000 / ratio
             values stay uncompressed, as in the training job).
         embedding_dim: width d of every embedding (the model follows; a DLRM's bottom MLP
@@ -129,7 +131,8 @@ class SearchSpace(FrozenSection):
 
     methods: dict[str, dict[str, Param]] = Field(
         default_factory=lambda: {"hash": {}, "qr": {"operation": ["sum", "concat"]},
-                                 "cafe": {}, "learned_hash": {}, "scma": {}},
+                                 "cafe": {}, "learned_hash": {}, "scma": {},
+                                 "mpe": {}},
         min_length=1,
     )
     mlet: list[int] = Field(default_factory=lambda: [0, 2])
@@ -178,7 +181,7 @@ class SearchSpace(FrozenSection):
     def _check_one(self, name: str, values: dict[str, Any], dim: int, k: int) -> None:
         """Build one method config at every candidate ratio (MLET of k·dim on top)."""
         config = METHODS[name].model_validate({"method": name, **values})
-        if k and config.combiner() is Combiner.PRODUCT:
+        if k and not config.accepts_mlet():
             return  # the sampler leaves MLET off for these
         if k:
             config = with_mlet(config, k * dim)
@@ -199,8 +202,7 @@ class SearchSpace(FrozenSection):
             point[f"{method}.{field}"] = sample(trial, f"{method}.{field}", param)
         config = METHODS[method].model_validate(
             {"method": method, **{f: point[f"{method}.{f}"] for f in self.methods[method]}})
-        linear = config.combiner() is not Combiner.PRODUCT
-        point["mlet"] = sample(trial, "mlet", self.mlet) if linear else 0
+        point["mlet"] = sample(trial, "mlet", self.mlet) if config.accepts_mlet() else 0
         for name in ("ratio", "embedding_dim", "sparse_lr", "dense_lr", "quantize"):
             point[name] = sample(trial, name, getattr(self, name))
         return point

@@ -48,8 +48,9 @@ def planned_serving_bytes(spec: RunSpec, config: TrainConfig) -> int:
         i = spec.names.index(feature.name)
         method = spec.method(feature.name)
         feature_stats = None
-        # Their mappers hold the vocabulary (SCMA: its signed values and signatures).
-        if method.method in ("full", "learned_hash", "scma"):
+        # Their mappers hold the vocabulary (SCMA: its signed values and signatures; MPE: its
+        # explicit values).
+        if method.method in ("full", "learned_hash", "scma", "mpe"):
             stats = stats or load_feature_stats(config.data.path)
             feature_stats = feature_stats_of(stats, feature.name)
         for s in range(feature.num_shards):
