@@ -113,8 +113,8 @@ class SearchSpace(FrozenSection):
 
     Args:
         methods: compression method name (embeddings/methods: hash, qr, cafe, learned_hash,
-            scma, mpe, full) → the method's own fields to search, e.g. `cafe: {hash_share: {low: 0.2,
-            high: 0.8}, threshold: [50, 500]}`, `qr: {operation: [sum, concat]}`; `{}`
+            scma, mpe, full) → the method's own fields to search, e.g. `cafe: {hash_share:
+            {low: 0.2, high: 0.8}, threshold: [50, 500]}`, `qr: {operation: [sum, concat]}`; `{}`
             searches the method with its defaults. Size fields are not searched per method:
             `ratio` sizes every method.
         mlet: MLET's k/d to try, each 2..16; 0 trains without MLET. A trial whose method
