@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="data seed (default: 0)")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                         help="training config of every cell (default: %(default)s)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS),
+                        help="methods sized by --ratios (none: give the flag alone)")
     parser.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS))
     parser.add_argument("--allocations", nargs="+", default=["frequency"],
                         choices=ALLOCATIONS,
