@@ -325,6 +325,10 @@ def build_store(
     if device.type == "meta":
         raise ValueError("a table store holds real memory; count bytes from the specs instead")
     chosen = choose_backend(backend, optimizer, device)
+    if backend == "auto" and any(spec.width % 4 for spec in specs):
+        # FBGEMM's TBE takes widths that are multiples of 4 only (low-rank's k = d / ratio
+        # need not be): such a store trains with the torch backend, the same rule.
+        chosen = "torch"
     cls = FbgemmTables if chosen == "fbgemm" else TorchTables
     return cls(specs, optimizer, device)
 
