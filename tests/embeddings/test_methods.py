@@ -261,3 +261,11 @@ def test_every_registered_method_honours_the_contract() -> None:
             assert serving.serving_bytes() == emb.serving_bytes(), config
             held = tensor_bytes(emb.parameters()) + tensor_bytes(emb.buffers())
             assert emb.training_bytes() == held + emb.extra_state_bytes(), config
+            # Checkpoint/resume: a method built afresh (a two-stage one from its trained
+            # feature again) takes the trained state and scores as the trained one.
+            torch.manual_seed(1)
+            fresh = (config.from_trained(N_VALUES, DIM, trained) if two_stage
+                     else config.build(N_VALUES, DIM, stats))
+            fresh.load_state_dict(emb.state_dict())
+            with torch.no_grad():
+                assert torch.equal(fresh(values), emb(values)), config
