@@ -71,6 +71,10 @@ def test_low_rank_from_a_trained_model_fine_tunes_exports_and_serves_exactly(
     # The export scores as the trained model did (its reported AUC), and training learnt.
     reported = document["metrics"]["validation_auc"]
     assert abs(_served_auc(config.export_dir, synth_data) - reported) < 1e-6
+    # A search trial counts the bytes it will serve before training, from the trained model.
+    from training.search.trial import planned_serving_bytes
+
+    assert planned_serving_bytes(spec, config) == document["serving_bytes"]["embeddings"]
     first_document = load_model(trained_dir)[1]
     # Fine-tuning goes on from the trained model: no worse than it after as many steps.
     assert reported > first_document["metrics"]["validation_auc"] - 0.005
