@@ -30,6 +30,8 @@ from embeddings.methods.base import (
     CompressedEmbedding,
     FeatureStats,
     MethodConfig,
+    TrainedFeature,
+    TwoStageConfig,
 )
 from embeddings.methods.cafe_shared import join_shared
 from embeddings.methods.full import FullConfig
@@ -66,7 +68,9 @@ def every_method(mlet_dim: int) -> dict[str, dict[str, Any]]:
         "mlet(qr sum)": {"method": "qr", "operation": "sum", "mlet_dim": mlet_dim},
         "mlet(qr concat)": {"method": "qr", "operation": "concat", "mlet_dim": mlet_dim},
     }
-    for name in sorted(set(METHODS) - {"full", "hash", "qr"}):
+    # Two-stage methods (low-rank, MEC) need a trained model, which a config alone lacks.
+    for name in sorted(n for n in set(METHODS) - {"full", "hash", "qr"}
+                       if not issubclass(METHODS[n], TwoStageConfig)):
         out[name] = {"method": name}
         if METHODS[name].model_validate({"method": name}).accepts_mlet():
             out[f"mlet({name})"] = {"method": name, "mlet_dim": mlet_dim}
@@ -188,7 +192,7 @@ class CollectionConfig(BaseModel):
         feature sizes itself). Solved on exact planned bytes, `stats` included because
         vocabularies and id maps count."""
         target = self.target_bytes()
-        if target is None:
+        if target is None or self.two_stage():
             return None
         methods = {n: self.features.get(n, self.method) for n in self.feature_names}
         what = "budget_bytes" if self.budget_bytes is not None else "ratio"
@@ -201,9 +205,31 @@ class CollectionConfig(BaseModel):
         """Each feature's final method config, and the requested ratio: `ratio`, or the
         uncompressed bytes over `budget_bytes` (None when each feature sizes itself)."""
         allocated = self.allocate(stats)
+        if allocated is None and self.two_stage() and self.target_bytes() is not None:
+            if self.ratio is None:
+                raise ValueError("budget_bytes: a two-stage method (built from a trained "
+                                 "model) is sized by a ratio against the trained tables")
+            # Against the trained model's tables, feature by feature: the trained model
+            # already spent its budget over the features, a two-stage method shrinks each.
+            return {n: self.features.get(n, self.method).at_ratio(self.ratio)
+                    for n in self.feature_names}, self.ratio
         if allocated is None:
             return {n: self.features.get(n, self.method) for n in self.feature_names}, None
         return allocated.configs, self.ratio or self.uncompressed_bytes() / allocated.budget_bytes
+
+    def two_stage(self) -> bool:
+        """Whether any feature's method is built from a trained model (low-rank, MEC)."""
+        methods = [self.method, *self.features.values()]
+        return any(isinstance(m, TwoStageConfig) for m in methods)
+
+
+def build_method(config: MethodConfig, num_embeddings: int, dim: int,
+                 stats: FeatureStats | None, trained: TrainedFeature | None
+                 ) -> CompressedEmbedding:
+    """One feature's method: a two-stage method from its trained feature, others by `build`."""
+    if isinstance(config, TwoStageConfig) and trained is not None:
+        return config.from_trained(num_embeddings, dim, trained)
+    return config.build(num_embeddings, dim, stats)
 
 
 def _sizes(data: dict[str, Any]) -> dict[str, int] | None:
@@ -250,6 +276,8 @@ class EmbeddingCollection(nn.Module):
             "torch".
         device: where the tables live (a TBE is built for its device: move the collection
             by building it there).
+        trained: each feature of a trained model by name, for two-stage methods (low-rank,
+            MEC), which are built from it (`TwoStageConfig.from_trained`).
     """
 
     def __init__(
@@ -259,14 +287,15 @@ class EmbeddingCollection(nn.Module):
         optimizer: TableOptimizer | None = None,
         backend: Backend = "auto",
         device: torch.device | str | None = None,
+        trained: Mapping[str, TrainedFeature] | None = None,
     ) -> None:
         super().__init__()
         method_configs, ratio = config.resolve(stats)
         sizes = config.sizes()
         methods = {
-            name: method_configs[name].build(
-                sizes[name], config.dim, stats.get(name) if stats else None
-            )
+            name: build_method(method_configs[name], sizes[name], config.dim,
+                               stats.get(name) if stats else None,
+                               trained.get(name) if trained else None)
             for name in config.feature_names
         }
         self._setup(methods, config.dim, optimizer, backend, device)
@@ -501,6 +530,12 @@ class EmbeddingCollection(nn.Module):
                     for j in self._order[start : start + count]
                 ])
                 x = torch.bmm(x.transpose(0, 1), projections).transpose(0, 1)
+                members = [self.embeddings[self.names[j]]
+                           for j in self._order[start : start + count]]
+                if any(m.bias is not None for m in members):
+                    # Low-rank (k < d) projections end in a bias; a group holds one k, and
+                    # every k < d is low-rank, so the group's members all have one.
+                    x = x + torch.stack([m.bias for m in members])[None]
             blocks.append(x)
         out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
         if self._inverse is None:

@@ -347,7 +347,8 @@ def build_store(
     if narrow and backend == "fbgemm":
         raise ValueError(f"fbgemm's TBE needs table widths that are multiples of 4, got "
                          f"{sorted(set(narrow))}; use backend 'torch' or 'auto'")
-    # FBGEMM's TBE refuses such widths (SCMA's per-element chunks, c = 1): auto → torch.
+    # FBGEMM's TBE refuses such widths (SCMA's per-element chunks, c = 1; low-rank's k = d /
+    # ratio): auto → torch, the same rule.
     chosen = "torch" if narrow else choose_backend(backend, optimizer, device)
     cls = FbgemmTables if chosen == "fbgemm" else TorchTables
     return cls(specs, optimizer, device, table_of)

@@ -16,7 +16,13 @@ from data_pipeline.stats import DatasetStats, load_feature_stats
 from embeddings import budget
 from embeddings.allocation import Allocated, BudgetUnreachable
 from embeddings.collection import CollectionConfig
-from embeddings.methods.base import FeatureStats, MethodConfig
+from embeddings.methods.base import (
+    FeatureStats,
+    MethodBytes,
+    MethodConfig,
+    TrainedFeature,
+    TwoStageConfig,
+)
 from embeddings.sharding.planner import FeatureSize, ShardingPlan, plan_sharding
 from training.config import ConfigError, TrainConfig
 
@@ -123,10 +129,16 @@ def plan_run(config: TrainConfig, verbose: bool = True) -> RunSpec:
     methods = allocated.configs if allocated else collection.resolve()[0]
     ratio = None if allocated is None else (
         collection.ratio or collection.uncompressed_bytes() / allocated.budget_bytes)
+    trained = None
+    if config.from_model is not None:
+        from training.from_model import check_from_model, load_trained
+
+        check_from_model(config, names)
+        trained = load_trained(config.from_model, feature_stats)[1]
     features, serving = [], 0
     for name in names:
-        nbytes = methods[name].planned_bytes(sizes[name], collection.dim,
-                                             feature_stats.get(name))
+        nbytes = planned_bytes(methods[name], sizes[name], collection.dim,
+                               feature_stats.get(name), trained, name)
         serving += nbytes.serving
         features.append(FeatureSize(name=name, bytes=nbytes.training,
                                     stateless=methods[name].method not in ADAPTIVE_METHODS))
@@ -148,6 +160,18 @@ def ensure_signatures(root: str | Path, collection: CollectionConfig) -> None:
     methods = [collection.method, *collection.features.values()]
     if any(m.method == "scma" for m in methods):
         sign_dataset_once(root)
+
+
+def planned_bytes(method: MethodConfig, num_embeddings: int, dim: int,
+                  stats: FeatureStats | None, trained: Mapping[str, TrainedFeature] | None,
+                  name: str | None = None, fmt: str = "fp32") -> MethodBytes:
+    """Exact bytes of one feature's method; two-stage methods from their trained feature."""
+    if isinstance(method, TwoStageConfig):
+        from training.from_model import planned_two_stage_bytes
+
+        feature = None if trained is None else trained.get(name) if name else None
+        return planned_two_stage_bytes(method, num_embeddings, dim, feature, fmt)
+    return method.planned_bytes(num_embeddings, dim, stats, fmt)
 
 
 def band_columns(config: TrainConfig, names: list[str], sizes: dict[str, int]) -> list[int]:

@@ -110,6 +110,9 @@ class CompressedEmbedding(nn.Module):
         sparse: tables produce sparse gradients (row-wise optimizers touch only used rows).
         init_scale: tables start U(-s, s); default `ordinary_bound(width)` per table (methods
             that combine several tables choose their own so the output has an ordinary scale).
+        low_rank: the projection is a rank-k map (k = `mlet_dim` < d) followed by a d-wide
+            bias, as low-rank compression (AFM) needs: the serving form keeps both, since
+            folding k×d into the tables would undo the compression.
     """
 
     def __init__(
@@ -121,10 +124,13 @@ class CompressedEmbedding(nn.Module):
         mlet_dim: int | None = None,
         sparse: bool = False,
         init_scale: float | list[float] | None = None,
+        low_rank: bool = False,
     ) -> None:
         super().__init__()
+        if low_rank and (mlet_dim is None or not 0 < mlet_dim < dim):
+            raise ValueError(f"a low-rank projection needs 0 < k < d={dim}, got k={mlet_dim}")
         if mlet_dim is not None:
-            if mlet_dim <= dim:
+            if mlet_dim <= dim and not low_rank:
                 raise ValueError(f"mlet_dim (k={mlet_dim}) must exceed dim (d={dim})")
             if combiner is Combiner.PRODUCT:
                 raise ValueError(
@@ -153,6 +159,19 @@ class CompressedEmbedding(nn.Module):
             # Var(out) = k · Var(row) · Var(P) = Var(P)/3 for U(±1/sqrt(k)) rows, so N(0, 1/d)
             # gives the output the variance of an ordinary d-wide U(±1/sqrt(d)) embedding.
             self.projection = nn.Parameter(torch.randn(mlet_dim, dim) / dim**0.5)
+        self.bias: nn.Parameter | None = nn.Parameter(torch.zeros(dim)) if low_rank else None
+
+    @property
+    def low_rank(self) -> bool:
+        """Whether the projection is rank k < d with a bias, kept apart in the serving form."""
+        return self.bias is not None
+
+    def project(self, out: torch.Tensor) -> torch.Tensor:
+        """The k-wide combined vectors through the projection (and bias), if any."""
+        if self.projection is None:
+            return out
+        out = out @ self.projection
+        return out + self.bias if self.bias is not None else out
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """The method alone (tests, small tools); a collection packs the tables and looks up
@@ -162,8 +181,7 @@ class CompressedEmbedding(nn.Module):
                 "this method's tables live in a collection's table store: look ids up "
                 "through the collection"
             )
-        out = gather(self.tables, self.mapper(ids), self.combiner, self.sparse)
-        return out @ self.projection if self.projection is not None else out
+        return self.project(gather(self.tables, self.mapper(ids), self.combiner, self.sparse))
 
     # -- packing into a collection's table store ------------------------------------------
 
@@ -278,8 +296,9 @@ class CompressedEmbedding(nn.Module):
         )
 
     def serving_widths(self) -> list[int]:
-        """Width of each table after collapse (MLET folds every table to d)."""
-        if self.projection is None:
+        """Width of each table after collapse (MLET folds every table to d; a low-rank
+        projection stays, so its tables keep their k)."""
+        if self.projection is None or self.low_rank:
             return [t.shape[1] for t in self.tables]
         return [self.dim] * len(self.tables)
 
@@ -291,7 +310,9 @@ class CompressedEmbedding(nn.Module):
             table_bytes(t.shape[0], w, fmt)
             for t, w in zip(self.tables, self.serving_widths(), strict=True)
         )
-        return self.mapper.serving_bytes() + tables
+        # A low-rank projection and bias are served as they are, in fp32 whatever `fmt`.
+        kept = tensor_bytes([self.projection, self.bias]) if self.low_rank else 0
+        return self.mapper.serving_bytes() + tables + kept
 
     def frozen_mapper(self) -> Mapper:
         """The mapper as serving will use it (adaptive methods snapshot their state)."""
@@ -308,6 +329,10 @@ class CompressedEmbedding(nn.Module):
         """Serving form: frozen mapper, MLET folded into every table; scores exactly alike."""
         tables = self.serving_tables()
         combiner = self.combiner
+        if self.low_rank:
+            mapper = self.frozen_mapper().to(tables[0].device)
+            return ServingEmbedding(mapper, tables, combiner, self.projection.detach().clone(),
+                                    self.bias.detach().clone())
         if self.projection is not None:
             p = self.projection.detach()
             if combiner is Combiner.CONCAT:
@@ -463,3 +488,32 @@ def with_mlet(base: MethodConfig | dict[str, Any], mlet_dim: int) -> MethodConfi
     if data.get("method") not in METHODS:
         raise ValueError(f"unknown method {data.get('method')!r}; known: {sorted(METHODS)}")
     return METHODS[data["method"]].model_validate(data)
+
+
+@dataclass
+class TrainedFeature:
+    """One feature of an already trained model, for methods built from it (two-stage methods:
+    low-rank, MEC): its collapsed serving embedding (raw ids → [n, d]) and its statistics."""
+
+    serving: ServingEmbedding
+    stats: FeatureStats | None
+
+
+class TwoStageConfig(MethodConfig):
+    """A method built from a trained model's feature (`from_trained`), then fine-tuned.
+
+    The training job passes every feature of the model named by its `from_model` field;
+    `build` alone (no trained model) is refused with a message that says so."""
+
+    def build(
+        self, num_embeddings: int, dim: int, stats: FeatureStats | None = None
+    ) -> CompressedEmbedding:
+        raise ValueError(
+            f"method {self.method!r} is built from a trained model: set the training "
+            "config's from_model to an exported model directory"
+        )
+
+    def from_trained(
+        self, num_embeddings: int, dim: int, trained: TrainedFeature
+    ) -> CompressedEmbedding:
+        raise NotImplementedError

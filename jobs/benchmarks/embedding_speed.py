@@ -33,7 +33,7 @@ from torch import nn
 from data_pipeline.row_signatures import DEFAULT_K, align, minhash_signatures
 from data_pipeline.schema import TERABYTE_CARDINALITIES
 from embeddings.collection import CollectionConfig, EmbeddingCollection, every_method
-from embeddings.methods.base import FeatureStats
+from embeddings.methods.base import METHODS, FeatureStats, TrainedFeature, TwoStageConfig
 from embeddings.optim import RowWiseAdagrad
 from embeddings.tables import TableOptimizer, TableSpec, build_store, fbgemm_available
 from idhash.splitmix import hash64
@@ -145,12 +145,13 @@ def base_of(name: str) -> str | None:
         return name[len("mlet(") : -1]
     if name.startswith("scma"):
         return "hash"
-    return "hash" if name.split()[0] in ("cafe", "learned_hash", "mpe") else None
+    return "hash" if name.split()[0] in ("cafe", "learned_hash", "mpe", "lowrank") else None
 
 
-# Most time allowed relative to the base method (issue 14; SCMA and MPE: ≥ 0.5 of hash's
-# samples/s, issue 18; MPE both while searching widths and once they are fixed).
-GOALS = {"mlet": 1.3, "cafe": 1.3, "scma": 2.0, "mpe": 2.0, "mpe retrain": 2.0}
+# Most time allowed relative to the base method (issue 14; SCMA, MPE and low-rank: ≥ 0.5 of
+# hash's samples/s, issue 18; MPE both while searching widths and once they are fixed).
+GOALS = {"mlet": 1.3, "cafe": 1.3, "scma": 2.0, "mpe": 2.0, "mpe retrain": 2.0,
+         "lowrank": 2.0}
 # SCMA's chunk widths beside its default (c = 1 is the paper's per-element addressing).
 SCMA_CHUNKS = (1, 8)
 # Rows beside every_method's: MPE after its search (its first step ends it).
@@ -163,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dim", type=int, default=16)
     parser.add_argument("--mlet-factor", type=int, default=2, help="MLET's k / d")
     parser.add_argument("--ratio", type=float, default=10.0, help="global compression ratio")
+    parser.add_argument("--two-stage-ratio", type=float, default=4.0,
+                        help="ratio of two-stage methods (low-rank, MEC) against the "
+                        "uncompressed model they are built from")
     parser.add_argument("--scale", type=float, default=0.005, help="cardinality scale")
     parser.add_argument("--steps", type=int, default=15, help="timed steps of each method")
     parser.add_argument("--warmup", type=int, default=3)
@@ -206,7 +210,37 @@ def _contenders(args: argparse.Namespace, cards: list[int], stats: dict[str, Fea
             collection.serving_bytes(),
             collection.training_bytes(),
         )
+    trainers.update(_two_stage_contenders(args, cards, stats, head, device))
     return trainers
+
+
+def _two_stage_contenders(args: argparse.Namespace, cards: list[int],
+                          stats: dict[str, FeatureStats], head: torch.Tensor,
+                          device: torch.device) -> dict[str, Contenders]:
+    """Two-stage methods (low-rank, MEC), built from an uncompressed collection's serving
+    form (its values are untrained: the speed is the same) at `--two-stage-ratio`."""
+    names = [n for n, cls in sorted(METHODS.items()) if issubclass(cls, TwoStageConfig)
+             and (not args.only or n in args.only)]
+    if not names:
+        return {}
+    full = EmbeddingCollection(CollectionConfig(dim=args.dim, cardinalities=cards), stats,
+                               backend="torch")
+    served = full.collapse()
+    trained = {n: TrainedFeature(served.embeddings[n], stats.get(n)) for n in full.names}
+    out: dict[str, Contenders] = {}
+    for name in names:
+        config = CollectionConfig(dim=args.dim, cardinalities=cards,
+                                  ratio=args.two_stage_ratio, method={"method": name})
+        collection = EmbeddingCollection(config, stats, TableOptimizer(lr=0.05),
+                                         backend=args.backend, device=device, trained=trained)
+        bag_rows = [max(1, emb.serving_bytes() // (4 * args.dim))
+                    for emb in collection.embeddings.values()]
+        tbe = BareTBE(bag_rows, args.dim, device) if fbgemm_available() else None
+        out[name] = (Trainer(collection, head, args.batch),
+                     Trainer(BagBaseline(bag_rows, args.dim).to(device), head, args.batch),
+                     Trainer(tbe, head, args.batch) if tbe is not None else None,
+                     collection.serving_bytes(), collection.training_bytes())
+    return out
 
 
 def _print_rows(rows: list[tuple[str, float, float, float, int, int]], batch: int,

@@ -37,16 +37,28 @@ def planned_serving_bytes(spec: RunSpec, config: TrainConfig) -> int:
     training). Counted shard by shard, as the workers build them.
     """
     from data_pipeline.stats import load_feature_stats
+    from embeddings.methods.base import TwoStageConfig
     from embeddings.sharding.planner import shard_of
-    from training.plan import feature_stats_of
+    from training.plan import feature_stats_of, planned_bytes
 
     fmt = ExportQuantize(config.export.quantize).serving_format
     dim = config.model_spec.table_dim  # d, + 1 for a first-order column
     stats = None
     total = 0
+    trained = None
+    if config.from_model is not None:  # two-stage methods count from the trained features
+        from training.from_model import load_trained
+        from training.plan import LazyFeatureStats
+
+        stats = load_feature_stats(config.data.path)
+        trained = load_trained(config.from_model, LazyFeatureStats(stats))[1]
     for feature in spec.plan.features:
         i = spec.names.index(feature.name)
         method = spec.method(feature.name)
+        if isinstance(method, TwoStageConfig):
+            total += planned_bytes(method, spec.cardinalities[i], dim, None, trained,
+                                   feature.name, fmt).serving
+            continue
         feature_stats = None
         # Their mappers hold the vocabulary (SCMA: its signed values and signatures; MPE: its
         # explicit values).
