@@ -105,6 +105,7 @@ class ScmaEmbedding(CompressedEmbedding):
         if mlet_dim is not None:
             # As CompressedEmbedding: N(0, 1/d) keeps the output at an ordinary scale.
             self.projection = nn.Parameter(torch.randn(mlet_dim, dim) / dim**0.5)
+        self.bias: nn.Parameter | None = None  # no low-rank projection (see CompressedEmbedding)
 
     @property
     def slots(self) -> int:
