@@ -408,3 +408,32 @@ def with_mlet(base: MethodConfig | dict[str, Any], mlet_dim: int) -> MethodConfi
     if data.get("method") not in METHODS:
         raise ValueError(f"unknown method {data.get('method')!r}; known: {sorted(METHODS)}")
     return METHODS[data["method"]].model_validate(data)
+
+
+@dataclass
+class TrainedFeature:
+    """One feature of an already trained model, for methods built from it (two-stage methods:
+    low-rank, MEC): its collapsed serving embedding (raw ids → [n, d]) and its statistics."""
+
+    serving: ServingEmbedding
+    stats: FeatureStats | None
+
+
+class TwoStageConfig(MethodConfig):
+    """A method built from a trained model's feature (`from_trained`), then fine-tuned.
+
+    The training job passes every feature of the model named by its `from_model` field;
+    `build` alone (no trained model) is refused with a message that says so."""
+
+    def build(
+        self, num_embeddings: int, dim: int, stats: FeatureStats | None = None
+    ) -> CompressedEmbedding:
+        raise ValueError(
+            f"method {self.method!r} is built from a trained model: set the training "
+            "config's from_model to an exported model directory"
+        )
+
+    def from_trained(
+        self, num_embeddings: int, dim: int, trained: TrainedFeature
+    ) -> CompressedEmbedding:
+        raise NotImplementedError
