@@ -216,7 +216,7 @@ def mec_codebook_size(
         rows_per_code: fewest trained rows per codebook entry.
         ratio: compression ratio to meet, or None.
     """
-    size = 2 ** int(math.floor(math.log2(max(2, min(max_size, rows // rows_per_code)))))
+    size = 2 ** math.floor(math.log2(max(2, min(max_size, rows // rows_per_code))))
     if ratio is None:
         return size
     allowed = uncompressed_bytes(num_embeddings, dim) / ratio

@@ -249,7 +249,8 @@ def fit_mec_codes(
         ]
         recon = torch.cat([decoded[j][codes[:, j]] for j in range(codebooks)], dim=1)
         error = float((recon - x_raw).pow(2).mean())
-    return MECCodes(codes, [t.detach().clone() for t in decoded], code_perplexity(codes, codebook_size), error)
+    tables = [t.detach().clone() for t in decoded]
+    return MECCodes(codes, tables, code_perplexity(codes, codebook_size), error)
 
 
 def _row_counts(mapper: Mapper, stats: FeatureStats | None, rows: int) -> torch.Tensor | None:
@@ -340,7 +341,8 @@ class MECConfig(TwoStageConfig):
                 f"(full, hash, learned_hash); this one has {len(serving.tables)} tables"
             )
         config, tensors = serving.mapper.export()
-        inner = Mapper.build(serving.mapper.kind, config, {k: v.clone() for k, v in tensors.items()})
+        tensors = {k: v.clone() for k, v in tensors.items()}
+        inner = Mapper.build(serving.mapper.kind, config, tensors)
         table = serving.tables[0].dequantize().detach().cpu()
         rows = table.shape[0]
         if self.ratio is None:
@@ -354,8 +356,14 @@ class MECConfig(TwoStageConfig):
             return emb
         served = dim if self.mlet_dim is not None else dim // self.codebooks
         size = budget.mec_codebook_size(
-            num_embeddings, rows, dim, self.codebooks, served,
-            self.codebook_size, self.rows_per_code, self.ratio,
+            num_embeddings,
+            rows,
+            dim,
+            self.codebooks,
+            served,
+            self.codebook_size,
+            self.rows_per_code,
+            self.ratio,
         )
         fit = fit_mec_codes(
             table,
