@@ -28,14 +28,7 @@ from embeddings.serving_io import embedding_from_state, embedding_state
 DIM = 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The VQ-VAE's steps are small: on a shared 2-core machine, two threads spin-wait on each
-    # other and run them tens of times slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _stream(n_values: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
