@@ -154,3 +154,15 @@ def test_mec_under_mlet_starts_at_the_same_vectors() -> None:
         # Same codes and tables when the codebook size agrees; else both approximate the rows.
         if plain.tables[0].shape[0] == wide.tables[0].shape[0]:
             assert (wide(ids) - plain(ids)).abs().max() <= 1e-5
+
+
+def test_the_search_space_takes_mec_and_its_fields() -> None:
+    from training.search.space import SearchSpace
+
+    space = SearchSpace(
+        methods={"mec": {"codebook_size": [256, 4096], "perplexity_weight": [0.0, 1.0]}},
+        mlet=[0, 2],
+    )
+    assert set(space.methods) == {"mec"}
+    with pytest.raises(ValueError, match="divisible"):
+        SearchSpace(methods={"mec": {"codebooks": [3]}}, embedding_dim=16)

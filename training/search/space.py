@@ -115,7 +115,9 @@ class SearchSpace(FrozenSection):
             full) → the method's own fields to search, e.g. `cafe: {hash_share: {low: 0.2,
             high: 0.8}, threshold: [50, 500]}`, `qr: {operation: [sum, concat]}`; `{}`
             searches the method with its defaults. Size fields are not searched per method:
-            `ratio` sizes every method.
+            `ratio` sizes every method. Two-stage methods (mec: `{codebook_size: [256,
+            4096], perplexity_weight: [0, 1]}`) are built from the trained model the search
+            names, so they are not in the default.
         mlet: MLET's k/d to try, each 2..16; 0 trains without MLET. A trial whose method
             combines tables non-linearly (QR by product) never gets MLET.
         ratio: compression ratio of every feature (features with at most 2000 / ratio
