@@ -30,6 +30,7 @@ from embeddings.methods.base import (
     CompressedEmbedding,
     FeatureStats,
     MethodConfig,
+    TwoStageConfig,
 )
 from embeddings.methods.cafe_shared import join_shared
 from embeddings.methods.full import FullConfig
@@ -66,7 +67,9 @@ def every_method(mlet_dim: int) -> dict[str, dict[str, Any]]:
         "mlet(qr sum)": {"method": "qr", "operation": "sum", "mlet_dim": mlet_dim},
         "mlet(qr concat)": {"method": "qr", "operation": "concat", "mlet_dim": mlet_dim},
     }
-    for name in sorted(set(METHODS) - {"full", "hash", "qr"}):
+    # Two-stage methods (low-rank, MEC) need a trained model, which a config alone lacks.
+    for name in sorted(n for n in set(METHODS) - {"full", "hash", "qr"}
+                       if not issubclass(METHODS[n], TwoStageConfig)):
         out[name] = {"method": name}
         out[f"mlet({name})"] = {"method": name, "mlet_dim": mlet_dim}
     out["cafe shared"] = {"method": "cafe", "hot_table": "shared"}

@@ -30,10 +30,10 @@ What differs from the reference code (`pretrain_embedding/vqvae_with_freq_and_co
   near-ties).
 - Fields with fewer than `min_values` trained rows (the reference's cut-down, 100,000) keep
   their trained table, copied and trainable, as the reference keeps their plain embedding.
-  Under a compression ratio the byte budget decides instead, as for every method: a trained
-  table that fits it is kept, any other is coded with the largest codebooks that fit it
-  (never more than one entry per `rows_per_code` trained rows), and a ratio that 2-entry
-  codebooks cannot reach is refused with the largest ratio MEC reaches.
+  Under a compression ratio (measured, as for every two-stage method, against the trained
+  table's fp32 bytes) every field is coded with the largest codebooks that fit it (never
+  more than one entry per `rows_per_code` trained rows), and a ratio that 2-entry codebooks
+  cannot reach is refused with the largest ratio MEC reaches.
 
 The trained feature must be served from one d-wide table (full, hashing, learned hashing,
 any of them under MLET): its mapper (raw id → row) and then the row's codes are MEC's mapper
@@ -288,9 +288,9 @@ class MECConfig(TwoStageConfig):
     trainable code tables (concatenated), built from a trained model (`from_trained`).
 
     Args:
-        ratio: compression ratio of codes + code tables against an n×d fp32 table (the
-            trained mapper's arrays are counted in the bytes, not the ratio, as for every
-            method); None = the paper's sizes (`codebook_size`, `min_values`).
+        ratio: compression ratio of codes + code tables against the trained table's fp32
+            bytes (the trained mapper's arrays are counted in the bytes, not the ratio, as
+            for every method); None = the paper's sizes (`codebook_size`, `min_values`).
         codebooks: M, codes per row (the paper: 4).
         codebook_size: most entries of a codebook (the paper: 4,096, 12-bit codes).
         min_values: without a ratio, trained tables with fewer rows are kept (the paper's
@@ -345,18 +345,13 @@ class MECConfig(TwoStageConfig):
         inner = Mapper.build(serving.mapper.kind, config, tensors)
         table = serving.tables[0].dequantize().detach().cpu()
         rows = table.shape[0]
-        if self.ratio is None:
-            keep = rows < self.min_values
-        else:
-            allowed = budget.uncompressed_bytes(num_embeddings, dim) / self.ratio
-            keep = budget.table_bytes(rows, dim) <= allowed
-        if keep:
+        if rows < 2 or (self.ratio is None and rows < self.min_values):
             emb = CompressedEmbedding(inner, [rows], Combiner.SUM, dim, self.mlet_dim, self.sparse)
             _seed_tables(emb, [table])
             return emb
         served = dim if self.mlet_dim is not None else dim // self.codebooks
         size = budget.mec_codebook_size(
-            num_embeddings,
+            rows,
             rows,
             dim,
             self.codebooks,

@@ -123,7 +123,7 @@ def test_a_ratio_sizes_the_codebooks_and_an_unreachable_one_is_refused_with_the_
     trained = _trained(HashConfig(ratio=1), 4000, stats)
     emb = MECConfig(ratio=8, steps=5).from_trained(4000, DIM, trained)
     served = emb.serving_bytes() - emb.mapper.inner.serving_bytes()
-    assert served <= budget.uncompressed_bytes(4000, DIM) / 8
+    assert served <= budget.table_bytes(trained.serving.tables[0].rows, DIM) / 8
     with pytest.raises(ValueError, match="largest ratio is"):
         MECConfig(ratio=100, steps=5).from_trained(4000, DIM, trained)
 
