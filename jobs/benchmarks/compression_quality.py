@@ -60,6 +60,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "cafe_shared": {"method": "cafe", "hot_table": "shared"},
 }
 RATIOS = (10.0, 100.0, 1000.0)
+# Two-stage methods: built from the uncompressed cell's model, then fine-tuned with the same
+# schedule; their ratio is against the trained tables. MEC's 4 × 12-bit codes cap it near
+# 4d·4/6 (≈ 10.7× at d = 16); beyond, smaller codebooks, and it refuses with its largest.
+TWO_STAGE: dict[str, dict[str, Any]] = {"mec": {"method": "mec"}}
 ALLOCATIONS = ("fill", "uniform", "sqrt", "frequency")
 # MLET where its papers claim it: full tables at small d, with and without MLET (k = 4d, 16d).
 MLET_DIMS = (4, 8, 16)
