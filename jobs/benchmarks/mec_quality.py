@@ -3,7 +3,8 @@
 Single process, no Ray, on the generator's synthetic Criteo (as tests/embeddings/
 test_quality.py): an uncompressed DLRM trains for `--steps` steps; MEC is built from it at
 `--ratio` (against the trained tables; features MEC cannot bring to the ratio, the small ones,
-keep their trained table) and fine-tuned for `--steps` more with the trained dense layers;
+keep their trained table) and fine-tuned for `--steps` more on the next rows, with the trained
+dense layers;
 the hashing trick trains from scratch for 2 × `--steps` (the samples both stages of MEC saw)
 at a byte budget equal to MEC's realised serving bytes. Prints validation AUC and bytes.
 Run: `python jobs/benchmarks/mec_quality.py --out /tmp/mec_quality [--rows 1200000]`.
@@ -42,11 +43,16 @@ def _batches(data: Path, batch: int) -> Any:
         yield from iter_local_batches(data, "train", batch, drop_last=True)
 
 
-def _train(data: Path, collection: nn.Module, dense: nn.Module, steps: int, batch: int) -> None:
+def _train(data: Path, collection: nn.Module, dense: nn.Module, steps: int, batch: int,
+           skip: int = 0) -> None:
+    """`steps` steps on the train split's batches from batch `skip` on (stage 2 goes on with
+    the rows stage 1 has not seen: a CTR model trained twice on a row overfits)."""
     opt = torch.optim.Adam([*dense.parameters(), *collection.dense_parameters()], lr=1e-3)
     loss_fn = nn.BCEWithLogitsLoss()
     for step, b in enumerate(_batches(data, batch)):
-        if step == steps:
+        if step < skip:
+            continue
+        if step == skip + steps:
             break
         loss = loss_fn(dense(b["dense"], collection(b["sparse"])), b["label"])
         train_step(loss, None, opt, collection)
@@ -69,7 +75,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--ratio", type=float, default=10.0, help="MEC's ratio")
     parser.add_argument("--mec-steps", type=int, default=100, help="stage 1's VQ-VAE steps")
+    parser.add_argument("--lr", type=float, default=0.1, help="row-wise Adagrad's lr")
+    parser.add_argument("--mec-lr", type=float, default=0.01,
+                        help="fine-tuning lr of MEC's code tables (each row is shared by "
+                             "~rows/K ids, so it takes far larger steps than a plain row)")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--keep-all", action="store_true",
+                        help="control: every feature keeps its trained table (stage 2 is then "
+                             "the uncompressed model trained on)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -88,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     torch.manual_seed(0)
     full = EmbeddingCollection(CollectionConfig(dim=dim, cardinalities=cards, names=names),
-                               feature_stats, optimizer=TableOptimizer(lr=0.1))
+                               feature_stats, optimizer=TableOptimizer(lr=args.lr))
     dense = model_config.build()
     _train(data, full, dense, args.steps, args.batch)
     rows.append(("uncompressed", _auc(data, full, dense), full.serving_bytes(),
@@ -99,14 +112,16 @@ def main(argv: list[str] | None = None) -> None:
     for name, n in zip(names, cards, strict=True):
         trained = TrainedFeature(full.method(name).collapse(), feature_stats[name])
         try:
+            if args.keep_all:
+                raise ValueError("control")
             methods[name] = MECConfig(ratio=args.ratio, steps=args.mec_steps).from_trained(
                 n, dim, trained)
         except ValueError:  # too small for MEC at this ratio: the trained table stays
             methods[name] = MECConfig(min_values=2**62).from_trained(n, dim, trained)
-    mec = EmbeddingCollection.from_methods(methods, dim, TableOptimizer(lr=0.1))
+    mec = EmbeddingCollection.from_methods(methods, dim, TableOptimizer(lr=args.mec_lr))
     mec_dense = copy.deepcopy(dense)
     start_auc = _auc(data, mec, mec_dense)
-    _train(data, mec, mec_dense, args.steps, args.batch)
+    _train(data, mec, mec_dense, args.steps, args.batch, skip=args.steps)
     rows.append((f"mec@{args.ratio:g}x (start {start_auc:.4f})", _auc(data, mec, mec_dense),
                  mec.serving_bytes(), time.perf_counter() - t0))
 
@@ -115,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     hashed = EmbeddingCollection(
         CollectionConfig(dim=dim, cardinalities=cards, names=names,
                          budget_bytes=mec.serving_bytes(), method={"method": "hash"}),
-        feature_stats, optimizer=TableOptimizer(lr=0.1))
+        feature_stats, optimizer=TableOptimizer(lr=args.lr))
     hash_dense = model_config.build()
     _train(data, hashed, hash_dense, 2 * args.steps, args.batch)
     rows.append(("hash at MEC's bytes", _auc(data, hashed, hash_dense), hashed.serving_bytes(),
