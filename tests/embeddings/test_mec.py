@@ -166,3 +166,35 @@ def test_the_search_space_takes_mec_and_its_fields() -> None:
     assert set(space.methods) == {"mec"}
     with pytest.raises(ValueError, match="divisible"):
         SearchSpace(methods={"mec": {"codebooks": [3]}}, embedding_dim=16)
+
+
+def test_a_served_model_with_mec_features_loads_and_scores_like_training(tmp_path) -> None:
+    from embeddings.collection import EmbeddingCollection
+    from embeddings.models import model_preset
+    from embeddings.serving import ServingModel, export_model, load_model
+
+    spec = model_preset("dlrm-small")
+    dim = spec.embedding_dim
+    cards = [3000, 3000, 5]
+    methods = {}
+    for j, n in enumerate(cards):
+        _, stream = _stream(n, 20_000, seed=j)
+        stats = FeatureStats.from_ids(stream)
+        trained = TrainedFeature(FullConfig().build(n, dim, stats).collapse(), stats)
+        mlet = {"mlet_dim": 2 * dim} if j == 1 else {}  # under MLET: summed d-wide tables
+        config = MECConfig(ratio=4, steps=5, **mlet) if n > 100 else MECConfig()
+        methods[f"C{j + 1}"] = config.from_trained(n, dim, trained)
+    collection = EmbeddingCollection.from_methods(methods, dim)
+    torch.manual_seed(0)
+    spec = spec.model_copy(update={"num_sparse": len(cards)})
+    dense = spec.build()
+    served = collection.collapse()
+    model = ServingModel(spec, dense, served.names, list(served.embeddings.values()))
+    export_model(model, tmp_path / "m")
+    loaded, _ = load_model(tmp_path / "m")
+    sparse = torch.stack([_stream(n, 300, seed=9)[1] for n in cards], 1)
+    x = torch.randn(300, 13)
+    with torch.no_grad():
+        assert (loaded(x, sparse) - model(x, sparse)).abs().max() <= 1e-5
+        trained_vectors = collection(sparse)
+        assert (served(sparse) - trained_vectors).abs().max() <= 1e-5
