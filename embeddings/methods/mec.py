@@ -31,9 +31,10 @@ What differs from the reference code (`pretrain_embedding/vqvae_with_freq_and_co
 - Fields with fewer than `min_values` trained rows (the reference's cut-down, 100,000) keep
   their trained table, copied and trainable, as the reference keeps their plain embedding.
   Under a compression ratio (measured, as for every two-stage method, against the trained
-  table's fp32 bytes) every field is coded with the largest codebooks that fit it (never
-  more than one entry per `rows_per_code` trained rows), and a ratio that 2-entry codebooks
-  cannot reach is refused with the largest ratio MEC reaches.
+  table's fp32 bytes) the collection's rule for every method decides instead: tables of at
+  most 2000 / ratio rows are kept, every other is coded with the largest codebooks that fit
+  the ratio (never more than one entry per `rows_per_code` trained rows), and a ratio that
+  2-entry codebooks cannot reach is refused with the largest ratio MEC reaches.
 
 The trained feature must be served from one d-wide table (full, hashing, learned hashing,
 any of them under MLET): its mapper (raw id → row) and then the row's codes are MEC's mapper
@@ -345,7 +346,12 @@ class MECConfig(TwoStageConfig):
         inner = Mapper.build(serving.mapper.kind, config, tensors)
         table = serving.tables[0].dequantize().detach().cpu()
         rows = table.shape[0]
-        if rows < 2 or (self.ratio is None and rows < self.min_values):
+        small = (
+            rows < self.min_values
+            if self.ratio is None
+            else budget.stays_uncompressed(rows, self.ratio)
+        )
+        if rows < 2 or small:
             emb = CompressedEmbedding(inner, [rows], Combiner.SUM, dim, self.mlet_dim, self.sparse)
             _seed_tables(emb, [table])
             return emb

@@ -198,3 +198,12 @@ def test_a_served_model_with_mec_features_loads_and_scores_like_training(tmp_pat
         assert (loaded(x, sparse) - model(x, sparse)).abs().max() <= 1e-5
         trained_vectors = collection(sparse)
         assert (served(sparse) - trained_vectors).abs().max() <= 1e-5
+
+
+def test_under_a_ratio_tiny_tables_stay_as_under_every_method() -> None:
+    _, stream = _stream(150, 5_000)
+    stats = FeatureStats.from_ids(stream)
+    trained = _trained(HashConfig(ratio=1), 150, stats)
+    kept = MECConfig(ratio=10).from_trained(150, DIM, trained)  # 150 ≤ 2000 / 10
+    assert not isinstance(kept.mapper, CodeMapper)
+    assert torch.equal(kept.tables[0].detach(), trained.serving.tables[0].dequantize())
