@@ -460,3 +460,72 @@ class ScmaMapper(Mapper):
     def export(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         config = {"rows": self.rows, "slots": self.slots, "seed": self.seed}
         return config, {"values": self.values, "signatures": self.signatures}
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 [n, ceil(T·bits/8)]: T codes of `bits` bits each per row, little-endian, packed
+    without padding between codes (MEC's 4 × 12-bit codes are 6 bytes a row)."""
+    n, count = codes.shape
+    if count * bits > 63:
+        raise ValueError(f"{count} codes of {bits} bits do not fit one 63-bit word")
+    word = torch.zeros(n, dtype=torch.int64, device=codes.device)
+    for j in range(count):
+        word |= codes[:, j].to(torch.int64) << (j * bits)
+    nbytes = (count * bits + 7) // 8
+    return torch.stack([(word >> (8 * b)) & 0xFF for b in range(nbytes)], 1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, count: int, bits: int) -> torch.Tensor:
+    """int64 [n, count]: the inverse of `pack_codes`."""
+    word = torch.zeros(packed.shape[0], dtype=torch.int64, device=packed.device)
+    for b in range(packed.shape[1]):
+        word |= packed[:, b].to(torch.int64) << (8 * b)
+    shifts = torch.arange(count, device=packed.device, dtype=torch.int64) * bits
+    return (word[:, None] >> shifts) & ((1 << bits) - 1)
+
+
+class CodeMapper(Mapper):
+    """A trained feature's frozen mapper (raw id → row of its table), then that row's frozen
+    product-quantisation codes: one row in each of `count` code tables (MEC).
+
+    Args:
+        inner: the trained feature's mapper (exported and rebuilt with this one).
+        codes: uint8 [rows, ceil(count·bits/8)], `pack_codes` of each trained row's codes.
+        count: codes per row (codebooks).
+        bits: bits of each code.
+    """
+
+    kind = "codes"
+
+    def __init__(self, inner: Mapper, codes: torch.Tensor, count: int, bits: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.count = count
+        self.bits = bits
+        self.register_buffer("codes", codes.to(torch.uint8))
+
+    def forward(self, ids: torch.Tensor) -> Lookup:
+        rows = self.inner(ids).rows[:, 0]
+        return Lookup(unpack_codes(self.codes.index_select(0, rows), self.count, self.bits))
+
+    def export(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        inner_config, inner_tensors = self.inner.export()
+        config = {
+            "count": self.count,
+            "bits": self.bits,
+            "inner": {"kind": self.inner.kind, "config": inner_config},
+        }
+        tensors = {"codes": self.codes, **{f"inner.{k}": v for k, v in inner_tensors.items()}}
+        return config, tensors
+
+    @classmethod
+    def from_export(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Mapper:
+        inner = config["inner"]
+        prefix = "inner."
+        inner_tensors = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        return cls(
+            Mapper.build(inner["kind"], inner["config"], inner_tensors),
+            tensors["codes"],
+            config["count"],
+            config["bits"],
+        )

@@ -118,6 +118,9 @@ class SearchSpace(FrozenSection):
             fields to search, e.g. `cafe: {hash_share: {low: 0.2, high: 0.8}, threshold: [50,
             500]}`, `qr: {operation: [sum, concat]}`; `{}` searches the method with its
             defaults. Size fields are not searched per method: `ratio` sizes every method.
+            Two-stage methods (lowrank, mec: `{codebook_size: [256, 4096],
+            perplexity_weight: [0, 1]}`) are built from the trained model the search names,
+            so they are not in the default.
         mlet: MLET's k/d to try, each 2..16; 0 trains without MLET. A trial whose method
             refuses MLET (QR by product combines tables non-linearly; MPE's codes would
             not survive the fold) never gets MLET.
