@@ -127,6 +127,22 @@ def cafe_rows(
     return max(0, hot), max(1, math.ceil(per * hash_share - 1e-9))
 
 
+def scma_sizes(
+    num_embeddings: int, dim: int, ratio: float, chunk: int, entry_bytes: int,
+    candidates: int, sketch_share: float,
+) -> tuple[int, int]:
+    """SCMA's (rows of its chunk-wide shared array, values that keep signatures) at `ratio`.
+
+    The budget is n·d·4 / ratio bytes: the signature sketch (`entry_bytes` per signed value)
+    takes at most `sketch_share` of it, for at most `candidates` values; the shared array
+    gets the rest, rounded to whole `chunk`-wide rows (at least one).
+    """
+    total = uncompressed_bytes(num_embeddings, dim) / ratio
+    signed = min(candidates, int(total * sketch_share / entry_bytes)) if entry_bytes else 0
+    rows = round((total - signed * entry_bytes) / row_bytes(chunk))
+    return max(1, rows), max(0, signed)
+
+
 def ratio_for_budget(
     bytes_at: Callable[[float], int],
     budget_bytes: int,
@@ -177,3 +193,56 @@ def format_bytes(n: float, spec: str = ".2f") -> str:
             return f"{value:.0f} B" if unit == "B" else f"{value:{spec}} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+def code_bits(codebook_size: int) -> int:
+    """Bits of one product-quantisation code into a `codebook_size`-entry codebook."""
+    return max(1, math.ceil(math.log2(codebook_size)))
+
+
+def mec_bytes(rows: int, codebooks: int, codebook_size: int, table_width: int) -> int:
+    """MEC's fp32 serving bytes: packed codes (`codebooks` codes a row, no padding between
+    them) plus the code tables, `table_width` wide each as served."""
+    per_row = math.ceil(codebooks * code_bits(codebook_size) / 8)
+    return rows * per_row + codebooks * table_bytes(codebook_size, table_width)
+
+
+def mec_codebook_size(
+    num_embeddings: int,
+    rows: int,
+    dim: int,
+    codebooks: int,
+    table_width: int,
+    max_size: int,
+    rows_per_code: int,
+    ratio: float | None = None,
+) -> int:
+    """Entries of each MEC codebook: the largest power of two ≤ `max_size` and ≤ rows /
+    `rows_per_code` (the paper's 4,096 codes serve ≥ 100,000 values: ~25 rows a code) whose
+    codes and tables fit an n×d table's bytes ÷ `ratio`. A ratio no codebook reaches is
+    refused with the largest ratio MEC reaches there.
+
+    Args:
+        num_embeddings: the feature's values n (the ratio is measured against n×d).
+        rows: rows of the trained table whose rows get codes.
+        dim: the feature's width d.
+        codebooks: codes per row.
+        table_width: served width of each code table.
+        max_size: most entries a codebook may have.
+        rows_per_code: fewest trained rows per codebook entry.
+        ratio: compression ratio to meet, or None.
+    """
+    size = 2 ** math.floor(math.log2(max(2, min(max_size, rows // rows_per_code))))
+    if ratio is None:
+        return size
+    allowed = uncompressed_bytes(num_embeddings, dim) / ratio
+    while size > 2 and mec_bytes(rows, codebooks, size, table_width) > allowed:
+        size //= 2
+    smallest = mec_bytes(rows, codebooks, size, table_width)
+    if smallest > allowed:
+        best = uncompressed_bytes(num_embeddings, dim) / smallest
+        raise ValueError(
+            f"mec cannot reach ratio {ratio:g} for n={num_embeddings}, d={dim} "
+            f"({rows} coded rows, {codebooks} codebooks): its largest ratio is {best:.3g}"
+        )
+    return size

@@ -30,6 +30,8 @@ from embeddings.methods.base import (
     CompressedEmbedding,
     FeatureStats,
     MethodConfig,
+    TrainedFeature,
+    TwoStageConfig,
 )
 from embeddings.methods.cafe_shared import join_shared
 from embeddings.methods.full import FullConfig
@@ -66,9 +68,12 @@ def every_method(mlet_dim: int) -> dict[str, dict[str, Any]]:
         "mlet(qr sum)": {"method": "qr", "operation": "sum", "mlet_dim": mlet_dim},
         "mlet(qr concat)": {"method": "qr", "operation": "concat", "mlet_dim": mlet_dim},
     }
-    for name in sorted(set(METHODS) - {"full", "hash", "qr"}):
+    # Two-stage methods (low-rank, MEC) need a trained model, which a config alone lacks.
+    for name in sorted(n for n in set(METHODS) - {"full", "hash", "qr"}
+                       if not issubclass(METHODS[n], TwoStageConfig)):
         out[name] = {"method": name}
-        out[f"mlet({name})"] = {"method": name, "mlet_dim": mlet_dim}
+        if METHODS[name].model_validate({"method": name}).accepts_mlet():
+            out[f"mlet({name})"] = {"method": name, "mlet_dim": mlet_dim}
     out["cafe shared"] = {"method": "cafe", "hot_table": "shared"}
     out["mlet(cafe shared)"] = {"method": "cafe", "hot_table": "shared", "mlet_dim": mlet_dim}
     return out
@@ -187,7 +192,7 @@ class CollectionConfig(BaseModel):
         feature sizes itself). Solved on exact planned bytes, `stats` included because
         vocabularies and id maps count."""
         target = self.target_bytes()
-        if target is None:
+        if target is None or self.two_stage():
             return None
         methods = {n: self.features.get(n, self.method) for n in self.feature_names}
         what = "budget_bytes" if self.budget_bytes is not None else "ratio"
@@ -200,9 +205,31 @@ class CollectionConfig(BaseModel):
         """Each feature's final method config, and the requested ratio: `ratio`, or the
         uncompressed bytes over `budget_bytes` (None when each feature sizes itself)."""
         allocated = self.allocate(stats)
+        if allocated is None and self.two_stage() and self.target_bytes() is not None:
+            if self.ratio is None:
+                raise ValueError("budget_bytes: a two-stage method (built from a trained "
+                                 "model) is sized by a ratio against the trained tables")
+            # Against the trained model's tables, feature by feature: the trained model
+            # already spent its budget over the features, a two-stage method shrinks each.
+            return {n: self.features.get(n, self.method).at_ratio(self.ratio)
+                    for n in self.feature_names}, self.ratio
         if allocated is None:
             return {n: self.features.get(n, self.method) for n in self.feature_names}, None
         return allocated.configs, self.ratio or self.uncompressed_bytes() / allocated.budget_bytes
+
+    def two_stage(self) -> bool:
+        """Whether any feature's method is built from a trained model (low-rank, MEC)."""
+        methods = [self.method, *self.features.values()]
+        return any(isinstance(m, TwoStageConfig) for m in methods)
+
+
+def build_method(config: MethodConfig, num_embeddings: int, dim: int,
+                 stats: FeatureStats | None, trained: TrainedFeature | None
+                 ) -> CompressedEmbedding:
+    """One feature's method: a two-stage method from its trained feature, others by `build`."""
+    if isinstance(config, TwoStageConfig) and trained is not None:
+        return config.from_trained(num_embeddings, dim, trained)
+    return config.build(num_embeddings, dim, stats)
 
 
 def _sizes(data: dict[str, Any]) -> dict[str, int] | None:
@@ -249,6 +276,8 @@ class EmbeddingCollection(nn.Module):
             "torch".
         device: where the tables live (a TBE is built for its device: move the collection
             by building it there).
+        trained: each feature of a trained model by name, for two-stage methods (low-rank,
+            MEC), which are built from it (`TwoStageConfig.from_trained`).
     """
 
     def __init__(
@@ -258,14 +287,15 @@ class EmbeddingCollection(nn.Module):
         optimizer: TableOptimizer | None = None,
         backend: Backend = "auto",
         device: torch.device | str | None = None,
+        trained: Mapping[str, TrainedFeature] | None = None,
     ) -> None:
         super().__init__()
         method_configs, ratio = config.resolve(stats)
         sizes = config.sizes()
         methods = {
-            name: method_configs[name].build(
-                sizes[name], config.dim, stats.get(name) if stats else None
-            )
+            name: build_method(method_configs[name], sizes[name], config.dim,
+                               stats.get(name) if stats else None,
+                               trained.get(name) if trained else None)
             for name in config.feature_names
         }
         self._setup(methods, config.dim, optimizer, backend, device)
@@ -313,7 +343,9 @@ class EmbeddingCollection(nn.Module):
         order = sorted(range(len(self.names)), key=lambda j: (methods[self.names[j]].mlet_dim or 0))
         self._order = order
         specs, slot_table, first_cols, second_cols = self._store_layout()
-        self.store = build_store(specs, optimizer, backend, device)
+        identity = self._table_of == list(range(len(specs)))
+        self.store = build_store(specs, optimizer, backend, device,
+                                 None if identity else self._table_of)
         initial = []
         for j in order:
             initial += methods[self.names[j]].packed_initial()
@@ -323,7 +355,7 @@ class EmbeddingCollection(nn.Module):
         # slot_table[s]; store table t's bags are its slots, per sample.
         self._lookup = LookupLayout([self.names[j] for j in order],
                                     [methods[self.names[j]] for j in order], order,
-                                    slot_table, len(specs))
+                                    slot_table, len(self._table_of))
         self._product = any(c >= 0 for c in second_cols)
         self._first_cols = torch.tensor(first_cols, dtype=torch.int64, device=device)
         # Features without a second factor read the column of ones forward appends.
@@ -344,9 +376,12 @@ class EmbeddingCollection(nn.Module):
     def _store_layout(self) -> tuple[list[TableSpec], list[int], list[int], list[int]]:
         """(store tables, the store table each lookup slot reads, each feature's first and
         second factor columns of the store output (-1: no second factor)), in store order;
-        sets each feature's store tables."""
+        sets each feature's store tables and `_table_of`, the store table each bag column
+        (virtual table) reads: slot_table names virtual tables, which are the store tables
+        themselves except where a method reads one table in several bags (SCMA)."""
         specs: list[TableSpec] = []
         self._store_tables: dict[str, list[int]] = {}
+        self._table_of: list[int] = []
         slot_table: list[int] = []
         first_cols: list[int] = []
         second_cols: list[int] = []
@@ -359,8 +394,16 @@ class EmbeddingCollection(nn.Module):
                 tables.append(len(specs))
                 specs.append(TableSpec(rows, width))
             self._store_tables[name] = tables
-            slot_table += [tables[0]] * emb.packed_slots() if emb.combiner is Combiner.SUM \
-                else tables
+            bags = emb.packed_bags()
+            if bags is None:
+                first = len(self._table_of)
+                self._table_of += tables
+                virtual = list(range(first, first + len(tables)))
+                slot_table += [virtual[0]] * emb.packed_slots() \
+                    if emb.combiner is Combiner.SUM else virtual
+            else:  # one slot per bag, each bag a virtual table over one of its store tables
+                slot_table += range(len(self._table_of), len(self._table_of) + len(bags))
+                self._table_of += [tables[b] for b in bags]
             w = self._width(name)
             first_cols += range(col, col + w)
             second_cols += range(col + w, col + 2 * w) if emb.combiner is Combiner.PRODUCT \
@@ -394,6 +437,28 @@ class EmbeddingCollection(nn.Module):
                         for n in group.members]).to(device))
             for group in self.cafe_groups
         ]
+        # Features whose vectors pass a per-id transform after the lookup (MPE), by class:
+        # their pre-projection columns (None: every column, in order, so no gather).
+        by_class: dict[type, list[str]] = {}
+        for j in order:
+            emb = self.embeddings[self.names[j]]
+            if emb.has_post_lookup:
+                by_class.setdefault(type(emb), []).append(self.names[j])
+        total = sum(self._width(n) for n in self.names)
+        self._post_lookup: list[tuple[type, list[str | None], torch.Tensor | None]] = []
+        if len(by_class) == 1 and total == self._dim * len(self.names):
+            # Every feature d wide: the class sees the whole [n, F, d] block, None for the
+            # features of other methods (passed unchanged), and nothing is gathered.
+            ((cls, members),) = by_class.items()
+            slots = [self.names[j] if self.names[j] in members else None for j in order]
+            self._post_lookup.append((cls, slots, None))
+            by_class = {}
+        for cls, members in by_class.items():
+            cols = torch.cat([torch.arange(start_of[n], start_of[n] + self._width(n))
+                              for n in members])
+            whole = len(members) == len(self.names) and bool(
+                (cols == torch.arange(total)).all())
+            self._post_lookup.append((cls, members, None if whole else cols.to(device)))
         # Features that rank ids by gradient norms (CAFE): their pre-projection columns.
         self._norm_features = [
             (self.names[j], start_of[self.names[j]], self._width(self.names[j]))
@@ -443,6 +508,14 @@ class EmbeddingCollection(nn.Module):
             pre = out
         for group, (columns, cols) in zip(self.cafe_groups, self._hot_layout, strict=True):
             pre = self._add_shared_hot(pre, valid, group, columns, cols)
+        for cls, members, cols in self._post_lookup:
+            methods = [self.embeddings[name] if name else None for name in members]
+            if cols is None:
+                pre = cls.post_lookup_batch(methods, pre.view(n, len(members), -1)).reshape(n, -1)
+            else:
+                x = pre.index_select(1, cols).view(n, len(members), -1)
+                y = cls.post_lookup_batch(methods, x).reshape(n, -1)
+                pre = pre.index_copy(1, cols, y)
         if self._norm_features and self.training and pre.requires_grad:
             pre.register_hook(self._norm_hook(keys))
         # split, not slicing: the backward of a slice fills a zero tensor of the whole width.
@@ -457,6 +530,12 @@ class EmbeddingCollection(nn.Module):
                     for j in self._order[start : start + count]
                 ])
                 x = torch.bmm(x.transpose(0, 1), projections).transpose(0, 1)
+                members = [self.embeddings[self.names[j]]
+                           for j in self._order[start : start + count]]
+                if any(m.bias is not None for m in members):
+                    # Low-rank (k < d) projections end in a bias; a group holds one k, and
+                    # every k < d is low-rank, so the group's members all have one.
+                    x = x + torch.stack([m.bias for m in members])[None]
             blocks.append(x)
         out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
         if self._inverse is None:
@@ -500,6 +579,16 @@ class EmbeddingCollection(nn.Module):
             emb.after_step(optimizer)
         for group in self.cafe_groups:
             group.after_step()
+
+    def schedule(self, total_steps: int) -> None:
+        """Tell every method the run's optimizer steps (`CompressedEmbedding.schedule`)."""
+        for emb in self.embeddings.values():
+            emb.schedule(total_steps)
+
+    def regularization(self) -> torch.Tensor | None:
+        """The sum of the methods' loss terms (MPE's bit-width penalty); None if none has one."""
+        terms = [t for emb in self.embeddings.values() if (t := emb.regularization()) is not None]
+        return torch.stack(terms).sum() if terms else None
 
     def dense_parameters(self) -> list[nn.Parameter]:
         """Everything else that trains (MLET projections): for the dense optimizer."""

@@ -376,3 +376,156 @@ class FrozenCafeMapper(Mapper):
 
     def export(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         return self.geometry(), {"ids": self.frozen_ids, "rows": self.frozen_rows}
+
+
+# Seeds of SCMA's slot hashes: slot s of a signed value hashes its signature with seed
+# base + s, of any other value its id with base + _ID_SEEDS + s, so the two never correlate.
+_SLOT_SEEDS = 1 << 12
+_ID_SEEDS = 1 << 11
+
+
+class ScmaMapper(Mapper):
+    """SCMA's addressing (`embeddings.methods.scma`): id → S slots of one shared array.
+
+    Slot s (chunk s of the vector, `chunk` floats wide) of a value with stored minhash
+    signatures reads row hash(signature[s mod K], s) mod rows of the shared array; a value
+    without signatures reads row hash(id, s) mod rows (ROBE-style hashing). Values with equal
+    signatures therefore read equal rows in every slot, and two values share slot s with
+    the probability that their row sets' minhashes agree (their Jaccard similarity).
+
+    Args:
+        rows: rows of the shared array (M / chunk).
+        slots: reads per id (the vector's width / chunk).
+        seed: hash seed.
+        values: int64 [m] values with signatures, sorted ascending (None = none).
+        signatures: int32 [m, K] their 32-bit minhash signatures (bit patterns).
+    """
+
+    kind = "scma"
+    tensor_args: ClassVar[dict[str, str]] = {"values": "values", "signatures": "signatures"}
+
+    def __init__(
+        self,
+        rows: int,
+        slots: int,
+        seed: int = 0,
+        values: torch.Tensor | None = None,
+        signatures: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if rows < 1 or slots < 1:
+            raise ValueError(f"need rows ≥ 1 and slots ≥ 1, got {rows}, {slots}")
+        if (values is None) != (signatures is None):
+            raise ValueError("give values and signatures together")
+        self.rows = rows
+        self.slots = slots
+        self.seed = seed
+        if values is None:
+            values = torch.zeros(0, dtype=torch.int64)
+            signatures = torch.zeros(0, 1, dtype=torch.int32)
+        if signatures.dim() != 2 or signatures.shape[0] != values.shape[0]:
+            raise ValueError("signatures must be [values, K]")
+        self.register_buffer("values", values.to(torch.int64))
+        self.register_buffer("signatures", signatures.to(torch.int32))
+        base = seed * _SLOT_SEEDS
+        # Constants, not buffers: they are no state (a buffer would count as stored bytes).
+        self._offsets = {
+            "sig": seed_offsets([base + s for s in range(slots)]),
+            "id": seed_offsets([base + _ID_SEEDS + s for s in range(slots)]),
+            "column": torch.arange(slots) % max(1, signatures.shape[1]),
+        }
+
+    def _constant(self, name: str, device: torch.device) -> torch.Tensor:
+        t = self._offsets[name]
+        if t.device != device:
+            t = self._offsets[name] = t.to(device)
+        return t
+
+    def forward(self, ids: torch.Tensor) -> Lookup:
+        ids = ids.contiguous()
+        n = ids.shape[0]
+        keys = ids[:, None].expand(n, self.slots)
+        offsets = self._constant("id", ids.device)[None].expand(n, self.slots)
+        m = self.values.shape[0]
+        if m:
+            pos = torch.searchsorted(self.values, ids).clamp_(max=m - 1)
+            hit = (self.values[pos] == ids)[:, None]
+            column = self._constant("column", ids.device)
+            # int32 bit patterns back to the unsigned 32-bit minhashes.
+            sig = self.signatures[pos][:, column].to(torch.int64) & 0xFFFFFFFF
+            keys = torch.where(hit, sig, keys)
+            offsets = torch.where(hit, self._constant("sig", ids.device)[None], offsets)
+        return Lookup((mix64_torch(keys + offsets) & MASK63) % self.rows)
+
+    def export(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        config = {"rows": self.rows, "slots": self.slots, "seed": self.seed}
+        return config, {"values": self.values, "signatures": self.signatures}
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 [n, ceil(T·bits/8)]: T codes of `bits` bits each per row, little-endian, packed
+    without padding between codes (MEC's 4 × 12-bit codes are 6 bytes a row)."""
+    n, count = codes.shape
+    if count * bits > 63:
+        raise ValueError(f"{count} codes of {bits} bits do not fit one 63-bit word")
+    word = torch.zeros(n, dtype=torch.int64, device=codes.device)
+    for j in range(count):
+        word |= codes[:, j].to(torch.int64) << (j * bits)
+    nbytes = (count * bits + 7) // 8
+    return torch.stack([(word >> (8 * b)) & 0xFF for b in range(nbytes)], 1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, count: int, bits: int) -> torch.Tensor:
+    """int64 [n, count]: the inverse of `pack_codes`."""
+    word = torch.zeros(packed.shape[0], dtype=torch.int64, device=packed.device)
+    for b in range(packed.shape[1]):
+        word |= packed[:, b].to(torch.int64) << (8 * b)
+    shifts = torch.arange(count, device=packed.device, dtype=torch.int64) * bits
+    return (word[:, None] >> shifts) & ((1 << bits) - 1)
+
+
+class CodeMapper(Mapper):
+    """A trained feature's frozen mapper (raw id → row of its table), then that row's frozen
+    product-quantisation codes: one row in each of `count` code tables (MEC).
+
+    Args:
+        inner: the trained feature's mapper (exported and rebuilt with this one).
+        codes: uint8 [rows, ceil(count·bits/8)], `pack_codes` of each trained row's codes.
+        count: codes per row (codebooks).
+        bits: bits of each code.
+    """
+
+    kind = "codes"
+
+    def __init__(self, inner: Mapper, codes: torch.Tensor, count: int, bits: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.count = count
+        self.bits = bits
+        self.register_buffer("codes", codes.to(torch.uint8))
+
+    def forward(self, ids: torch.Tensor) -> Lookup:
+        rows = self.inner(ids).rows[:, 0]
+        return Lookup(unpack_codes(self.codes.index_select(0, rows), self.count, self.bits))
+
+    def export(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        inner_config, inner_tensors = self.inner.export()
+        config = {
+            "count": self.count,
+            "bits": self.bits,
+            "inner": {"kind": self.inner.kind, "config": inner_config},
+        }
+        tensors = {"codes": self.codes, **{f"inner.{k}": v for k, v in inner_tensors.items()}}
+        return config, tensors
+
+    @classmethod
+    def from_export(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Mapper:
+        inner = config["inner"]
+        prefix = "inner."
+        inner_tensors = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        return cls(
+            Mapper.build(inner["kind"], inner["config"], inner_tensors),
+            tensors["codes"],
+            config["count"],
+            config["bits"],
+        )

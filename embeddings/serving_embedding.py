@@ -18,11 +18,14 @@ from embeddings.mapping import (
     Combiner,
     FullMapper,
     HashMapper,
+    Lookup,
     Mapper,
     combine,
     hash_columns,
     seed_offsets,
+    tensor_bytes,
 )
+from embeddings.serving_mpe import MpePackedTable
 from embeddings.serving_tables import MixedServingTable, ServingTable
 from idhash.splitmix import shard_of
 
@@ -38,14 +41,29 @@ def check_ids(sparse: torch.Tensor, features: int) -> None:
         raise ValueError(f"expected sparse ids [n, {features}], got {list(sparse.shape)}")
 
 
+def shared_slots(tables: list, lookup: Lookup) -> list:
+    """The table each column of a lookup reads: its own, or, where one table has several
+    columns (SCMA's slots over its one shared array), that table at every column."""
+    if len(tables) == 1 and lookup.rows.shape[1] > 1:
+        return tables * lookup.rows.shape[1]
+    return tables
+
+
 class ServingEmbedding(nn.Module):
-    """The serving form: a frozen mapper, plain d-wide tables (maybe quantised), a combiner."""
+    """The serving form: a frozen mapper, plain d-wide tables (maybe quantised), a combiner.
+
+    A low-rank feature (AFM) keeps k-wide tables (k < d) and its fp32 k×d `projection` and
+    d-wide `bias` after the combiner: folded into the tables they would make them d wide
+    again and undo the compression.
+    """
 
     def __init__(
         self,
         mapper: Mapper,
         tables: list[torch.Tensor | ServingTable | MixedServingTable],
         combiner: Combiner,
+        projection: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.mapper = mapper
@@ -55,12 +73,24 @@ class ServingEmbedding(nn.Module):
             ServingTable.fp32(t) if isinstance(t, torch.Tensor) else t for t in tables
         )
         self.mapper.requires_grad_(False)
+        if (projection is None) != (bias is None):
+            raise ValueError("a serving projection comes with its bias (low-rank)")
+        self.projection: torch.Tensor | None
+        self.bias: torch.Tensor | None
+        self.register_buffer("projection", projection)
+        self.register_buffer("bias", bias)
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self._combined(ids)
+        if self.projection is None:
+            return out
+        return out @ self.projection + self.bias
+
+    def _combined(self, ids: torch.Tensor) -> torch.Tensor:
         lookup = self.mapper(ids)
         vectors = []
-        for t, table in enumerate(self.tables):
+        for t, table in enumerate(shared_slots(list(self.tables), lookup)):
             v = table.lookup(lookup.rows[:, t])
             if lookup.weights is not None:
                 v = v * lookup.weights[:, t : t + 1].to(v.dtype)
@@ -68,20 +98,28 @@ class ServingEmbedding(nn.Module):
         return combine(vectors, self.combiner)
 
     def serving_bytes(self) -> int:
-        """Mapper tensors plus every table tensor (data, scale, bias, tier ids)."""
-        return self.mapper.state_bytes() + sum(t.nbytes() for t in self.tables)
+        """Mapper tensors plus every table tensor (data, scale, bias, tier ids), plus a
+        low-rank projection and bias."""
+        kept = 0 if self.projection is None else tensor_bytes([self.projection, self.bias])
+        return self.mapper.state_bytes() + sum(t.nbytes() for t in self.tables) + kept
 
     def quantize(self, fmt: str) -> ServingEmbedding:
         """A copy whose tables are stored row-wise in `fmt` (fp32, fp16, int8, int4).
 
-        Per-row formats under a byte budget: `embeddings.methods.quantize`."""
-        tables = [ServingTable.encode(t.dequantize(), fmt) for t in self.tables]
-        return ServingEmbedding(self.mapper, tables, self.combiner)
+        Per-row formats under a byte budget: `embeddings.methods.quantize`. MPE's packed
+        codes are already its learned low-bit format and stay as they are."""
+        tables = [t if isinstance(t, MpePackedTable) else ServingTable.encode(t.dequantize(), fmt)
+                  for t in self.tables]
+        return ServingEmbedding(self.mapper, tables, self.combiner, self.projection, self.bias)
 
     @torch.no_grad()
     def row_counts(self, values: torch.Tensor, counts: torch.Tensor) -> list[torch.Tensor]:
         """How often each row of each table is read, given raw values and their counts."""
         lookup = self.mapper(torch.as_tensor(values, dtype=torch.int64))
+        if len(self.tables) < lookup.rows.shape[1]:  # slots over one shared table (SCMA)
+            rows = lookup.rows.reshape(-1)
+            w = counts.to(torch.float64).repeat_interleave(lookup.rows.shape[1])
+            return [torch.bincount(rows, weights=w, minlength=self.tables[0].rows)]
         out = []
         for t, table in enumerate(self.tables):
             w = counts.to(torch.float64)
@@ -154,7 +192,7 @@ class ServingCollection(nn.Module):
 
 def _batchable(emb: nn.Module, dim: int) -> bool:
     """Read by the one table-batched call: fp32 d-wide tables whose vectors are summed."""
-    return (isinstance(emb, ServingEmbedding)
+    return (isinstance(emb, ServingEmbedding) and emb.projection is None
             and (emb.combiner is Combiner.SUM or len(emb.tables) == 1)
             and all(isinstance(t, ServingTable) and t.fmt == "fp32" and t.width == dim
                     for t in emb.tables))

@@ -35,6 +35,11 @@ def embedding_state(
         "mapper": {"kind": emb.mapper.kind, "config": mapper_config},
         "tables": tables,
     }
+    if emb.projection is not None:
+        # Low-rank (AFM): the k×d projection and its bias are served, not folded.
+        config["projection"] = list(emb.projection.shape)
+        tensors[f"{prefix}projection"] = emb.projection
+        tensors[f"{prefix}bias"] = emb.bias
     return config, tensors
 
 
@@ -53,7 +58,10 @@ def embedding_from_state(
         table_from_export(cfg, _part(tensors, f"{prefix}tables.{i}."))
         for i, cfg in enumerate(config["tables"])
     ]
-    return ServingEmbedding(mapper, tables, Combiner(config["combiner"]))
+    projection = bias = None
+    if "projection" in config:
+        projection, bias = tensors[f"{prefix}projection"], tensors[f"{prefix}bias"]
+    return ServingEmbedding(mapper, tables, Combiner(config["combiner"]), projection, bias)
 
 
 def unshared_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

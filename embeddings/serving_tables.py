@@ -26,6 +26,7 @@ from torch import nn
 
 from embeddings.budget import SERVING_FORMATS
 from embeddings.mapping import tensor_bytes
+from embeddings.serving_mpe import MpePackedTable
 
 # Levels of the int formats, and fp16's limits (the bounds in this module's docstring).
 LEVELS = {"int8": 255, "int4": 15}
@@ -270,7 +271,7 @@ class MixedServingTable(nn.Module):
 
 def table_from_export(
     config: dict[str, Any], tensors: dict[str, torch.Tensor]
-) -> ServingTable | MixedServingTable:
+) -> ServingTable | MixedServingTable | MpePackedTable:
     """Rebuild any serving table from its `export()`."""
-    kind = MixedServingTable if config["fmt"] == "mixed" else ServingTable
-    return kind.from_export(config, tensors)
+    kinds = {"mixed": MixedServingTable, "mpe": MpePackedTable}
+    return kinds.get(config["fmt"], ServingTable).from_export(config, tensors)

@@ -87,13 +87,22 @@ class TableStore(nn.Module):
 
     `offsets` has tables × batch + 1 entries: bag (t, b) is indices[offsets[t·B + b] :
     offsets[t·B + b + 1]], rows local to table t, summed. An empty bag reads zeros.
+
+    `table_of` (FBGEMM's `feature_table_map`): where several bag columns read one table
+    (SCMA's slots over its one shared array), "tables" in the layout above are virtual:
+    virtual table v reads physical table `table_of[v]` and has its own bags and output
+    columns. None = one virtual table per physical table.
     """
 
     fused: bool = False
 
-    def __init__(self, specs: Sequence[TableSpec], optimizer: TableOptimizer) -> None:
+    def __init__(self, specs: Sequence[TableSpec], optimizer: TableOptimizer,
+                 table_of: Sequence[int] | None = None) -> None:
         super().__init__()
         self.specs = list(specs)
+        self.table_of = list(range(len(self.specs))) if table_of is None else list(table_of)
+        if any(not 0 <= t < len(self.specs) for t in self.table_of):
+            raise ValueError(f"table_of names a table outside 0..{len(self.specs) - 1}")
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -127,9 +136,10 @@ class FbgemmTables(TableStore):
     fused = True
 
     def __init__(
-        self, specs: Sequence[TableSpec], optimizer: TableOptimizer, device: torch.device
+        self, specs: Sequence[TableSpec], optimizer: TableOptimizer, device: torch.device,
+        table_of: Sequence[int] | None = None,
     ) -> None:
-        super().__init__(specs, optimizer)
+        super().__init__(specs, optimizer, table_of)
         from fbgemm_gpu.split_embedding_configs import EmbOptimType
         from fbgemm_gpu.split_table_batched_embeddings_ops_common import (
             EmbeddingLocation,
@@ -161,6 +171,7 @@ class FbgemmTables(TableStore):
         try:
             self.tbe = SplitTableBatchedEmbeddingBagsCodegen(
                 [(max(1, s.rows), s.width, location, compute) for s in specs],
+                feature_table_map=self.table_of,
                 optimizer=kind,
                 learning_rate=optimizer.lr,
                 eps=optimizer.eps,
@@ -210,9 +221,10 @@ class TorchTables(TableStore):
     optimizers stepped by `step()`. Its optimizer state travels in the module's state_dict."""
 
     def __init__(
-        self, specs: Sequence[TableSpec], optimizer: TableOptimizer, device: torch.device
+        self, specs: Sequence[TableSpec], optimizer: TableOptimizer, device: torch.device,
+        table_of: Sequence[int] | None = None,
     ) -> None:
-        super().__init__(specs, optimizer)
+        super().__init__(specs, optimizer, table_of)
         widths = sorted({s.width for s in specs})
         # Tables of one width are contiguous in TBE order only if the caller sorted them;
         # any order works: each width's output columns are scattered back by `_columns`.
@@ -228,23 +240,28 @@ class TorchTables(TableStore):
             w = specs[group[0]].width
             self.weight_list.append(nn.Parameter(torch.zeros(start, w, device=device)))
         self._group_of = {t: g for g, group in enumerate(self.groups) for t in group}
-        order = [t for group in self.groups for t in group]
+        # Bags and output columns belong to virtual tables (see TableStore): each width's
+        # weight is read by the virtual tables over its physical tables.
+        virtual = self.table_of
+        self._virtual_groups = [[v for v, t in enumerate(virtual) if self._group_of[t] == g]
+                                for g in range(len(self.groups))]
+        order = [v for group in self._virtual_groups for v in group]
         col = 0
         starts = {}
-        for t in order:
-            starts[t] = col
-            col += specs[t].width
-        columns = [starts[t] + c for t in range(len(specs)) for c in range(specs[t].width)]
+        for v in order:
+            starts[v] = col
+            col += specs[virtual[v]].width
+        columns = [starts[v] + c for v in range(len(virtual))
+                   for c in range(specs[virtual[v]].width)]
         identity = columns == list(range(len(columns)))
         self.register_buffer(
             "_columns", None if identity else torch.tensor(columns, device=device), False
         )
-        # Each table's first row inside its width's weight, and that weight's index.
+        # Each virtual table's first row inside its width's weight, and that weight's index.
         self.register_buffer("_table_row_offset", torch.tensor(
-            self._row_offsets, dtype=torch.int64, device=device), False)
+            [self._row_offsets[t] for t in virtual], dtype=torch.int64, device=device), False)
         self.register_buffer("_table_group", torch.tensor(
-            [self._group_of[t] for t in range(len(specs))], dtype=torch.int64, device=device),
-            False)
+            [self._group_of[t] for t in virtual], dtype=torch.int64, device=device), False)
         params = list(self.weight_list)
         if optimizer.kind == "rowwise_adagrad":
             self.optimizer = RowWiseAdagrad(params, lr=optimizer.lr, eps=optimizer.eps,
@@ -254,7 +271,7 @@ class TorchTables(TableStore):
                                       weight_decay=optimizer.weight_decay)
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        tables = len(self.specs)
+        tables = len(self.table_of)
         batch = (offsets.numel() - 1) // tables
         if tables == 1:
             weight = self.weight_list[0]
@@ -277,7 +294,7 @@ class TorchTables(TableStore):
             out = nn.functional.embedding_bag(
                 idx, weight, off, mode="sum", sparse=True, include_last_offset=True
             )
-            outs.append(out.view(len(self.groups[g]), batch, -1).transpose(0, 1)
+            outs.append(out.view(len(self._virtual_groups[g]), batch, -1).transpose(0, 1)
                         .reshape(batch, -1))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return out if self._columns is None else out.index_select(1, self._columns)
@@ -318,13 +335,21 @@ def build_store(
     optimizer: TableOptimizer | None = None,
     backend: Backend = "auto",
     device: torch.device | str | None = None,
+    table_of: Sequence[int] | None = None,
 ) -> TableStore:
-    """A store for `specs` with the backend `choose_backend` picks."""
+    """A store for `specs` with the backend `choose_backend` picks (`table_of`: the physical
+    table each virtual table reads, see `TableStore`)."""
     optimizer = optimizer or TableOptimizer()
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "meta":
         raise ValueError("a table store holds real memory; count bytes from the specs instead")
-    chosen = choose_backend(backend, optimizer, device)
+    narrow = [s.width for s in specs if s.width % 4]
+    if narrow and backend == "fbgemm":
+        raise ValueError(f"fbgemm's TBE needs table widths that are multiples of 4, got "
+                         f"{sorted(set(narrow))}; use backend 'torch' or 'auto'")
+    # FBGEMM's TBE refuses such widths (SCMA's per-element chunks, c = 1; low-rank's k = d /
+    # ratio): auto → torch, the same rule.
+    chosen = "torch" if narrow else choose_backend(backend, optimizer, device)
     cls = FbgemmTables if chosen == "fbgemm" else TorchTables
-    return cls(specs, optimizer, device)
+    return cls(specs, optimizer, device, table_of)
 

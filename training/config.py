@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from embeddings.collection import CollectionConfig
 from embeddings.models import ModelConfig, model_preset
@@ -62,6 +62,10 @@ class TrainConfig(Strict):
             model's `table_dim` (embedding_dim, + 1 when the model's first_order term is on:
             its scalar is the tables' last column).
         seed: seeds initialisation and the data order.
+        from_model: an exported model directory to start from (two-stage methods: low-rank,
+            MEC): each two-stage feature is built from the trained model's feature, and the
+            dense layers start from its dense layers where shapes match, then fine-tune.
+            Its features and width must be this run's (checked when the run is planned).
     """
 
     data: DataSettings
@@ -75,6 +79,7 @@ class TrainConfig(Strict):
     export: ExportSettings = Field(default_factory=ExportSettings)
     fault: FaultSettings | None = None
     seed: int = 0
+    from_model: Path | None = None
 
     @field_validator("model")
     @classmethod
@@ -102,6 +107,24 @@ class TrainConfig(Strict):
                 + (" + 1 for model.first_order)" if model.first_order else ")")
             )
         return embeddings
+
+    @field_validator("from_model")
+    @classmethod
+    def _from_model_exists(cls, directory: Path | None) -> Path | None:
+        if directory is not None and not (directory / "model.json").is_file():
+            raise ValueError(f"{directory} is not an exported model directory (no model.json)")
+        return directory
+
+    @model_validator(mode="after")
+    def _two_stage_needs_a_model(self) -> TrainConfig:
+        from embeddings.methods.base import TwoStageConfig
+
+        methods = [self.embeddings.method, *self.embeddings.features.values()]
+        two_stage = sorted({m.method for m in methods if isinstance(m, TwoStageConfig)})
+        if two_stage and self.from_model is None:
+            raise ValueError(f"from_model: methods {two_stage} are built from a trained "
+                             "model: set from_model to an exported model directory")
+        return self
 
     @property
     def model_spec(self) -> ModelConfig:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from embeddings.methods.base import FeatureStats
+from embeddings.methods.base import FeatureStats, TrainedFeature, TwoStageConfig
 from embeddings.optim import LazyAdam, RowWiseAdagrad, train_step
 from embeddings.sharding.planner import shard_of
 from embeddings.sharding.router import ShardedEmbeddingCollection
@@ -90,7 +90,13 @@ def build_model(spec: RunSpec, ctx: WorkerContext,
     config = spec.config
     torch.manual_seed(config.seed)
     dense: nn.Module = config.model_spec.build().to(ctx.device)
-    embeddings = build_embeddings(spec, ctx, stats)
+    trained = None
+    if config.from_model is not None:
+        from training.from_model import init_dense, load_trained
+
+        trained_model, trained = load_trained(config.from_model, stats)
+        init_dense(dense, trained_model.dense)  # the fine-tuning starts from the trained MLPs
+    embeddings = build_embeddings(spec, ctx, stats, trained)
     sparse_opt, dense_opt = _optimizers(spec, embeddings, dense)
     if ctx.distributed:
         dense = data_parallel(dense, ctx.device)
@@ -98,9 +104,12 @@ def build_model(spec: RunSpec, ctx: WorkerContext,
 
 
 def build_embeddings(spec: RunSpec, ctx: WorkerContext,
-                     stats: Mapping[str, FeatureStats]) -> ShardedEmbeddingCollection:
+                     stats: Mapping[str, FeatureStats],
+                     trained: Mapping[str, TrainedFeature] | None = None,
+                     ) -> ShardedEmbeddingCollection:
     """The embedding shards the plan places on this worker (re-placed for another world
-    size); each shard is seeded by (feature, shard), so it is the same wherever it lands."""
+    size); each shard is seeded by (feature, shard), so it is the same wherever it lands.
+    Two-stage methods are built from `trained` (the run's from_model)."""
     plan = spec.plan
     if plan.num_workers != ctx.world:
         plan = plan.relocate(ctx.world)
@@ -112,10 +121,16 @@ def build_embeddings(spec: RunSpec, ctx: WorkerContext,
         feature_stats = stats.get(name)
         if feature_stats is not None and num_shards > 1:
             keep = shard_of(feature_stats.values, num_shards) == s
-            feature_stats = FeatureStats(feature_stats.values[keep], feature_stats.counts[keep])
+            feature_stats = feature_stats.select(keep)
         torch.manual_seed(seed * 1_000_003 + i * 1009 + s * 17 + num_shards)
         n = math.ceil(spec.cardinalities[i] / num_shards)
-        return spec.methods[name].build(n, dim, feature_stats)
+        method = spec.methods[name]
+        if isinstance(method, TwoStageConfig):
+            from training.from_model import build_two_stage
+
+            return build_two_stage(method, spec.cardinalities[i], dim,
+                                   trained.get(name) if trained else None, num_shards)
+        return method.build(n, dim, feature_stats)
 
     return ShardedEmbeddingCollection(
         plan, make_module, dim, ctx.rank, ctx.world, device=ctx.device,

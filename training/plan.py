@@ -6,13 +6,23 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
+
+from data_pipeline.row_signatures import read_signatures, sign_dataset_once
 from data_pipeline.shards import read_manifest
 from data_pipeline.stats import DatasetStats, load_feature_stats
 from embeddings import budget
 from embeddings.allocation import Allocated, BudgetUnreachable
 from embeddings.collection import CollectionConfig
-from embeddings.methods.base import FeatureStats, MethodConfig
+from embeddings.methods.base import (
+    FeatureStats,
+    MethodBytes,
+    MethodConfig,
+    TrainedFeature,
+    TwoStageConfig,
+)
 from embeddings.sharding.planner import FeatureSize, ShardingPlan, plan_sharding
 from training.config import ConfigError, TrainConfig
 
@@ -48,6 +58,16 @@ class RunSpec:
         return self.methods[name]
 
 
+def feature_stats_of(stats: DatasetStats, name: str) -> FeatureStats:
+    """One feature's statistics for the methods: values and counts, with the SCMA
+    signatures `data_pipeline.row_signatures` wrote beside them where there are any."""
+    values, counts = stats.counts(name)
+    signed = [read_signatures(stats.directory, name, sets) for sets in ("rows", "contexts")]
+    if signed[0] is None or not np.array_equal(signed[0][0], values[: len(signed[0][0])]):
+        return FeatureStats(values, counts)  # none, or stale (statistics rewritten since)
+    return FeatureStats(values, counts, signed[0][1], None if signed[1] is None else signed[1][1])
+
+
 class LazyFeatureStats(Mapping[str, FeatureStats]):
     """One feature's statistics at a time, read when first asked for."""
 
@@ -60,7 +80,7 @@ class LazyFeatureStats(Mapping[str, FeatureStats]):
         if name not in self._names:
             raise KeyError(name)
         if name not in self._cache:
-            self._cache[name] = FeatureStats(*self._stats.counts(name))
+            self._cache[name] = feature_stats_of(self._stats, name)
         return self._cache[name]
 
     def __iter__(self) -> Iterator[str]:
@@ -98,6 +118,7 @@ def plan_run(config: TrainConfig, verbose: bool = True) -> RunSpec:
     stats = load_feature_stats(config.data.path)
     collection = config.collection(cardinalities_of(stats)[1])
     names, sizes = collection.feature_names, collection.sizes()
+    ensure_signatures(config.data.path, collection)
     # Planned bytes are the built ones only with the statistics the workers build from
     # (vocabularies of whole features, learned hashing's id map): read where needed.
     feature_stats = LazyFeatureStats(stats)
@@ -108,10 +129,16 @@ def plan_run(config: TrainConfig, verbose: bool = True) -> RunSpec:
     methods = allocated.configs if allocated else collection.resolve()[0]
     ratio = None if allocated is None else (
         collection.ratio or collection.uncompressed_bytes() / allocated.budget_bytes)
+    trained = None
+    if config.from_model is not None:
+        from training.from_model import check_from_model, load_trained
+
+        check_from_model(config, names)
+        trained = load_trained(config.from_model, feature_stats)[1]
     features, serving = [], 0
     for name in names:
-        nbytes = methods[name].planned_bytes(sizes[name], collection.dim,
-                                             feature_stats.get(name))
+        nbytes = planned_bytes(methods[name], sizes[name], collection.dim,
+                               feature_stats.get(name), trained, name)
         serving += nbytes.serving
         features.append(FeatureSize(name=name, bytes=nbytes.training,
                                     stateless=methods[name].method not in ADAPTIVE_METHODS))
@@ -124,6 +151,27 @@ def plan_run(config: TrainConfig, verbose: bool = True) -> RunSpec:
     return RunSpec(config=config, names=names, cardinalities=[sizes[n] for n in names],
                    methods={n: methods[n] for n in names}, plan=plan,
                    band_columns=bands, ratio=ratio)
+
+
+def ensure_signatures(root: str | Path, collection: CollectionConfig) -> None:
+    """SCMA addresses its frequent values by minhash signatures of their training rows: a
+    pass over the training split writes them beside the statistics the first time a run
+    asks for SCMA (workers and trials then read them with the statistics)."""
+    methods = [collection.method, *collection.features.values()]
+    if any(m.method == "scma" for m in methods):
+        sign_dataset_once(root)
+
+
+def planned_bytes(method: MethodConfig, num_embeddings: int, dim: int,
+                  stats: FeatureStats | None, trained: Mapping[str, TrainedFeature] | None,
+                  name: str | None = None, fmt: str = "fp32") -> MethodBytes:
+    """Exact bytes of one feature's method; two-stage methods from their trained feature."""
+    if isinstance(method, TwoStageConfig):
+        from training.from_model import planned_two_stage_bytes
+
+        feature = None if trained is None else trained.get(name) if name else None
+        return planned_two_stage_bytes(method, num_embeddings, dim, feature, fmt)
+    return method.planned_bytes(num_embeddings, dim, stats, fmt)
 
 
 def band_columns(config: TrainConfig, names: list[str], sizes: dict[str, int]) -> list[int]:

@@ -54,12 +54,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     monitor = Monitor(config, ctx.rank)
     loop = TrainLoop(spec, ctx, model, progress, stats, monitor,
                      audit=bool(loop_config.get("audit")))
+    model.embeddings.schedule(loop.total_steps)  # MPE ends its search at a share of the run
     loss_fn = nn.BCEWithLogitsLoss()
     for batch in loop.batches():
         inject_fault(config.fault, progress.step + 1, ctx.rank)
         sparse = batch["sparse"].to(ctx.device)
         logits = model(batch["dense"].to(ctx.device), sparse)
         loss = loss_fn(logits, batch["label"].to(ctx.device))
+        if (penalty := model.embeddings.regularization()) is not None:
+            loss = loss + penalty  # a method's auxiliary term (MPE's bit-width penalty)
         lr = loop.dense_lr()
         model.step(loss, lr)
         if loop.after_step(sparse, loss, lr):

@@ -11,7 +11,7 @@ the collapsed form are the serving form's (`embeddings.mapping`,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from torch import nn
 # here: training imports serving, never the reverse.
 from embeddings.mapping import Combiner, Lookup, Mapper, combine, tensor_bytes
 from embeddings.methods.mlet import check_mlet
-from embeddings.serving_embedding import ServingEmbedding
+from embeddings.serving_embedding import ServingEmbedding, shared_slots
 
 
 @dataclass
@@ -36,16 +36,37 @@ class FeatureStats:
     Args:
         values: int64 [m] raw values, sorted by descending count, no duplicates.
         counts: int64 [m] occurrences of each value.
+        signatures: optional int32 [m, K] minhash signatures of each value's set of training
+            rows (32-bit bit patterns; SCMA's addresses, `data_pipeline.row_signatures`),
+            for the first rows of `values` only when shorter.
+        contexts: the same for each value's set of co-occurring values of other features.
     """
 
     values: torch.Tensor
     counts: torch.Tensor
+    signatures: torch.Tensor | None = None
+    contexts: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.values = torch.as_tensor(np.asarray(self.values), dtype=torch.int64)
         self.counts = torch.as_tensor(np.asarray(self.counts), dtype=torch.int64)
         if self.values.shape != self.counts.shape or self.values.dim() != 1:
             raise ValueError("FeatureStats.values and .counts must be 1-D and of equal length")
+        for name in ("signatures", "contexts"):
+            sigs = getattr(self, name)
+            if sigs is None:
+                continue
+            sigs = torch.as_tensor(np.asarray(sigs), dtype=torch.int32)
+            if sigs.dim() != 2 or sigs.shape[0] > self.values.shape[0]:
+                raise ValueError(f"FeatureStats.{name} must be [m' ≤ values, K]")
+            setattr(self, name, sigs)
+
+    def select(self, keep: torch.Tensor) -> FeatureStats:
+        """The statistics of the values where `keep` (bool [m]) is set, signatures kept
+        aligned (a feature split over workers keeps each shard's part)."""
+        sigs = [None if s is None else s[keep[: s.shape[0]]]
+                for s in (self.signatures, self.contexts)]
+        return FeatureStats(self.values[keep], self.counts[keep], *sigs)
 
     @classmethod
     def from_ids(cls, ids: torch.Tensor | np.ndarray) -> FeatureStats:
@@ -68,7 +89,7 @@ def gather(
 ) -> torch.Tensor:
     """Read every table at its rows, weight, combine: the lookup shared by training and serving."""
     vectors = []
-    for t, table in enumerate(tables):
+    for t, table in enumerate(shared_slots(list(tables), lookup)):
         v = torch.nn.functional.embedding(lookup.rows[:, t], table, sparse=sparse)
         if lookup.weights is not None:
             v = v * lookup.weights[:, t : t + 1].to(v.dtype)
@@ -89,6 +110,9 @@ class CompressedEmbedding(nn.Module):
         sparse: tables produce sparse gradients (row-wise optimizers touch only used rows).
         init_scale: tables start U(-s, s); default `ordinary_bound(width)` per table (methods
             that combine several tables choose their own so the output has an ordinary scale).
+        low_rank: the projection is a rank-k map (k = `mlet_dim` < d) followed by a d-wide
+            bias, as low-rank compression (AFM) needs: the serving form keeps both, since
+            folding k×d into the tables would undo the compression.
     """
 
     def __init__(
@@ -100,10 +124,13 @@ class CompressedEmbedding(nn.Module):
         mlet_dim: int | None = None,
         sparse: bool = False,
         init_scale: float | list[float] | None = None,
+        low_rank: bool = False,
     ) -> None:
         super().__init__()
+        if low_rank and (mlet_dim is None or not 0 < mlet_dim < dim):
+            raise ValueError(f"a low-rank projection needs 0 < k < d={dim}, got k={mlet_dim}")
         if mlet_dim is not None:
-            if mlet_dim <= dim:
+            if mlet_dim <= dim and not low_rank:
                 raise ValueError(f"mlet_dim (k={mlet_dim}) must exceed dim (d={dim})")
             if combiner is Combiner.PRODUCT:
                 raise ValueError(
@@ -132,6 +159,19 @@ class CompressedEmbedding(nn.Module):
             # Var(out) = k · Var(row) · Var(P) = Var(P)/3 for U(±1/sqrt(k)) rows, so N(0, 1/d)
             # gives the output the variance of an ordinary d-wide U(±1/sqrt(d)) embedding.
             self.projection = nn.Parameter(torch.randn(mlet_dim, dim) / dim**0.5)
+        self.bias: nn.Parameter | None = nn.Parameter(torch.zeros(dim)) if low_rank else None
+
+    @property
+    def low_rank(self) -> bool:
+        """Whether the projection is rank k < d with a bias, kept apart in the serving form."""
+        return self.bias is not None
+
+    def project(self, out: torch.Tensor) -> torch.Tensor:
+        """The k-wide combined vectors through the projection (and bias), if any."""
+        if self.projection is None:
+            return out
+        out = out @ self.projection
+        return out + self.bias if self.bias is not None else out
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """The method alone (tests, small tools); a collection packs the tables and looks up
@@ -141,8 +181,7 @@ class CompressedEmbedding(nn.Module):
                 "this method's tables live in a collection's table store: look ids up "
                 "through the collection"
             )
-        out = gather(self.tables, self.mapper(ids), self.combiner, self.sparse)
-        return out @ self.projection if self.projection is not None else out
+        return self.project(gather(self.tables, self.mapper(ids), self.combiner, self.sparse))
 
     # -- packing into a collection's table store ------------------------------------------
 
@@ -173,6 +212,13 @@ class CompressedEmbedding(nn.Module):
     def packed_slots(self) -> int:
         """Columns of `packed_lookup`'s rows: the reads of one id (at most)."""
         return len(self.tables)
+
+    def packed_bags(self) -> list[int] | None:
+        """Where one table is read in several bags side by side (SCMA's slots over its one
+        shared array): the table of `packed_specs` each bag reads, one slot per bag, in
+        output order. None: the usual layout (sum: one bag; concat, product: a bag per
+        table)."""
+        return None
 
     def packed_initial(self) -> list[torch.Tensor]:
         """The initial values of each store table of `packed_specs`."""
@@ -250,8 +296,9 @@ class CompressedEmbedding(nn.Module):
         )
 
     def serving_widths(self) -> list[int]:
-        """Width of each table after collapse (MLET folds every table to d)."""
-        if self.projection is None:
+        """Width of each table after collapse (MLET folds every table to d; a low-rank
+        projection stays, so its tables keep their k)."""
+        if self.projection is None or self.low_rank:
             return [t.shape[1] for t in self.tables]
         return [self.dim] * len(self.tables)
 
@@ -263,7 +310,9 @@ class CompressedEmbedding(nn.Module):
             table_bytes(t.shape[0], w, fmt)
             for t, w in zip(self.tables, self.serving_widths(), strict=True)
         )
-        return self.mapper.serving_bytes() + tables
+        # A low-rank projection and bias are served as they are, in fp32 whatever `fmt`.
+        kept = tensor_bytes([self.projection, self.bias]) if self.low_rank else 0
+        return self.mapper.serving_bytes() + tables + kept
 
     def frozen_mapper(self) -> Mapper:
         """The mapper as serving will use it (adaptive methods snapshot their state)."""
@@ -280,6 +329,10 @@ class CompressedEmbedding(nn.Module):
         """Serving form: frozen mapper, MLET folded into every table; scores exactly alike."""
         tables = self.serving_tables()
         combiner = self.combiner
+        if self.low_rank:
+            mapper = self.frozen_mapper().to(tables[0].device)
+            return ServingEmbedding(mapper, tables, combiner, self.projection.detach().clone(),
+                                    self.bias.detach().clone())
         if self.projection is not None:
             p = self.projection.detach()
             if combiner is Combiner.CONCAT:
@@ -296,6 +349,28 @@ class CompressedEmbedding(nn.Module):
 
     def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Called after each optimizer step; adaptive methods update their state here."""
+
+    # -- per-id transform after the lookup, and an auxiliary loss (MPE) ---------------------
+
+    has_post_lookup: ClassVar[bool] = False
+    """Whether the vectors read from the store pass through `post_lookup_batch` (a
+    collection then routes this class's features through it; the others keep their path)."""
+
+    @classmethod
+    def post_lookup_batch(
+        cls, methods: list[CompressedEmbedding | None], vectors: torch.Tensor
+    ) -> torch.Tensor:
+        """[n, k, width] vectors of k features as read from the store → what the features
+        output. Each method of this class knows its last `packed_lookup`; None marks a
+        feature of another method, whose vectors must pass unchanged. Identity here."""
+        return vectors
+
+    def regularization(self) -> torch.Tensor | None:
+        """A term the training loss adds (MPE's bit-width penalty); None = nothing."""
+        return None
+
+    def schedule(self, total_steps: int) -> None:
+        """Told the run's optimizer steps before training (MPE places its search in them)."""
 
 
 class MethodBytes(NamedTuple):
@@ -340,6 +415,11 @@ class MethodConfig(BaseModel):
     def combiner(self) -> Combiner:
         """The combiner this config builds (decides whether MLET may follow)."""
         return Combiner.SUM
+
+    def accepts_mlet(self) -> bool:
+        """Whether MLET's projection may follow this method (a linear combiner, and a
+        serving form the projection folds into)."""
+        return self.combiner() is not Combiner.PRODUCT
 
     def check(self, num_embeddings: int, dim: int) -> None:
         """Raise ValueError (saying why) if this config cannot be built at this size and width.
@@ -408,3 +488,32 @@ def with_mlet(base: MethodConfig | dict[str, Any], mlet_dim: int) -> MethodConfi
     if data.get("method") not in METHODS:
         raise ValueError(f"unknown method {data.get('method')!r}; known: {sorted(METHODS)}")
     return METHODS[data["method"]].model_validate(data)
+
+
+@dataclass
+class TrainedFeature:
+    """One feature of an already trained model, for methods built from it (two-stage methods:
+    low-rank, MEC): its collapsed serving embedding (raw ids → [n, d]) and its statistics."""
+
+    serving: ServingEmbedding
+    stats: FeatureStats | None
+
+
+class TwoStageConfig(MethodConfig):
+    """A method built from a trained model's feature (`from_trained`), then fine-tuned.
+
+    The training job passes every feature of the model named by its `from_model` field;
+    `build` alone (no trained model) is refused with a message that says so."""
+
+    def build(
+        self, num_embeddings: int, dim: int, stats: FeatureStats | None = None
+    ) -> CompressedEmbedding:
+        raise ValueError(
+            f"method {self.method!r} is built from a trained model: set the training "
+            "config's from_model to an exported model directory"
+        )
+
+    def from_trained(
+        self, num_embeddings: int, dim: int, trained: TrainedFeature
+    ) -> CompressedEmbedding:
+        raise NotImplementedError

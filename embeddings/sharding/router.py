@@ -491,6 +491,24 @@ class ShardedEmbeddingCollection(nn.Module):
             modules += list(self.owned.values())
         return [p for m in modules for p in m.tables]
 
+    def schedule(self, total_steps: int) -> None:
+        """Tell this worker's methods the run's optimizer steps (MPE's search length)."""
+        modules = [*self.replicated.values()]
+        modules += [self.local] if self.local is not None else list(self.owned.values())
+        for m in modules:
+            if callable(getattr(m, "schedule", None)):
+                m.schedule(total_steps)
+
+    def regularization(self) -> torch.Tensor | None:
+        """The loss terms of this worker's methods (MPE's bit-width penalty), or None: each
+        method's term lives where its parameters do, so every worker adds its own."""
+        modules = [*self.replicated.values()]
+        modules += [self.local] if self.local is not None else list(self.owned.values())
+        terms = [t for m in modules
+                 if callable(getattr(m, "regularization", None))
+                 and (t := m.regularization()) is not None]
+        return torch.stack(terms).sum() if terms else None
+
     def dense_parameters(self) -> list[nn.Parameter]:
         """Everything else that trains (MLET projections): for the dense optimizer."""
         skip = {id(p) for p in self.replicated_tables()}

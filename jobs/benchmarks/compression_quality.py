@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import argparse
 import json
 import os
+import re
 import shutil
 import time
 from typing import Any, NamedTuple
@@ -58,8 +59,21 @@ METHODS: dict[str, dict[str, Any]] = {
     "cafe": {"method": "cafe"},
     "learned_hash": {"method": "learned_hash"},
     "cafe_shared": {"method": "cafe", "hot_table": "shared"},
+    "scma": {"method": "scma"},
+    "scma_contexts": {"method": "scma", "sets": "contexts"},
+    # SCMA without its sketch: every value hashes its id into the chunked shared array.
+    "scma_hashed": {"method": "scma", "sketch_share": 0.0},
+    "mpe": {"method": "mpe"},  # searches half the run, retrains the other half (issue 18)
 }
 RATIOS = (10.0, 100.0, 1000.0)
+# Two-stage methods: built from the uncompressed cell's model, then fine-tuned with the same
+# schedule; their ratio is against the trained tables (issue 18's low-rank goal is at 3×).
+# MEC's 4 × 12-bit codes cap it near 4d·4/6 (≈ 10.7× at d = 16); beyond, smaller codebooks,
+# and it refuses with its largest.
+TWO_STAGE: dict[str, dict[str, Any]] = {"lowrank": {"method": "lowrank"},
+                                        "mec": {"method": "mec"}}
+TWO_STAGE_RATIOS = (3.0,)
+TRAINED_MODEL = "uncompressed_model"  # where the uncompressed cell's export is kept
 ALLOCATIONS = ("fill", "uniform", "sqrt", "frequency")
 # MLET where its papers claim it: full tables at small d, with and without MLET (k = 4d, 16d).
 MLET_DIMS = (4, 8, 16)
@@ -84,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="data seed (default: 0)")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                         help="training config of every cell (default: %(default)s)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS),
+                        help="methods sized by --ratios (none: give the flag alone)")
     parser.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS))
     parser.add_argument("--allocations", nargs="+", default=["frequency"],
                         choices=ALLOCATIONS,
@@ -96,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--int8", action="store_true",
                         help="also score each new cell's model with int8 serving tables "
                              "(validation AUC of the fp32 and the int8 export)")
+    parser.add_argument("--two-stage", nargs="*", default=list(TWO_STAGE),
+                        choices=list(TWO_STAGE),
+                        help="two-stage methods, built from the uncompressed cell's model "
+                             "(default: %(default)s; none: give the flag alone)")
+    parser.add_argument("--two-stage-ratios", nargs="+", type=float,
+                        default=list(TWO_STAGE_RATIOS),
+                        help="ratios of the two-stage rows besides --ratios (against the "
+                             "uncompressed model's tables; default: %(default)s)")
     parser.add_argument("--max-steps", type=int,
                         help="cut every cell's training short (smoke runs)")
     return parser
@@ -121,9 +144,12 @@ class Cell(NamedTuple):
 
 
 def _cells(methods: list[str], ratios: list[float], allocations: list[str],
-           mlet: list[int] | None = None) -> list[Cell]:
+           mlet: list[int] | None = None, two_stage: list[str] | None = None,
+           two_stage_ratios: list[float] | None = None) -> list[Cell]:
     cells = [Cell(UNCOMPRESSED)]
     cells += [Cell(m, r, a) for a in allocations for m in methods for r in ratios]
+    extra = sorted(set(two_stage_ratios or []) | set(ratios))
+    cells += [Cell(m, r, "from uncompressed") for m in two_stage or [] for r in extra]
     if mlet is not None:
         cells += [Cell("full", dim=d, mlet_factor=f)
                   for d in (mlet or MLET_DIMS) for f in (None, *MLET_FACTORS)]
@@ -141,6 +167,9 @@ def _embeddings(cell: Cell, dim: int) -> dict[str, Any]:
     if cell.method in (UNCOMPRESSED, "full"):
         mlet = {"mlet_dim": cell.mlet_factor * dim} if cell.mlet_factor else {}
         return {"method": {"method": "full", **mlet}}
+    if cell.method in TWO_STAGE:
+        # Sized per feature against the trained (uncompressed) tables: no global budget.
+        return {"method": {**TWO_STAGE[cell.method], "ratio": cell.ratio}}
     spec = dict(METHODS[cell.method])
     if spec.get("mlet_dim") == "4d":
         spec["mlet_dim"] = 4 * dim
@@ -175,8 +204,10 @@ def train_cell(base: TrainConfig, out: Path, cell: Cell,
     name = "".join(c if c.isalnum() or c in "._-" else "_" for c in key)
     schedule = base.schedule.model_copy(update={"max_steps": max_steps} if max_steps else {})
     model = _model(base, cell)
+    two_stage = {"from_model": out / TRAINED_MODEL} if cell.method in TWO_STAGE else {}
     config = TrainConfig.model_validate({
         **base.model_dump(),
+        **two_stage,
         "model": model,
         "embeddings": _embeddings(cell, model["embedding_dim"]),
         "schedule": schedule.model_dump(),
@@ -195,6 +226,9 @@ def train_cell(base: TrainConfig, out: Path, cell: Cell,
            if feature.get("mapper", {}).get("kind") == "cafe"}
     served = int8_cost(config.export_dir, config.data.path,
                        config.data.eval_batch_size) if int8 else {}
+    if cell.method == UNCOMPRESSED:  # the two-stage cells start from it
+        shutil.rmtree(out / TRAINED_MODEL, ignore_errors=True)
+        shutil.copytree(config.export_dir, out / TRAINED_MODEL)
     shutil.rmtree(config.run_dir, ignore_errors=True)
     keep = ("validation_auc", "validation_auc_rare", "validation_auc_medium",
             "validation_auc_hot", "validation_rows_rare", "validation_log_loss",
@@ -323,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     ensure_ray(num_cpus=os.cpu_count())
     results = out / RESULTS
     done = _done(results)
-    cells = _cells(args.methods, args.ratios, args.allocations, args.mlet)
+    cells = _cells(args.methods, args.ratios, args.allocations, args.mlet, args.two_stage,
+                   args.two_stage_ratios)
     for i, cell in enumerate(cells):
         key = cell.key
         if key in done:
@@ -332,6 +367,17 @@ def main(argv: list[str] | None = None) -> int:
         try:
             row = train_cell(base, out, cell, args.max_steps, args.int8)
         except ConfigError as e:
+            largest = re.search(r"the largest is (\d+)", str(e))
+            if cell.method in TWO_STAGE and largest:
+                # A ratio beyond the method's reach (low-rank: k ≥ 1): recorded, not trained.
+                row = {"cell": key, "method": cell.method, "ratio": cell.ratio,
+                       "allocation": cell.allocation, "refused": str(e).splitlines()[-1],
+                       "largest_ratio": float(largest.group(1))}
+                print(f"[quality] {key}: refused: {row['refused']}", flush=True)
+                with results.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                done[key] = row
+                continue
             if not isinstance(e.__cause__, BudgetUnreachable):
                 raise
             # A ratio the method cannot reach (QR's floor): recorded, not trained.
@@ -350,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     stats = load_feature_stats(data)
     dim = base.model_spec.embedding_dim
     reference = sum(uncompressed_bytes(stats.num_distinct(n), dim) for n in stats.features)
-    print_table(done, cells, args.ratios, teacher_row(data), reference)
+    ratios = sorted(set(args.ratios) | (set(args.two_stage_ratios) if args.two_stage else set()))
+    print_table(done, cells, ratios, teacher_row(data), reference)
     return 0
 
 

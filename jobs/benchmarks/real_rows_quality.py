@@ -53,6 +53,10 @@ MODELS: dict[str, dict[str, Any]] = {
     "hash 10x": {"method": {"method": "hash"}, "ratio": 10},
     "qr 10x": {"method": {"method": "qr"}, "ratio": 10},
     "cafe 10x": {"method": {"method": "cafe"}, "ratio": 10},
+    "scma 10x": {"method": {"method": "scma"}, "ratio": 10},
+    "scma contexts 10x": {"method": {"method": "scma", "sets": "contexts"}, "ratio": 10},
+    "mpe 10x": {"method": {"method": "mpe"}, "ratio": 10},
+    "mpe 100x": {"method": {"method": "mpe"}, "ratio": 100},
 }
 
 

@@ -9,12 +9,15 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+import embeddings.collection  # noqa: F401 - imports every method module: all register
 from embeddings import budget
 from embeddings.methods.base import (
     METHODS,
     Combiner,
     FeatureStats,
     MethodConfig,
+    TrainedFeature,
+    TwoStageConfig,
     tensor_bytes,
     with_mlet,
 )
@@ -63,10 +66,14 @@ METHOD_CONFIGS: dict[str, MethodConfig] = {
 }
 
 
-def _train(config: MethodConfig, stats: FeatureStats | None, steps: int = 200):
+def _train(config: MethodConfig, stats: FeatureStats | None, steps: int = 200,
+           trained: TrainedFeature | None = None):
     torch.manual_seed(0)
     values, stream = zipf_stream(steps, 128)
-    emb = config.build(N_VALUES, DIM, stats)
+    if trained is not None:
+        emb = config.from_trained(N_VALUES, DIM, trained)
+    else:
+        emb = config.build(N_VALUES, DIM, stats)
     opt = RowWiseAdagrad(emb.parameters(), lr=0.1)
     first = last = None
     for batch in stream:
@@ -228,17 +235,25 @@ def test_mlet_output_starts_at_an_ordinary_scale() -> None:
 
 
 def test_every_registered_method_honours_the_contract() -> None:
-    """Methods registered by other modules (CAFE, learned hash) build at a ratio, train,
+    """Methods registered by other modules (CAFE, learned hash, MPE) build at a ratio, train,
     collapse exactly and count bytes exactly, like the ones above, bare and under MLET
-    when their combiner is linear."""
+    when they accept it. Two-stage methods (low-rank, MEC) are built from a quickly trained
+    uncompressed feature's serving form (`from_trained`) and hold their own projections, so
+    they are not tried under MLET."""
     stats = FeatureStats.from_ids(zipf_stream(300, 128)[1].flatten())
+    trained = None
     for name, cls in sorted(METHODS.items()):
         base = cls.model_validate({"method": name}).at_ratio(4)
         variants = [base]
-        if base.combiner() is not Combiner.PRODUCT:
+        two_stage = isinstance(base, TwoStageConfig)
+        if two_stage and trained is None:
+            first, *_ = _train(FullConfig(), stats, steps=80)
+            trained = TrainedFeature(first.collapse(), stats)
+        if base.accepts_mlet() and not two_stage:
             variants.append(with_mlet(base, 2 * DIM))
         for config in variants:
-            emb, values, _, _, _ = _train(config, stats, steps=80)
+            emb, values, _, _, _ = _train(config, stats, steps=80,
+                                          trained=trained if two_stage else None)
             serving = emb.collapse()
             with torch.no_grad():
                 for ids in (values, _unseen()):
@@ -246,3 +261,11 @@ def test_every_registered_method_honours_the_contract() -> None:
             assert serving.serving_bytes() == emb.serving_bytes(), config
             held = tensor_bytes(emb.parameters()) + tensor_bytes(emb.buffers())
             assert emb.training_bytes() == held + emb.extra_state_bytes(), config
+            # Checkpoint/resume: a method built afresh (a two-stage one from its trained
+            # feature again) takes the trained state and scores as the trained one.
+            torch.manual_seed(1)
+            fresh = (config.from_trained(N_VALUES, DIM, trained) if two_stage
+                     else config.build(N_VALUES, DIM, stats))
+            fresh.load_state_dict(emb.state_dict())
+            with torch.no_grad():
+                assert torch.equal(fresh(values), emb(values)), config

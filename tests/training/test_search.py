@@ -276,3 +276,36 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(
     assert f"this summary    {exp / 'summary.json'}" in block
     best = summary["best"]
     assert f"trial {best['trial']}, validation AUC {best['validation_auc']:.4f}" in block
+
+
+@pytest.mark.slow
+def test_a_search_over_low_rank_starts_every_trial_from_the_trained_model(
+    synth_data, ray_cluster, tmp_path
+):
+    from training.config import TrainConfig
+    from training.plan import plan_run
+    from training.worker import train_loop_per_worker
+
+    first = TrainConfig.model_validate({
+        "data": {"path": str(synth_data), "batch_size": 1024},
+        "embeddings": {"method": {"method": "full"}},
+        "schedule": {"max_steps": 10, "log_every": 5},
+        "scaling": {"num_workers": 0},
+        "run": {"storage_path": str(tmp_path / "runs"), "name": "full"},
+    })
+    train_loop_per_worker({"spec": plan_run(first, verbose=False)})
+    trained_bytes = load_model(first.export_dir)[0].embedding_bytes()
+    config = search_config(
+        synth_data, tmp_path, "lowrank", from_model=str(first.export_dir),
+        search={"methods": {"lowrank": {}}, "mlet": [0, 2], "ratio": [2, 4],
+                "embedding_dim": 16, "quantize": "none"},
+        objective={"mode": "pareto", "max_serving_bytes": trained_bytes},
+        trials={"num_samples": 2, "max_concurrent_trials": 1, "seed": 7},
+    )
+    result = run_search(config)
+    assert result.complete
+    for r in result.rows:
+        assert r["status"] == "finished", r
+        assert r["serving_bytes"] < trained_bytes / 1.5
+    model, _ = load_model(result.experiment_dir / "best_model")
+    assert all(e.projection is not None for e in model.embeddings)

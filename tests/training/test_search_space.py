@@ -71,3 +71,32 @@ def test_every_drawn_point_makes_a_valid_training_config(tmp_path):
     assert all(k == 0 for m, op, k in seen if op == "product")
     # ... while the linear combiners get every MLET width.
     assert {k for m, op, k in seen if m == "hash"} == {0, 2, 4}
+
+
+def test_a_two_stage_method_is_searched_from_a_trained_model(tmp_path):
+    import optuna
+
+    space = {"methods": {"lowrank": {}, "hash": {}}, "mlet": [0, 2],
+             "ratio": {"low": 2, "high": 8, "log": True}}
+    assert "from_model: search.methods draws ['lowrank']" in _invalid(tmp_path, search=space)
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    (trained / "model.json").write_text("{}")
+    too_far = {**space, "ratio": {"low": 2, "high": 100, "log": True}}
+    message = _invalid(tmp_path, search=too_far, from_model=str(trained))
+    assert "lowrank cannot reach ratio 100" in message and "the largest is" in message
+    config = search_config(tmp_path / "data", tmp_path, "x", search=space,
+                           from_model=str(trained))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    drawn = set()
+    for _ in range(20):
+        point = config.search.draw(study.ask())
+        train = config.trial_config(point, tmp_path / "trial")
+        assert train.from_model == trained
+        if point["method"] == "lowrank":
+            assert point["mlet"] == 0, "low-rank holds its own projection: no MLET"
+            method = train.collection([50_000] * 26).resolve()[0]["C1"]
+            dim = point["embedding_dim"]
+            assert method.rank_for(dim) == max(1, int(dim / point["ratio"]))
+        drawn.add(point["method"])
+    assert drawn == {"lowrank", "hash"}

@@ -47,7 +47,7 @@ def test_every_feature_is_sized_from_its_own_statistics(synth_data, tmp_path):
     assert spec.cardinalities[1] < spec.cardinalities[9]  # C2 is small, C10 large
 
 
-@pytest.mark.parametrize("method", ["hash", "cafe", "learned_hash"])
+@pytest.mark.parametrize("method", ["hash", "cafe", "learned_hash", "scma"])
 def test_the_plan_prints_each_feature_and_lands_on_the_requested_bytes(
     synth_data, tmp_path, capsys, method
 ):
@@ -161,3 +161,21 @@ def test_a_worker_failure_resumes_from_checkpoint_and_sees_every_sample_once(
     assert result.metrics["epoch"] == 2
     assert result.metrics["fingerprint"] == fingerprint
     assert (config.export_dir / "model.json").is_file()
+
+
+@pytest.mark.slow
+def test_an_mpe_run_exports_packed_codes_that_score_like_the_trained_model(
+    synth_data, ray_cluster, tmp_path
+):
+    config = _config(synth_data, tmp_path, "mpe", embeddings={"method": {"method": "mpe"}})
+    spec = plan_run(config, verbose=False)
+    train_loop_per_worker({"spec": spec})
+    model, document = load_model(config.export_dir)
+    mpe = [f for f in document["embeddings"].values() if f["mapper"]["kind"] == "mpe"]
+    assert mpe and all(f["tables"][0]["fmt"] == "mpe" for f in mpe)
+    logits, labels = [], []
+    for batch in iter_local_batches(synth_data, "validation", 8192):
+        logits.append(model(batch["dense"], batch["sparse"]))
+        labels.append(batch["label"])
+    auc = roc_auc(torch.cat(logits).numpy(), torch.cat(labels).numpy())
+    assert abs(auc - document["metrics"]["validation_auc"]) < 1e-6

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, TypeAdapter, ValidationError, model_validator
 
+from embeddings.methods.base import METHODS, TwoStageConfig
 from embeddings.models import ModelConfig
 from training.config import TrainConfig
 from training.search.space import FrozenSection, SearchSpace, candidates, first_line
@@ -121,6 +122,11 @@ class TuneConfig(TrainConfig):
                              "search.ratio; give a byte budget as objective.max_serving_bytes")
         if self.fault is not None:
             raise ValueError("fault: failure injection is for the training job's tests only")
+        two_stage = sorted(m for m in self.search.methods
+                           if issubclass(METHODS[m], TwoStageConfig))
+        if two_stage and self.from_model is None:
+            raise ValueError(f"from_model: search.methods draws {two_stage}, built from a "
+                             "trained model: set from_model to an exported model directory")
         for dim in candidates(self.search.embedding_dim):
             try:
                 with_embedding_dim(self.model_spec, int(dim))

@@ -189,6 +189,10 @@ def run_search(config: TuneConfig, resume: bool = False, callbacks: list[Any] | 
     config = _absolute(config)
     check_search(config, resume)
     warn_about_resources(config, config.asha_can_stop)
+    if "scma" in config.search.methods:  # signed once here, not by each trial at its start
+        from data_pipeline.row_signatures import sign_dataset_once
+
+        sign_dataset_once(config.data.path)
     tuner = build_tuner(config, resume, callbacks)
     results = tuner.fit()
     # Tune returns normally from an interrupt. The state it saved (before stopping the

@@ -12,8 +12,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+import embeddings.collection  # noqa: F401 - imports every method module: all register
 from embeddings.budget import EXPORT_QUANTIZE
-from embeddings.methods.base import METHODS, Combiner, with_mlet
+from embeddings.methods.base import METHODS, MethodConfig, TwoStageConfig, with_mlet
 from embeddings.methods.mlet import MLET_MAX_RATIO, MLET_MIN_RATIO
 
 # Method fields the search sets itself for every method (`ratio`, `mlet`), or that would
@@ -112,12 +113,17 @@ class SearchSpace(FrozenSection):
 
     Args:
         methods: compression method name (embeddings/methods: hash, qr, cafe, learned_hash,
-            full) → the method's own fields to search, e.g. `cafe: {hash_share: {low: 0.2,
-            high: 0.8}, threshold: [50, 500]}`, `qr: {operation: [sum, concat]}`; `{}`
-            searches the method with its defaults. Size fields are not searched per method:
-            `ratio` sizes every method.
+            scma, mpe, full; lowrank and the other two-stage methods with the config's
+            from_model, the ratio then against the trained model's tables) → the method's own
+            fields to search, e.g. `cafe: {hash_share: {low: 0.2, high: 0.8}, threshold: [50,
+            500]}`, `qr: {operation: [sum, concat]}`; `{}` searches the method with its
+            defaults. Size fields are not searched per method: `ratio` sizes every method.
+            Two-stage methods (lowrank, mec: `{codebook_size: [256, 4096],
+            perplexity_weight: [0, 1]}`) are built from the trained model the search names,
+            so they are not in the default.
         mlet: MLET's k/d to try, each 2..16; 0 trains without MLET. A trial whose method
-            combines tables non-linearly (QR by product) never gets MLET.
+            refuses MLET (QR by product combines tables non-linearly; MPE's codes would
+            not survive the fold) never gets MLET.
         ratio: compression ratio of every feature (features with at most 2000 / ratio
             values stay uncompressed, as in the training job).
         embedding_dim: width d of every embedding (the model follows; a DLRM's bottom MLP
@@ -129,7 +135,8 @@ class SearchSpace(FrozenSection):
 
     methods: dict[str, dict[str, Param]] = Field(
         default_factory=lambda: {"hash": {}, "qr": {"operation": ["sum", "concat"]},
-                                 "cafe": {}, "learned_hash": {}},
+                                 "cafe": {}, "learned_hash": {}, "scma": {},
+                                 "mpe": {}},
         min_length=1,
     )
     mlet: list[int] = Field(default_factory=lambda: [0, 2])
@@ -178,7 +185,7 @@ class SearchSpace(FrozenSection):
     def _check_one(self, name: str, values: dict[str, Any], dim: int, k: int) -> None:
         """Build one method config at every candidate ratio (MLET of k·dim on top)."""
         config = METHODS[name].model_validate({"method": name, **values})
-        if k and config.combiner() is Combiner.PRODUCT:
+        if k and not takes_mlet(config):
             return  # the sampler leaves MLET off for these
         if k:
             config = with_mlet(config, k * dim)
@@ -199,11 +206,17 @@ class SearchSpace(FrozenSection):
             point[f"{method}.{field}"] = sample(trial, f"{method}.{field}", param)
         config = METHODS[method].model_validate(
             {"method": method, **{f: point[f"{method}.{f}"] for f in self.methods[method]}})
-        linear = config.combiner() is not Combiner.PRODUCT
-        point["mlet"] = sample(trial, "mlet", self.mlet) if linear else 0
+        point["mlet"] = sample(trial, "mlet", self.mlet) if takes_mlet(config) else 0
         for name in ("ratio", "embedding_dim", "sparse_lr", "dense_lr", "quantize"):
             point[name] = sample(trial, name, getattr(self, name))
         return point
+
+
+def takes_mlet(config: MethodConfig) -> bool:
+    """Whether MLET may follow this method: one that accepts it (a linear combiner, a serving
+    form it folds into), and not a two-stage method (low-rank holds its own k→d projection;
+    two-stage methods are shaped by their trained model)."""
+    return config.accepts_mlet() and not isinstance(config, TwoStageConfig)
 
 
 def _check_method_fields(name: str, fields: dict[str, Param]) -> None:

@@ -37,25 +37,39 @@ def planned_serving_bytes(spec: RunSpec, config: TrainConfig) -> int:
     training). Counted shard by shard, as the workers build them.
     """
     from data_pipeline.stats import load_feature_stats
-    from embeddings.methods.base import FeatureStats
+    from embeddings.methods.base import TwoStageConfig
     from embeddings.sharding.planner import shard_of
+    from training.plan import feature_stats_of, planned_bytes
 
     fmt = ExportQuantize(config.export.quantize).serving_format
     dim = config.model_spec.table_dim  # d, + 1 for a first-order column
     stats = None
     total = 0
+    trained = None
+    if config.from_model is not None:  # two-stage methods count from the trained features
+        from training.from_model import load_trained
+        from training.plan import LazyFeatureStats
+
+        stats = load_feature_stats(config.data.path)
+        trained = load_trained(config.from_model, LazyFeatureStats(stats))[1]
     for feature in spec.plan.features:
         i = spec.names.index(feature.name)
         method = spec.method(feature.name)
+        if isinstance(method, TwoStageConfig):
+            total += planned_bytes(method, spec.cardinalities[i], dim, None, trained,
+                                   feature.name, fmt).serving
+            continue
         feature_stats = None
-        if method.method in ("full", "learned_hash"):  # their mappers hold the vocabulary
+        # Their mappers hold the vocabulary (SCMA: its signed values and signatures; MPE: its
+        # explicit values).
+        if method.method in ("full", "learned_hash", "scma", "mpe"):
             stats = stats or load_feature_stats(config.data.path)
-            feature_stats = FeatureStats(*stats.counts(feature.name))
+            feature_stats = feature_stats_of(stats, feature.name)
         for s in range(feature.num_shards):
             part = feature_stats
             if part is not None and feature.num_shards > 1:
                 keep = shard_of(part.values, feature.num_shards) == s
-                part = FeatureStats(part.values[keep], part.counts[keep])
+                part = part.select(keep)
             n = math.ceil(spec.cardinalities[i] / feature.num_shards)
             total += method.planned_bytes(n, dim, part, fmt).serving
     return total
