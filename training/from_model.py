@@ -82,7 +82,12 @@ def build_two_stage(config: MethodConfig, num_embeddings: int, dim: int,
         raise ConfigError(f"{FIELD}: method {config.method!r} is built from a trained feature "
                           "whole; this run splits the feature over workers (give it one "
                           "worker, or fewer workers)")
-    return config.from_trained(num_embeddings, dim, trained)
+    try:
+        return config.from_trained(num_embeddings, dim, trained)
+    except ValueError as e:  # a ratio beyond the method's reach, a trained form it refuses
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"embeddings.method: {e}") from e
 
 
 def planned_two_stage_bytes(config: MethodConfig, num_embeddings: int, dim: int,

@@ -227,7 +227,7 @@ def quantize_embedding_mixed(
         budget_bytes,
         fixed_bytes=emb.mapper.state_bytes(),
     )
-    return ServingEmbedding(emb.mapper, tables[0], emb.combiner), report
+    return ServingEmbedding(emb.mapper, tables[0], emb.combiner, emb.projection, emb.bias), report
 
 
 def quantize_collection_mixed(
@@ -249,7 +249,7 @@ def quantize_collection_mixed(
     fixed = sum(emb.mapper.state_bytes() for emb in collection.embeddings.values())
     tables, report = quantize_mixed(groups, counts, budget_bytes, fixed_bytes=fixed)
     out = [
-        ServingEmbedding(emb.mapper, ts, emb.combiner)
+        ServingEmbedding(emb.mapper, ts, emb.combiner, emb.projection, emb.bias)
         for emb, ts in zip(collection.embeddings.values(), tables, strict=True)
     ]
     return ServingCollection(collection.names, out, collection.dim), report

@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             row = train_cell(base, out, cell, args.max_steps, args.int8)
         except ConfigError as e:
-            largest = re.search(r"the largest is (\d+)", str(e))
+            largest = re.search(r"(?:the largest is|its largest ratio is) ([\d.]+)", str(e))
             if cell.method in TWO_STAGE and largest:
                 # A ratio beyond the method's reach (low-rank: k ≥ 1): recorded, not trained.
                 row = {"cell": key, "method": cell.method, "ratio": cell.ratio,

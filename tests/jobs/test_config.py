@@ -44,7 +44,11 @@ def test_verbose_brings_ray_trains_info_lines_back(synth_data, ray_cluster, tmp_
     from jobs import train
     from training.run import LOG_LEVEL_ENV, train_log_level
 
-    monkeypatch.delenv(LOG_LEVEL_ENV, raising=False)
+    # setenv first: monkeypatch then undoes what --verbose sets, even where the variable was
+    # unset (a lone delenv of an unset variable records nothing to undo, and INFO would
+    # leak into the later job tests' environment).
+    monkeypatch.setenv(LOG_LEVEL_ENV, "WARNING")
+    monkeypatch.delenv(LOG_LEVEL_ENV)
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump({"data": {"path": str(synth_data)}}))
     quiet = train.build_parser().parse_args(["--config", str(path)])

@@ -27,6 +27,7 @@ SERVING_MODULES = frozenset({
     "embeddings.serving",
     "embeddings.serving_embedding",
     "embeddings.serving_io",
+    "embeddings.serving_mpe",
     "embeddings.serving_tables",
 })
 
