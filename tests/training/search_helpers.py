@@ -6,7 +6,7 @@ from training.search.config import TuneConfig
 
 
 def raw_search(data, tmp_path, name, **overrides) -> dict:
-    """A tiny search: 10-step trials, one worker each at half a CPU, two at a time."""
+    """A tiny search: three 10-step trials at once, one worker each at half a CPU."""
     raw = {
         "data": {"path": str(data), "batch_size": 1024, "eval_batch_size": 32768},
         "model": "dlrm-small",
@@ -28,7 +28,7 @@ def raw_search(data, tmp_path, name, **overrides) -> dict:
         # freeing a stopped trial's workers needs the dashboard's state API, which the
         # test cluster does not start (the rung logic is tested in test_pareto.py).
         "asha": {"enabled": True, "grace_steps": 10},
-        "trials": {"num_samples": 4, "max_concurrent_trials": 2, "seed": 7},
+        "trials": {"num_samples": 3, "max_concurrent_trials": 3, "seed": 7},
     }
     for key, value in overrides.items():
         raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
