@@ -36,6 +36,17 @@ class ExportQuantize(str, Enum):
 
 EXPORT_QUANTIZE: tuple[str, ...] = tuple(q.value for q in ExportQuantize)
 
+class BudgetUnreachable(ValueError):
+    """A ratio or budget beyond a method's reach (QR's floor of 2·sqrt(n) rows a feature,
+    MEC's smallest codebooks): `smallest_bytes` is its smallest form's, `largest_ratio` the
+    most it compresses."""
+
+    def __init__(self, message: str, smallest_bytes: int, largest_ratio: float) -> None:
+        super().__init__(message)
+        self.smallest_bytes = smallest_bytes
+        self.largest_ratio = largest_ratio
+
+
 # Bytes of one promoted row's id in a mixed-precision table (int32, sorted for searchsorted).
 MIXED_ID_BYTES = 4
 
@@ -241,8 +252,9 @@ def mec_codebook_size(
     smallest = mec_bytes(rows, codebooks, size, table_width)
     if smallest > allowed:
         best = uncompressed_bytes(num_embeddings, dim) / smallest
-        raise ValueError(
+        raise BudgetUnreachable(
             f"mec cannot reach ratio {ratio:g} for n={num_embeddings}, d={dim} "
-            f"({rows} coded rows, {codebooks} codebooks): its largest ratio is {best:.3g}"
+            f"({rows} coded rows, {codebooks} codebooks): its largest ratio is {best:.3g}",
+            smallest_bytes=smallest, largest_ratio=best,
         )
     return size

@@ -14,7 +14,8 @@ from data_pipeline.row_signatures import read_signatures, sign_dataset_once
 from data_pipeline.shards import read_manifest
 from data_pipeline.stats import DatasetStats, load_feature_stats
 from embeddings import budget
-from embeddings.allocation import Allocated, BudgetUnreachable
+from embeddings.allocation import Allocated
+from embeddings.budget import BudgetUnreachable
 from embeddings.collection import CollectionConfig
 from embeddings.methods.base import (
     FeatureStats,
@@ -136,12 +137,21 @@ def plan_run(config: TrainConfig, verbose: bool = True) -> RunSpec:
         check_from_model(config, names)
         trained = load_trained(config.from_model, feature_stats)[1]
     features, serving = [], 0
+    unreachable: list[tuple[ConfigError, BudgetUnreachable]] = []
     for name in names:
-        nbytes = planned_bytes(methods[name], sizes[name], collection.dim,
-                               feature_stats.get(name), trained, name)
+        try:
+            nbytes = planned_bytes(methods[name], sizes[name], collection.dim,
+                                   feature_stats.get(name), trained, name)
+        except ConfigError as e:
+            if not isinstance(e.__cause__, BudgetUnreachable):
+                raise
+            unreachable.append((e, e.__cause__))  # a two-stage method's ratio (MEC)
+            continue
         serving += nbytes.serving
         features.append(FeatureSize(name=name, bytes=nbytes.training,
                                     stateless=methods[name].method not in ADAPTIVE_METHODS))
+    if unreachable:
+        _refuse_unreachable(unreachable, serving, uncompressed=collection.uncompressed_bytes())
     workers = max(1, config.scaling.plan_for_workers or config.scaling.num_workers)
     plan = plan_sharding(features, workers, config.scaling.worker_budget_bytes)
     bands = band_columns(config, names, sizes)
@@ -151,6 +161,19 @@ def plan_run(config: TrainConfig, verbose: bool = True) -> RunSpec:
     return RunSpec(config=config, names=names, cardinalities=[sizes[n] for n in names],
                    methods={n: methods[n] for n in names}, plan=plan,
                    band_columns=bands, ratio=ratio)
+
+
+def _refuse_unreachable(unreachable: list[tuple[ConfigError, BudgetUnreachable]],
+                        others: int, uncompressed: int) -> None:
+    """One refusal for the features whose method cannot reach the ratio, carrying what the
+    model's smallest form would serve (the other features as planned, these at their
+    smallest codes: a lower bound, their vocabularies uncounted) so a search records the
+    point as skipped instead of failing."""
+    first, _ = unreachable[0]
+    smallest = others + sum(cause.smallest_bytes for _, cause in unreachable)
+    more = f" (and {len(unreachable) - 1} more features)" if len(unreachable) > 1 else ""
+    cause = BudgetUnreachable(str(first) + more, smallest, uncompressed / max(1, smallest))
+    raise ConfigError(cause.args[0]) from cause
 
 
 def ensure_signatures(root: str | Path, collection: CollectionConfig) -> None:

@@ -35,8 +35,7 @@ from data_pipeline import synthetic
 from data_pipeline.shards import read_manifest
 from data_pipeline.stats import load_feature_stats
 from data_pipeline.transforms import transform_table
-from embeddings.allocation import BudgetUnreachable
-from embeddings.budget import uncompressed_bytes
+from embeddings.budget import BudgetUnreachable, uncompressed_bytes
 from embeddings.metrics import auc_by_band, roc_auc, row_bands
 from embeddings.serving import read_model_json
 from jobs import synth

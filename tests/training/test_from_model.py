@@ -16,7 +16,7 @@ from training.config import ConfigError, TrainConfig
 from training.context import WorkerContext
 from training.from_model import check_from_model
 from training.model import build_model
-from training.plan import LazyFeatureStats, plan_run
+from training.plan import LazyFeatureStats, cardinalities_of, plan_run
 from training.worker import train_loop_per_worker
 
 
@@ -131,3 +131,22 @@ def test_a_bad_from_model_fails_at_start_naming_the_field(synth_data, trained_di
     names = [f"C{i}" for i in range(1, 26)]  # one feature short
     with pytest.raises(ConfigError, match=r"from_model: .*extra \['C26'\]"):
         check_from_model(wider, names)
+
+
+def test_a_ratio_mec_cannot_reach_is_one_refusal_carrying_the_smallest_bytes(
+    synth_data, trained_dir, tmp_path
+):
+    from embeddings.budget import BudgetUnreachable
+
+    config = _config(synth_data, tmp_path, "mec", from_model=str(trained_dir),
+                     embeddings={"ratio": 1000, "method": {"method": "mec", "steps": 2}})
+    with pytest.raises(ConfigError, match=r"embeddings\.method: mec cannot reach ratio 1000 "
+                                          r".*its largest ratio is [\d.]+ \(and \d+ more") as e:
+        plan_run(config, verbose=False)
+    cause = e.value.__cause__
+    assert isinstance(cause, BudgetUnreachable)
+    # Every coded row costs 6 bytes of codes at least; the rest are planned as they are.
+    uncompressed = 4 * 16 * sum(cardinalities_of(load_feature_stats(synth_data))[1])
+    assert 0 < cause.smallest_bytes < uncompressed
+    assert cause.largest_ratio == pytest.approx(uncompressed / cause.smallest_bytes)
+    assert cause.largest_ratio < 1000

@@ -311,3 +311,32 @@ def test_a_search_over_low_rank_starts_every_trial_from_the_trained_model(
         assert r["serving_bytes"] < trained_bytes / 1.5
     model, _ = load_model(result.experiment_dir / "best_model")
     assert all(e.projection is not None for e in model.embeddings)
+
+
+@pytest.mark.slow
+def test_a_ratio_mec_cannot_reach_is_a_skipped_trial(synth_data, ray_cluster, tmp_path):
+    from training.config import TrainConfig
+    from training.plan import plan_run
+    from training.worker import train_loop_per_worker
+
+    first = TrainConfig.model_validate({
+        "data": {"path": str(synth_data), "batch_size": 1024},
+        "embeddings": {"method": {"method": "full"}},
+        "schedule": {"max_steps": 2},
+        "scaling": {"num_workers": 0},
+        "run": {"storage_path": str(tmp_path / "runs"), "name": "full"},
+    })
+    train_loop_per_worker({"spec": plan_run(first, verbose=False)})
+    # 12-bit codes cost 6 bytes a row: 1000x of a 16-wide table (0.064 bytes a row) is out
+    # of reach, found before stage 1 fits any code.
+    config = search_config(
+        synth_data, tmp_path, "mec", from_model=str(first.export_dir),
+        search={"methods": {"mec": {}}, "mlet": [0], "ratio": [1000],
+                "embedding_dim": 16, "quantize": "none"},
+        trials={"num_samples": 1, "max_concurrent_trials": 1, "seed": 1},
+    )
+    result = run_search(config)
+    (row,) = result.rows
+    assert row["status"] == "skipped" and row["method"] == "mec", row
+    assert row["serving_bytes"] > 0 and result.best is None
+    assert not (Path(row["trial_dir"]) / "train").exists(), "no training run may start"

@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from embeddings.allocation import BudgetUnreachable
-from embeddings.budget import ExportQuantize
+from embeddings.budget import BudgetUnreachable, ExportQuantize
 from training.config import ConfigError
 from training.search.config import TuneConfig
 
