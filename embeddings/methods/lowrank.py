@@ -141,10 +141,26 @@ def _check_trained(serving: ServingEmbedding, dim: int) -> None:
                          "(QR by product): E·U only splits over tables through a linear "
                          "combiner")
     widths = [t.width for t in serving.tables]
+    slots = _slots(serving)
+    if len(widths) == 1 and slots > 1:
+        # SCMA's one shared array, read at every slot: each slot's output columns project
+        # through their own rows of U, so every slot would need a table of its own.
+        raise ValueError(
+            f"lowrank cannot project a feature whose one {widths[0]}-wide table is read at "
+            f"{slots} slots (SCMA's shared array): each slot would need its own projected "
+            f"table, {slots}×k values a row against the {widths[0]} it replaces; train "
+            "lowrank from a model with d-wide tables (full, hash, learned_hash, CAFE, QR by "
+            "sum)"
+        )
     width = sum(widths) if serving.combiner is Combiner.CONCAT else max(widths)
     if width != dim or (serving.combiner is Combiner.SUM and min(widths) != dim):
         raise ValueError(f"the trained feature's tables are {widths} wide "
                          f"({serving.combiner.value}); this model's width is d={dim}")
+
+
+def _slots(serving: ServingEmbedding) -> int:
+    """Columns of a lookup: the tables (or slots of one shared table) an id reads."""
+    return int(serving.mapper(torch.tensor([1], dtype=torch.int64)).rows.shape[1])
 
 
 def _reads_once(serving: ServingEmbedding) -> bool:

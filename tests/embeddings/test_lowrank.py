@@ -14,6 +14,7 @@ from embeddings.methods.cafe import CafeConfig
 from embeddings.methods.full import FullConfig
 from embeddings.methods.lowrank import LowRankConfig, collect_moments, principal_axes
 from embeddings.methods.qr import QRConfig
+from embeddings.methods.scma import ScmaConfig
 from embeddings.serving_io import embedding_from_state, embedding_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -156,4 +157,8 @@ def test_refusals_say_why() -> None:
         LowRankConfig(rank=2).from_trained(N, DIM, _trained(QRConfig(ratio=4), _stats()))
     with pytest.raises(ValueError, match="MLET"):
         LowRankConfig(rank=2, mlet_dim=32)
+    # SCMA's shared array: the reason is the slots, not a width that looks wrong.
+    with pytest.raises(ValueError, match=r"one 4-wide table is read at 4 slots \(SCMA"):
+        LowRankConfig(rank=2).from_trained(N, DIM, _trained(ScmaConfig(ratio=4, chunk=4),
+                                                            _stats()))
     assert Combiner.SUM is LowRankConfig(rank=2).combiner()
