@@ -211,11 +211,11 @@ def code_bits(codebook_size: int) -> int:
     return max(1, math.ceil(math.log2(codebook_size)))
 
 
-def mec_bytes(rows: int, codebooks: int, codebook_size: int, table_width: int) -> int:
+def mec_bytes(rows: int, codebooks: int, codebook_size: int, served_columns: int) -> int:
     """MEC's fp32 serving bytes: packed codes (`codebooks` codes a row, no padding between
-    them) plus the code tables, `table_width` wide each as served."""
+    them) plus the code tables, `served_columns` wide together as served."""
     per_row = math.ceil(codebooks * code_bits(codebook_size) / 8)
-    return rows * per_row + codebooks * table_bytes(codebook_size, table_width)
+    return rows * per_row + table_bytes(codebook_size, served_columns)
 
 
 def mec_codebook_size(
@@ -223,7 +223,7 @@ def mec_codebook_size(
     rows: int,
     dim: int,
     codebooks: int,
-    table_width: int,
+    served_columns: int,
     max_size: int,
     rows_per_code: int,
     ratio: float | None = None,
@@ -238,7 +238,7 @@ def mec_codebook_size(
         rows: rows of the trained table whose rows get codes.
         dim: the feature's width d.
         codebooks: codes per row.
-        table_width: served width of each code table.
+        served_columns: served width of all code tables together.
         max_size: most entries a codebook may have.
         rows_per_code: fewest trained rows per codebook entry.
         ratio: compression ratio to meet, or None.
@@ -247,9 +247,9 @@ def mec_codebook_size(
     if ratio is None:
         return size
     allowed = uncompressed_bytes(num_embeddings, dim) / ratio
-    while size > 2 and mec_bytes(rows, codebooks, size, table_width) > allowed:
+    while size > 2 and mec_bytes(rows, codebooks, size, served_columns) > allowed:
         size //= 2
-    smallest = mec_bytes(rows, codebooks, size, table_width)
+    smallest = mec_bytes(rows, codebooks, size, served_columns)
     if smallest > allowed:
         best = uncompressed_bytes(num_embeddings, dim) / smallest
         raise BudgetUnreachable(

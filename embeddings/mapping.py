@@ -43,6 +43,15 @@ def tensor_bytes(tensors: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def concat_widths(width: int, tables: int) -> list[int]:
+    """Widths of `tables` tables whose concatenation is `width` wide: as even as they can be,
+    the wider ones first (a width T does not divide, e.g. d + 1 with a first-order column,
+    still concatenates)."""
+    if not 1 <= tables <= width:
+        raise ValueError(f"{tables} concatenated tables cannot share a width of {width}")
+    return [width // tables + int(i < width % tables) for i in range(tables)]
+
+
 def combine(vectors: list[torch.Tensor], combiner: Combiner) -> torch.Tensor:
     """One vector per id from the vectors read in each table."""
     if len(vectors) == 1:

@@ -20,7 +20,7 @@ from torch import nn
 
 # The serving form's names (mappers, combiners, the serving embedding) stay importable from
 # here: training imports serving, never the reverse.
-from embeddings.mapping import Combiner, Lookup, Mapper, combine, tensor_bytes
+from embeddings.mapping import Combiner, Lookup, Mapper, combine, concat_widths, tensor_bytes
 from embeddings.methods.mlet import check_mlet
 from embeddings.serving_embedding import ServingEmbedding, shared_slots
 
@@ -105,7 +105,7 @@ class CompressedEmbedding(nn.Module):
         table_rows: rows of each plain table.
         combiner: how per-table vectors combine.
         dim: output width d.
-        mlet_dim: MLET's k (> dim): tables are k wide (or k/T each for CONCAT) and a k×d
+        mlet_dim: MLET's k (> dim): tables are k wide (or about k/T each for CONCAT) and a k×d
             projection follows. None = no MLET.
         sparse: tables produce sparse gradients (row-wise optimizers touch only used rows).
         init_scale: tables start U(-s, s); default `ordinary_bound(width)` per table (methods
@@ -144,9 +144,7 @@ class CompressedEmbedding(nn.Module):
         self.sparse = sparse
         width = mlet_dim or dim
         if combiner is Combiner.CONCAT:
-            if width % len(table_rows):
-                raise ValueError(f"width {width} is not divisible by {len(table_rows)} tables")
-            widths = [width // len(table_rows)] * len(table_rows)
+            widths = concat_widths(width, len(table_rows))
         else:
             widths = [width] * len(table_rows)
         scales = init_scale if isinstance(init_scale, list) else [init_scale] * len(table_rows)
@@ -337,8 +335,8 @@ class CompressedEmbedding(nn.Module):
             p = self.projection.detach()
             if combiner is Combiner.CONCAT:
                 # [a, b] @ P == a @ P_top + b @ P_bottom: concat of projections becomes a sum.
-                w = tables[0].shape[1]
-                tables = [t @ p[i * w : (i + 1) * w] for i, t in enumerate(tables)]
+                rows = p.split([t.shape[1] for t in tables])
+                tables = [t @ part for t, part in zip(tables, rows, strict=True)]
                 combiner = Combiner.SUM
             else:
                 tables = [t @ p for t in tables]

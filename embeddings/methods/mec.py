@@ -55,7 +55,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from embeddings import budget
-from embeddings.mapping import CodeMapper, Combiner, Mapper, pack_codes
+from embeddings.mapping import CodeMapper, Combiner, Mapper, concat_widths, pack_codes
 from embeddings.methods.base import (
     CompressedEmbedding,
     FeatureStats,
@@ -72,7 +72,8 @@ class MECCodes:
 
     Args:
         codes: int64 [rows, M] the nearest entry of each codebook, per trained row.
-        tables: M decoded codebooks, [K, d/M] each: the initial code tables.
+        tables: M decoded codebooks, [K, w_j] each (`concat_widths(d, M)`): the initial code
+            tables.
         perplexity: mean over codebooks of exp(entropy of code use over the rows).
         reconstruction: mean squared error of the decoded codes against the trained rows.
     """
@@ -119,35 +120,67 @@ class _ResidualMLP(nn.Module):
 
 
 class _VQVAE(nn.Module):
-    """Encoder → M sub-vectors → nearest codebook entry each → one decoder per sub-space."""
+    """Encoder → M sub-vectors → nearest codebook entry each → one decoder per sub-space.
+
+    Sub-vectors are `concat_widths(d, M)` wide (d + 1 with a first-order column need not
+    divide by M); each is zero-padded to the widest so all M codebooks stay one [M, K, w]
+    tensor and the distances one batched matmul. Padded columns are zero in the sub-vectors
+    and masked to zero in the codebooks, so they add nothing to any distance."""
 
     def __init__(self, dim: int, count: int, size: int, hidden: int) -> None:
         super().__init__()
-        self.count, self.width = count, dim // count
+        self.widths = concat_widths(dim, count)
+        self.count, self.width = count, self.widths[0]
         self.encoder = _ResidualMLP(dim, hidden)
         self.decoders = nn.ModuleList(
-            _ResidualMLP(self.width, max(4, hidden // count)) for _ in range(count)
+            _ResidualMLP(w, max(4, hidden // count)) for w in self.widths
         )
         self.codebooks = nn.Parameter(torch.zeros(count, size, self.width))
+        # Column c of sub-vector j reads encoder column place[j, c]; `dim` (a zero column
+        # appended to the encoding) fills the padding.
+        place = torch.full((count, self.width), dim, dtype=torch.int64)
+        mask = torch.zeros(count, 1, self.width)
+        for j, (start, w) in enumerate(zip(self.starts(), self.widths, strict=True)):
+            place[j, :w] = torch.arange(start, start + w)
+            mask[j, :, :w] = 1
+        self.register_buffer("place", place)
+        self.register_buffer("mask", mask)
+
+    def starts(self) -> list[int]:
+        """First encoder column of each sub-vector."""
+        return [sum(self.widths[:j]) for j in range(self.count)]
+
+    def entries(self) -> torch.Tensor:
+        """The codebooks [M, K, w] with their padded columns at zero."""
+        return self.codebooks * self.mask
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Sub-vectors [M, n, w] (codebook-major: the distances are one batched matmul)."""
-        return self.encoder(x).view(x.shape[0], self.count, self.width).transpose(0, 1)
+        z = F.pad(self.encoder(x), (0, 1))
+        return z[:, self.place].permute(1, 0, 2)
 
     def distances(self, z: torch.Tensor) -> torch.Tensor:
         """Squared distances [M, n, K] of each sub-vector to every entry of its codebook,
         less ‖z‖² (the same for every entry, so the nearest entry and the softmax keep)."""
-        norms = self.codebooks.pow(2).sum(-1)[:, None, :]
-        return torch.baddbmm(norms, z, self.codebooks.transpose(1, 2), alpha=-2)
+        books = self.entries()
+        norms = books.pow(2).sum(-1)[:, None, :]
+        return torch.baddbmm(norms, z, books.transpose(1, 2), alpha=-2)
 
     def decode(self, quantised: torch.Tensor) -> torch.Tensor:
-        parts = [dec(quantised[j]) for j, dec in enumerate(self.decoders)]
+        parts = [dec(quantised[j, :, :w])
+                 for j, (dec, w) in enumerate(zip(self.decoders, self.widths, strict=True))]
         return torch.cat(parts, dim=1)
+
+    def decoded_tables(self) -> list[torch.Tensor]:
+        """Each codebook through its decoder: [K, w_j] in the (centred, scaled) row space."""
+        books = self.entries()
+        return [dec(books[j, :, :w])
+                for j, (dec, w) in enumerate(zip(self.decoders, self.widths, strict=True))]
 
     def pick(self, codes: torch.Tensor) -> torch.Tensor:
         """Codebook entries [M, n, w] at codes [M, n]."""
         which = torch.arange(self.count, device=codes.device)[:, None]
-        return self.codebooks[which, codes]
+        return self.entries()[which, codes]
 
 
 def fit_mec_codes(
@@ -169,7 +202,8 @@ def fit_mec_codes(
     """Stage 1 of MEC: product-quantisation codes of a trained table's rows.
 
     Args:
-        vectors: float [rows, d] the trained rows (d divisible by `codebooks`).
+        vectors: float [rows, d] the trained rows (d ≥ `codebooks`; sub-vectors are
+            `concat_widths(d, codebooks)` wide).
         counts: int [rows] how often each row was read in the data (None: all alike); each
             row is repeated max(1, ⌊log2 count⌋) times in the training set.
         codebooks: M, codes per row.
@@ -187,8 +221,8 @@ def fit_mec_codes(
     """
     x_raw = vectors.detach().to(torch.float32)
     rows, dim = x_raw.shape
-    if dim % codebooks:
-        raise ValueError(f"width {dim} is not divisible by {codebooks} codebooks")
+    if dim < codebooks:
+        raise ValueError(f"width {dim} cannot hold {codebooks} sub-vectors (codebooks)")
     if not 2 <= codebook_size <= rows:
         raise ValueError(f"codebook size must be in [2, rows={rows}], got {codebook_size}")
     gen = torch.Generator().manual_seed(seed)
@@ -245,8 +279,8 @@ def fit_mec_codes(
             ]
         )
         decoded = [
-            dec(model.codebooks[j]) * scale + mean[j * model.width : (j + 1) * model.width]
-            for j, dec in enumerate(model.decoders)
+            t * scale + part
+            for t, part in zip(model.decoded_tables(), mean.split(model.widths), strict=True)
         ]
         recon = torch.cat([decoded[j][codes[:, j]] for j in range(codebooks)], dim=1)
         error = float((recon - x_raw).pow(2).mean())
@@ -270,18 +304,18 @@ def _seed_tables(emb: CompressedEmbedding, blocks: list[torch.Tensor]) -> None:
     start at zero, and the projection rows of those first columns copy them to the block's
     output columns, so the method starts exactly at `blocks` and the extra width trains from
     the (random) rest of the projection."""
-    col = 0
-    for i, (table, block) in enumerate(zip(emb.tables, blocks, strict=True)):
+    col, top = 0, 0
+    for table, block in zip(emb.tables, blocks, strict=True):
         w = block.shape[1]
         if emb.projection is None:
             table.copy_(block)
             continue
         table.zero_()
         table[:, :w] = block
-        top = i * table.shape[1] if emb.combiner is Combiner.CONCAT else 0
         emb.projection[top : top + w] = 0
         emb.projection[top : top + w, col : col + w] = torch.eye(w)
         col += w
+        top += table.shape[1] if emb.combiner is Combiner.CONCAT else 0
 
 
 class MECConfig(TwoStageConfig):
@@ -322,9 +356,9 @@ class MECConfig(TwoStageConfig):
 
     def check(self, num_embeddings: int, dim: int) -> None:
         super().check(num_embeddings, dim)
-        width = self.mlet_dim or dim
-        if dim % self.codebooks or width % self.codebooks:
-            raise ValueError(f"mec needs widths divisible by {self.codebooks} codebooks")
+        if dim < self.codebooks:
+            raise ValueError(f"mec's {self.codebooks} codebooks each need a column of the "
+                             f"width {dim}")
         if self.codebooks * budget.code_bits(self.codebook_size) > 63:
             raise ValueError("mec's codes of one row must fit 63 bits")
 
@@ -355,7 +389,9 @@ class MECConfig(TwoStageConfig):
             emb = CompressedEmbedding(inner, [rows], Combiner.SUM, dim, self.mlet_dim, self.sparse)
             _seed_tables(emb, [table])
             return emb
-        served = dim if self.mlet_dim is not None else dim // self.codebooks
+        # Served columns over all code tables: d together, or d each once MLET's projection
+        # folds into them.
+        served = dim * self.codebooks if self.mlet_dim is not None else dim
         size = budget.mec_codebook_size(
             rows,
             rows,

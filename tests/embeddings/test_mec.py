@@ -39,14 +39,14 @@ def _stream(n_values: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torc
     return values, values[torch.multinomial(probs, size, replacement=True, generator=g)]
 
 
-def _trained(config, n_values: int, stats: FeatureStats) -> TrainedFeature:
+def _trained(config, n_values: int, stats: FeatureStats, dim: int = DIM) -> TrainedFeature:
     """A trained feature whose rows are clustered (so codes can say something about them)."""
     torch.manual_seed(0)
-    emb = config.build(n_values, DIM, stats)
+    emb = config.build(n_values, dim, stats)
     with torch.no_grad():
         rows = emb.tables[0].shape[0]
-        centres = torch.randn(32, DIM) * 0.3
-        emb.tables[0].copy_(centres[torch.randint(32, (rows,))] + 0.03 * torch.randn(rows, DIM))
+        centres = torch.randn(32, dim) * 0.3
+        emb.tables[0].copy_(centres[torch.randint(32, (rows,))] + 0.03 * torch.randn(rows, dim))
     return TrainedFeature(emb.collapse(), stats)
 
 
@@ -114,7 +114,7 @@ def test_mec_starts_at_the_vqvae_reconstruction_and_collapses_exactly_through_sa
     assert vocab > 0
     expected = 6 * rows + 4 * 4096 * (DIM // 4) * 4 + vocab
     assert emb.serving_bytes() == serving.serving_bytes() == loaded.serving_bytes() == expected
-    assert emb.serving_bytes() == budget.mec_bytes(rows, 4, 4096, DIM // 4) + vocab
+    assert emb.serving_bytes() == budget.mec_bytes(rows, 4, 4096, DIM) + vocab
 
 
 def test_a_ratio_sizes_the_codebooks_and_an_unreachable_one_is_refused_with_the_largest() -> None:
@@ -164,17 +164,23 @@ def test_the_search_space_takes_mec_and_its_fields() -> None:
         mlet=[0, 2],
     )
     assert set(space.methods) == {"mec"}
-    with pytest.raises(ValueError, match="divisible"):
-        SearchSpace(methods={"mec": {"codebooks": [3]}}, embedding_dim=16)
+    # Three codebooks over d = 16 (+1 first-order column) are sub-vectors of 6, 6, 5 / 6, 5, 5.
+    assert SearchSpace(methods={"mec": {"codebooks": [3]}}, embedding_dim=16).methods
+    with pytest.raises(ValueError, match="codebooks each need a column"):
+        SearchSpace(methods={"mec": {"codebooks": [8]}}, embedding_dim=4)
 
 
-def test_a_served_model_with_mec_features_loads_and_scores_like_training(tmp_path) -> None:
+@pytest.mark.parametrize("first_order", [False, True])
+def test_a_served_model_with_mec_features_loads_and_scores_like_training(
+    tmp_path, first_order: bool
+) -> None:
     from embeddings.collection import EmbeddingCollection
     from embeddings.models import model_preset
     from embeddings.serving import ServingModel, export_model, load_model
 
-    spec = model_preset("dlrm-small")
-    dim = spec.embedding_dim
+    # With the first-order column every table is d + 1 = 17 wide: uneven code tables.
+    spec = model_preset("dlrm-small").model_copy(update={"first_order": first_order})
+    dim = spec.table_dim
     cards = [3000, 3000, 5]
     methods = {}
     for j, n in enumerate(cards):
@@ -184,6 +190,8 @@ def test_a_served_model_with_mec_features_loads_and_scores_like_training(tmp_pat
         mlet = {"mlet_dim": 2 * dim} if j == 1 else {}  # under MLET: summed d-wide tables
         config = MECConfig(ratio=4, steps=5, **mlet) if n > 100 else MECConfig()
         methods[f"C{j + 1}"] = config.from_trained(n, dim, trained)
+    if first_order:
+        assert [t.shape[1] for t in methods["C1"].tables] == [5, 4, 4, 4]
     collection = EmbeddingCollection.from_methods(methods, dim)
     torch.manual_seed(0)
     spec = spec.model_copy(update={"num_sparse": len(cards)})
@@ -207,3 +215,30 @@ def test_under_a_ratio_tiny_tables_stay_as_under_every_method() -> None:
     kept = MECConfig(ratio=10).from_trained(150, DIM, trained)  # 150 ≤ 2000 / 10
     assert not isinstance(kept.mapper, CodeMapper)
     assert torch.equal(kept.tables[0].detach(), trained.serving.tables[0].dequantize())
+
+
+@pytest.mark.parametrize("mlet_dim", [None, 4 * (DIM + 1)])
+def test_a_width_the_codebooks_do_not_divide_is_coded_in_uneven_sub_vectors(mlet_dim) -> None:
+    # d + 1 = 9 (a first-order column): 4 codebooks over sub-vectors of 3, 2, 2, 2 columns.
+    width = DIM + 1
+    _, stream = _stream(4000, 20_000)
+    stats = FeatureStats.from_ids(stream)
+    trained = _trained(HashConfig(ratio=1), 4000, stats, dim=width)
+    emb = MECConfig(ratio=4, steps=60, mlet_dim=mlet_dim).from_trained(4000, width, trained)
+    assert isinstance(emb.mapper, CodeMapper)
+    expected = [3, 2, 2, 2] if mlet_dim is None else [9, 9, 9, 9]
+    assert [t.shape[1] for t in emb.tables] == expected
+    with torch.no_grad():
+        ids = stats.values
+        start, target = emb(ids), trained.serving(ids)
+        assert start.shape == target.shape == (ids.numel(), width)
+        # Every column, the last (short) sub-vector's too, follows the trained rows.
+        per_column = (start - target).pow(2).mean(0)
+        assert (per_column < 0.25 * target.var(0)).all(), per_column
+        serving = emb.collapse()
+        assert (serving(ids) - start).abs().max() <= 1e-5
+    rows = trained.serving.tables[0].rows
+    size = emb.tables[0].shape[0]
+    served = width * (4 if mlet_dim else 1)
+    assert serving.serving_bytes() == budget.mec_bytes(rows, 4, size, served) \
+        + trained.serving.mapper.serving_bytes()
