@@ -55,6 +55,16 @@ class TrainLoop:
         self.last_metrics: dict[str, Any] = {}
         self.last_eval_step = -1
 
+    def judge_start(self) -> None:
+        """A run that starts from a trained model (`from_model`) under early stopping is
+        judged before its first step too: where fine-tuning only loses (a second pass over
+        the rows the first stage fitted), the start is the model kept."""
+        p = self.progress
+        if self.schedule.early_stopping is None or self.config.from_model is None \
+                or p.step != 0 or p.best_step >= 0:
+            return
+        self._validate()
+
     def batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """This worker's batches, one per step still to train (none after early stopping)."""
         if self.progress.stopped:

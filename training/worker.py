@@ -55,6 +55,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     loop = TrainLoop(spec, ctx, model, progress, stats, monitor,
                      audit=bool(loop_config.get("audit")))
     model.embeddings.schedule(loop.total_steps)  # MPE ends its search at a share of the run
+    loop.judge_start()
     loss_fn = nn.BCEWithLogitsLoss()
     for batch in loop.batches():
         inject_fault(config.fault, progress.step + 1, ctx.rank)

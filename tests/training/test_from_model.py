@@ -82,6 +82,26 @@ def test_low_rank_from_a_trained_model_fine_tunes_exports_and_serves_exactly(
         "embeddings"] / 2
 
 
+def test_early_stopping_judges_the_start_so_a_fine_tuning_that_only_loses_keeps_it(
+    synth_data, trained_dir, tmp_path
+):
+    # Learning rates no fine-tuning survives: every evaluation after the start is worse.
+    config = _config(
+        synth_data, tmp_path, "start_kept", from_model=str(trained_dir),
+        embeddings={"method": {"method": "lowrank", "rank": 8}},
+        optimizer={"sparse_lr": 50.0, "dense_lr": 5.0},
+        schedule={"max_steps": 20, "log_every": 10, "eval_every": 5,
+                  "early_stopping": {"metric": "validation_auc", "patience": 2}},
+    )
+    train_loop_per_worker({"spec": plan_run(config, verbose=False)})
+    document = load_model(config.export_dir)[1]
+    metrics = document["metrics"]
+    assert metrics["best_step"] == 0 and metrics["step"] > 0
+    # The export is the start, judged before the first step: it scores as that judgement.
+    assert abs(metrics["validation_auc"] - metrics["best_value"]) < 1e-6
+    assert abs(_served_auc(config.export_dir, synth_data) - metrics["best_value"]) < 1e-6
+
+
 def test_a_resumed_two_stage_model_restores_its_state_not_a_new_derivation(
     synth_data, trained_dir, tmp_path
 ):
