@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from embeddings.budget import EXPORT_QUANTIZE
-from training.export import ExportError, reexport
+from training.export import ExportError, reexport, reexport_mixed
 
 DESCRIPTION = """\
 Re-export an exported embpress model (model.json + weights.safetensors, as written at the
@@ -24,6 +24,8 @@ end of python -m jobs.train) with its embedding tables quantised row-wise:
   fp16  |error| <= 2^-11 |x| per value, half the bytes
   int8  |error| <= (row max - row min) / 510, about a quarter of the bytes
   int4  |error| <= (row max - row min) / 30, about an eighth of the bytes
+  mixed each row int4, int8 or fp16 by how often the data reads it, so the embeddings fit
+        --budget-bytes (frequency-banded post-training precision: MPE's baseline)
 The output is written to a temporary folder and moved into place only after it loads and
 its scores on random rows agree with the source's within the format's bound.
 """
@@ -31,6 +33,8 @@ its scores on random rows agree with the source's within the format's bound.
 EPILOG = """\
 examples:
   python -m jobs.export --model-dir runs/small_synthetic/model --out runs/small_int8 --quantize int8
+  python -m jobs.export --model-dir runs/small_synthetic/model --out runs/small_mixed \
+      --quantize mixed --budget-bytes 100000
   serve deploy deploy/serve.yaml   # after pointing user_config.model_dir at the new folder
 """
 
@@ -45,17 +49,33 @@ def build_parser() -> argparse.ArgumentParser:
                         "accepted as another name; Ray Train checkpoints are not read yet)")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="directory to write (must not exist, or be empty)")
-    parser.add_argument("--quantize", choices=EXPORT_QUANTIZE, default="none",
+    parser.add_argument("--quantize", choices=(*EXPORT_QUANTIZE, "mixed"), default="none",
                         help="storage of the embedding tables (default: %(default)s)")
+    parser.add_argument("--budget-bytes", type=int, metavar="N",
+                        help="with --quantize mixed: serving bytes the embeddings must fit")
+    parser.add_argument("--data", type=Path, metavar="DIR",
+                        help="with --quantize mixed: prepared data whose statistics count "
+                             "each row's accesses (default: the data the model trained on)")
     parser.add_argument("--version", help="version recorded in the new model.json "
                                           "(default: the source's, with the format appended)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    mixed = args.quantize == "mixed"
+    if mixed and (args.budget_bytes is None or args.budget_bytes <= 0):
+        parser.error("--quantize mixed needs --budget-bytes N (N > 0)")
+    if not mixed and (args.budget_bytes is not None or args.data is not None):
+        parser.error("--budget-bytes and --data go with --quantize mixed")
     try:
-        summary = reexport(Path(args.model_dir), Path(args.out), args.quantize, args.version)
+        if mixed:
+            summary = reexport_mixed(Path(args.model_dir), Path(args.out), args.budget_bytes,
+                                     args.data, args.version)
+        else:
+            summary = reexport(Path(args.model_dir), Path(args.out), args.quantize,
+                               args.version)
     except ExportError as exc:
         print(f"export: error: {exc}", file=sys.stderr)
         return 2

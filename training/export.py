@@ -14,7 +14,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from data_pipeline.stats import load_feature_stats
 from embeddings.budget import ExportQuantize
+from embeddings.methods.quantize import quantize_collection_mixed
 from embeddings.serving import (
     COMPUTED_KEYS,
     MODEL_FILE,
@@ -24,11 +26,13 @@ from embeddings.serving import (
     export_model,
     load_model,
 )
+from embeddings.serving_embedding import ServingCollection, ServingEmbedding
 from embeddings.serving_io import embedding_from_state, embedding_state
+from embeddings.serving_tables import ServingTable
 from embeddings.sharding.router import ShardedEmbeddingCollection, module_key
 from training.context import WorkerContext
 from training.model import TrainableModel
-from training.plan import RunSpec
+from training.plan import LazyFeatureStats, RunSpec
 
 State = tuple[dict[str, Any], dict[str, torch.Tensor]]
 
@@ -123,25 +127,77 @@ def reexport(model_dir: Path, out: Path, fmt: ExportQuantize | str,
     a summary of what was written. `out` appears only once the copy loads and scores like
     the source (exactly for "none", within the format's bound otherwise)."""
     fmt = ExportQuantize(fmt).value
+    source, document = _load_source(model_dir, out, quantising=fmt != "none")
+    metadata = _copy_metadata(model_dir, document, fmt, version)
+    written, error = _write_checked(source, source.quantize(fmt), out, metadata, fmt)
+    return _summary(out, metadata, document, written, error)
+
+
+def reexport_mixed(model_dir: Path, out: Path, budget_bytes: int, data: Path | None = None,
+                   version: str | None = None) -> dict[str, Any]:
+    """Write a copy of the export in `model_dir` to `out` whose rows each take int4, int8 or
+    fp16 by how often the data reads them, so the embeddings fit `budget_bytes`
+    (`quantize_collection_mixed`: frequency-banded post-training mixed precision, the
+    baseline MPE's learned widths are measured against). Access counts come from the
+    statistics of `data` (default: the training data the model.json names)."""
+    source, document = _load_source(model_dir, out, quantising=True)
+    data = data or Path(document.get("training_config", {}).get("data", {}).get("path", ""))
+    try:
+        stats = LazyFeatureStats(load_feature_stats(data))
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"--data: no statistics to count row accesses at {data} ({exc}); "
+                          "give the prepared data folder the model trained on") from None
+    plain = [e for e in source.embeddings if not isinstance(e, ServingEmbedding)
+             or not all(isinstance(t, ServingTable) for t in e.tables)]
+    if plain:
+        raise ExportError("mixed precision re-encodes plain fp32 tables; this model has "
+                          f"{len(plain)} features stored otherwise (a shared hot table or "
+                          "MPE's packed codes)")
+    collection = ServingCollection(source.names, list(source.embeddings),
+                                   source.model_config.table_dim)
+    try:
+        mixed, report = quantize_collection_mixed(collection, stats, budget_bytes)
+    except ValueError as exc:
+        raise ExportError(f"--budget-bytes: {exc}") from None
+    quantised = ServingModel(source.model_config, source.dense, source.names,
+                             list(mixed.embeddings.values()))
+    metadata = _copy_metadata(model_dir, document, "mixed", version)
+    metadata["mixed_precision"] = {"budget_bytes": budget_bytes,
+                                   "rows_per_format": report.rows_per_format}
+    written, error = _write_checked(source, quantised, out, metadata, "mixed")
+    return _summary(out, metadata, document, written, error)
+
+
+def _load_source(model_dir: Path, out: Path, quantising: bool) -> tuple[ServingModel, dict]:
     _check_paths(model_dir, out)
     try:
         source, document = load_model(model_dir)
     except ModelFileError as exc:
         raise ExportError(str(exc)) from None
     previous = document.get("quantize", "none")
-    if previous not in ("none", "fp32", None) and fmt != "none":
+    if previous not in ("none", "fp32", None) and quantising:
         raise ExportError(f"{model_dir} is already quantised ({previous}); quantise the fp32 "
                           "export instead, or errors add up")
+    return source, document
+
+
+def _copy_metadata(model_dir: Path, document: dict[str, Any], fmt: str,
+                   version: str | None) -> dict[str, Any]:
+    """The source's metadata, with what the copy is stored as and where it came from."""
     metadata = {k: v for k, v in document.items() if k not in COMPUTED_KEYS}
     metadata.update(
-        quantize=previous if fmt == "none" else fmt,
+        quantize=document.get("quantize", "none") if fmt == "none" else fmt,
         source={"model_dir": str(model_dir.resolve()),
                 "weights_sha256": document["weights_sha256"]},
     )
     if version or "version" in document:
         metadata["version"] = version or (document["version"] if fmt == "none"
                                           else f"{document['version']}-{fmt}")
-    written, error = _write_checked(source, source.quantize(fmt), out, metadata, fmt)
+    return metadata
+
+
+def _summary(out: Path, metadata: dict[str, Any], document: dict[str, Any],
+             written: dict[str, Any], error: float) -> dict[str, Any]:
     return {
         "out": str(out),
         "quantize": metadata["quantize"],

@@ -5,9 +5,11 @@ held-out test part. Every model trains on the train rows only and may look at va
 (early stopping, the baseline's regularisation strength); the table reports AUC on the
 held-out rows. Models: a logistic regression on 2^18 hashed features (scikit-learn; the
 simple baseline a CTR model must beat) and embpress's DLRM with uncompressed, hash, QR and
-CAFE tables at 10×, all with the preset's recipe (`deploy/configs/criteo_kaggle_sample.yaml`:
-early stopping on validation AUC with the best epoch exported, L2 on the rows a batch reads,
-a first-order term, cosine decay of the dense learning rate).
+CAFE tables at 10× (and SCMA, MPE, and the two-stage low-rank and MEC, which fine-tune
+from the fold's uncompressed model), all with the preset's recipe
+(`deploy/configs/criteo_kaggle_sample.yaml`: early stopping on validation AUC with the best
+epoch exported, L2 on the rows a batch reads, a first-order term, cosine decay of the dense
+learning rate).
 
 With ~2,000 held-out rows one AUC has a standard error near 0.012, so the split is redrawn
 `--folds` times (a different shuffle each; in each fold the held-out rows are new to every
@@ -28,17 +30,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import argparse
 import os
+import re
 import shutil
 import time
 from typing import Any
 
 import numpy as np
+import torch
 
+from data_pipeline.datasets import iter_local_batches
 from embeddings.metrics import roc_auc
-from embeddings.serving import read_model_json
+from embeddings.serving import load_model, read_model_json
 from jobs.config import load_config
 from jobs.ray_session import ensure_ray
 from training.config import TrainConfig
+from training.export import reexport_mixed
 from training.plan import plan_run
 from training.worker import train_loop_per_worker
 
@@ -47,6 +53,10 @@ DEFAULT_CONFIG = REPO / "deploy" / "configs" / "criteo_kaggle_sample.yaml"
 SHARED = Path(os.environ.get("EMBPRESS_REAL_DATA", REPO.parent / "shared" / "data"))
 DEFAULT_TSV = SHARED / "criteo_kaggle_sample.tsv"
 BASELINE = "logistic regression (2^18 hashed)"
+FROM = "from"  # a cell's key naming the cell whose exported model it starts from
+# A cell's key naming (the cell re-exported, the cell whose serving bytes it must fit): no
+# training, the first cell's model stored in per-row int4/int8/fp16 by access frequency.
+MIXED = "mixed"
 # The embpress cells: name → embeddings section (None ratio: uncompressed).
 MODELS: dict[str, dict[str, Any]] = {
     "uncompressed": {"method": {"method": "full"}},
@@ -57,6 +67,17 @@ MODELS: dict[str, dict[str, Any]] = {
     "scma contexts 10x": {"method": {"method": "scma", "sets": "contexts"}, "ratio": 10},
     "mpe 10x": {"method": {"method": "mpe"}, "ratio": 10},
     "mpe 100x": {"method": {"method": "mpe"}, "ratio": 100},
+    # Two-stage methods fine-tune from the fold's uncompressed model (trained first).
+    "lowrank 2x": {"method": {"method": "lowrank"}, "ratio": 2, FROM: "uncompressed"},
+    "lowrank 4x": {"method": {"method": "lowrank"}, "ratio": 4, FROM: "uncompressed"},
+    "mec 4x": {"method": {"method": "mec"}, "ratio": 4, FROM: "uncompressed"},
+    # MPE's baseline: post-training mixed precision by frequency band at MPE's bytes, from
+    # hash models about three times those bytes in fp32 (all-int4 of hash 10x is twice MPE
+    # 10x's; all-fp16 of hash 50x is below it, leaving nothing to choose).
+    "hash 25x": {"method": {"method": "hash"}, "ratio": 25},
+    "hash 75x": {"method": {"method": "hash"}, "ratio": 75},
+    "hash 25x, mixed at mpe 10x bytes": {MIXED: ("hash 25x", "mpe 10x")},
+    "hash 75x, mixed at mpe 100x bytes": {MIXED: ("hash 75x", "mpe 100x")},
 }
 
 
@@ -171,20 +192,37 @@ def _set(raw: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
     return raw
 
 
+def _sources(cell: str) -> list[str]:
+    """The cells whose exports `cell` is built from."""
+    spec = MODELS[cell]
+    return list(spec.get(MIXED, ())) + ([spec[FROM]] if FROM in spec else [])
+
+
+def _run_name(cell: str) -> str:
+    """A cell's name as a run name (letters, digits, `_.-`: what run.name accepts)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", cell)
+
+
 def train_cell(base: TrainConfig, data: Path, out: Path, name: str,
                embeddings: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
-    """Train one embpress model in this process (the job's own worker function)."""
-    run_name = name.replace(" ", "_")
+    """Train one embpress model in this process (the job's own worker function). Its export
+    stays under OUT/models (a two-stage cell starts from it); the run folder goes."""
+    run_name = _run_name(name)
+    embeddings = dict(embeddings)
+    start = embeddings.pop(FROM, None)
     raw = base.model_dump(mode="json")
     raw.update({
         "data": {**raw["data"], "path": str(data)},
         "embeddings": embeddings,
         "scaling": {**raw["scaling"], "num_workers": 0},
         "run": {"storage_path": str(out / "runs"), "name": run_name},
-        "export": {"out": None, "quantize": "none"},
+        "export": {"out": str(out / "models" / run_name), "quantize": "none"},
     })
+    if start is not None:
+        raw["from_model"] = str(out / "models" / _run_name(start))
     config = TrainConfig.model_validate(_set(raw, assignments))
     shutil.rmtree(config.run_dir, ignore_errors=True)
+    shutil.rmtree(config.export_dir, ignore_errors=True)
     t0 = time.perf_counter()
     spec = plan_run(config, verbose=False)
     train_loop_per_worker({"spec": spec})
@@ -193,6 +231,27 @@ def train_cell(base: TrainConfig, data: Path, out: Path, name: str,
     return {"validation_auc": metrics["validation_auc"], "heldout_auc": metrics["test_auc"],
             "serving_bytes": metrics.get("serving_bytes"), "best_step": metrics.get("best_step"),
             "step": metrics.get("step"), "seconds": time.perf_counter() - t0}
+
+
+def mixed_cell(data: Path, out: Path, name: str, source: str, fit: str) -> dict[str, Any]:
+    """`source`'s export re-stored with per-row formats to fit `fit`'s serving bytes, scored
+    on the validation and held-out rows (`jobs.export --quantize mixed`)."""
+    models = out / "models"
+    target = models / _run_name(name)
+    shutil.rmtree(target, ignore_errors=True)
+    budget = read_model_json(models / _run_name(fit))["serving_bytes"]["embeddings"]
+    t0 = time.perf_counter()
+    reexport_mixed(models / _run_name(source), target, budget, data)
+    model, document = load_model(target)
+    aucs = {}
+    for split, key in (("validation", "validation_auc"), ("test", "heldout_auc")):
+        logits, labels = [], []
+        for batch in iter_local_batches(data, split, 8192):
+            logits.append(model(batch["dense"], batch["sparse"]))
+            labels.append(batch["label"])
+        aucs[key] = roc_auc(torch.cat(logits).numpy(), torch.cat(labels).numpy())
+    return {**aucs, "serving_bytes": document["serving_bytes"]["embeddings"], "best_step": 0,
+            "step": 0, "seconds": time.perf_counter() - t0}
 
 
 def print_table(results: dict[str, list[dict[str, Any]]], report: str, folds: int) -> None:
@@ -230,6 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.tsv.is_file():
         raise SystemExit(f"no labelled rows at {args.tsv} (set EMBPRESS_REAL_DATA or --tsv)")
     out = args.out.resolve()
+    for name in args.models:  # a cell built from others needs them earlier in the list
+        for first in _sources(name):
+            if first not in args.models or args.models.index(first) > args.models.index(name):
+                raise SystemExit(f"--models: {name!r} is built from {first!r}: list "
+                                 f"{first!r} before it")
     base = load_config(args.config, TrainConfig)
     # One process trains every cell: give torch every core (the job's workers default to 1).
     os.environ.setdefault("EMBPRESS_TORCH_THREADS", str(os.cpu_count() or 1))
@@ -243,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[real-rows] fold {fold} {BASELINE}: validation {row['validation_auc']:.4f} "
               f"({row['setting']})", flush=True)
         for name in args.models:
-            row = train_cell(base, data, out / f"fold{fold}", name, MODELS[name], args.set)
+            cell = MODELS[name]
+            row = (mixed_cell(data, out / f"fold{fold}", name, *cell[MIXED]) if MIXED in cell
+                   else train_cell(base, data, out / f"fold{fold}", name, cell, args.set))
             results.setdefault(name, []).append(row)
             print(f"[real-rows] fold {fold} {name}: validation {row['validation_auc']:.4f} "
                   f"best step {row['best_step']}/{row['step']} ({row['seconds']:.0f} s)",

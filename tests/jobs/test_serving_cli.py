@@ -68,6 +68,52 @@ def test_export_quantises_and_keeps_the_metadata(fmt, model_dirs, tmp_path, caps
     assert gap <= {"none": 0, "fp16": 1e-3, "int8": 1e-2, "int4": 1e-1}[fmt]
 
 
+def test_export_mixed_fits_the_budget_with_hot_rows_in_the_wider_formats(
+    model_dirs, synth_data, tmp_path, capsys
+):
+    source = json.loads((model_dirs["v1"] / MODEL_FILE).read_text())
+    fp32 = source["serving_bytes"]["embeddings"]
+    int4 = tmp_path / "int4"
+    assert export_job.main(["--model-dir", str(model_dirs["v1"]), "--out", str(int4),
+                            "--quantize", "int4"]) == 0
+    smallest = json.loads((int4 / MODEL_FILE).read_text())["serving_bytes"]["embeddings"]
+    budget = smallest + (fp32 - smallest) // 4  # between all-int4 and all-fp16
+    out = tmp_path / "mixed"
+    assert export_job.main(["--model-dir", str(model_dirs["v1"]), "--out", str(out),
+                            "--quantize", "mixed", "--budget-bytes", str(budget),
+                            "--data", str(synth_data)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    document = json.loads((out / MODEL_FILE).read_text())
+    assert document["quantize"] == "mixed"
+    assert budget * 0.9 <= document["serving_bytes"]["embeddings"] <= budget
+    formats = document["mixed_precision"]["rows_per_format"]
+    assert formats.get("int4", 0) > 0 and formats.get("int8", 0) + formats.get("fp16", 0) > 0
+    # Rows the data reads most got the wider formats: the read rows score closer than int4.
+    from data_pipeline.stats import load_feature_stats
+
+    stats = load_feature_stats(synth_data)
+    name = stats.features[0]
+    values = torch.as_tensor(stats.counts(name)[0][:64])  # the most read values
+    model, _ = load_model(model_dirs["v1"])
+    mixed, _ = load_model(out)
+    coarse, _ = load_model(int4)
+    j = model.names.index(name)
+    with torch.no_grad():
+        exact = model.embeddings[j](values)
+        assert (mixed.embeddings[j](values) - exact).abs().max() \
+            < (coarse.embeddings[j](values) - exact).abs().max()
+
+
+def test_export_mixed_errors_name_their_option(model_dirs, tmp_path, capsys):
+    base = ["--model-dir", str(model_dirs["v1"]), "--out", str(tmp_path / "m")]
+    with pytest.raises(SystemExit):
+        export_job.main([*base, "--quantize", "mixed"])
+    assert "--budget-bytes" in capsys.readouterr().err
+    assert export_job.main([*base, "--quantize", "mixed", "--budget-bytes", "10",
+                            "--data", str(tmp_path)]) == 2
+    assert "--data" in capsys.readouterr().err
+
+
 def test_export_errors(model_dirs, tmp_path, capsys):
     def run(*argv: str) -> str:
         assert export_job.main(list(argv)) == 2
