@@ -23,7 +23,7 @@ class Combiner(str, Enum):
     """How the per-table vectors of one id become one vector."""
 
     SUM = "sum"  # weighted sum (hashing, multi-level hash, QR by sum)
-    CONCAT = "concat"  # side by side; each table is width/T wide (QR by concatenation)
+    CONCAT = "concat"  # side by side; widths `concat_widths(width, T)` (QR by concat, MEC, SCMA)
     PRODUCT = "product"  # element-wise product (QR by product); not linear, so no MLET
 
 

@@ -141,7 +141,12 @@ def reexport_mixed(model_dir: Path, out: Path, budget_bytes: int, data: Path | N
     baseline MPE's learned widths are measured against). Access counts come from the
     statistics of `data` (default: the training data the model.json names)."""
     source, document = _load_source(model_dir, out, quantising=True)
-    data = data or Path(document.get("training_config", {}).get("data", {}).get("path", ""))
+    if data is None:
+        named = document.get("training_config", {}).get("data", {}).get("path")
+        if not named:
+            raise ExportError("--data: model.json names no training data; give the prepared "
+                              "data folder whose statistics count each row's accesses")
+        data = Path(named)
     try:
         stats = LazyFeatureStats(load_feature_stats(data))
     except (OSError, ValueError) as exc:
@@ -151,14 +156,15 @@ def reexport_mixed(model_dir: Path, out: Path, budget_bytes: int, data: Path | N
              or not all(isinstance(t, ServingTable) for t in e.tables)]
     if plain:
         raise ExportError("mixed precision re-encodes plain fp32 tables; this model has "
-                          f"{len(plain)} features stored otherwise (a shared hot table or "
-                          "MPE's packed codes)")
+                          f"{len(plain)} features stored otherwise (split over workers, a "
+                          "shared hot table, or MPE's packed codes)")
     collection = ServingCollection(source.names, list(source.embeddings),
                                    source.model_config.table_dim)
     try:
         mixed, report = quantize_collection_mixed(collection, stats, budget_bytes)
     except ValueError as exc:
-        raise ExportError(f"--budget-bytes: {exc}") from None
+        option = "--budget-bytes: " if "budget" in str(exc) else ""
+        raise ExportError(f"{option}{exc}") from None
     quantised = ServingModel(source.model_config, source.dense, source.names,
                              list(mixed.embeddings.values()))
     metadata = _copy_metadata(model_dir, document, "mixed", version)

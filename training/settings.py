@@ -96,11 +96,13 @@ class EarlyStopping(Strict):
     """Stop when the validation metric stops improving, and export the best model seen.
 
     The metric is evaluated every `schedule.eval_every` steps, or at the end of every epoch
-    when eval_every is not set. Each time it improves by more than min_delta, every worker
-    saves its part of the model (one file per rank under <run folder>/best/); when it has
-    not improved for `patience` evaluations in a row, training stops. Either way the run
-    ends by loading the best state back, so the final metrics and the exported model are
-    the best evaluation's, not the last step's.
+    when eval_every is not set; a run from a trained model (`from_model`) is evaluated before
+    its first step too, so where fine-tuning only loses the start is the model kept (that
+    evaluation counts towards patience like any other). Each time it improves by more than
+    min_delta, every worker saves its part of the model (one file per rank under
+    <run folder>/best/); when it has not improved for `patience` evaluations in a row,
+    training stops. Either way the run ends by loading the best state back, so the final
+    metrics and the exported model are the best evaluation's, not the last step's.
 
     Args:
         metric: "validation_auc" (higher is better) or "validation_log_loss" (lower is).

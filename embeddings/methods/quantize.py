@@ -246,7 +246,9 @@ def quantize_collection_mixed(
             counts.append(emb.row_counts(stats[name].values, stats[name].counts))
         else:
             counts.append([torch.zeros(t.shape[0], dtype=torch.float64) for t in tables])
-    fixed = sum(emb.mapper.state_bytes() for emb in collection.embeddings.values())
+    # Everything outside the tables is charged: mappers, and a low-rank projection and bias.
+    fixed = sum(emb.serving_bytes() - sum(t.nbytes() for t in emb.tables)
+                for emb in collection.embeddings.values())
     tables, report = quantize_mixed(groups, counts, budget_bytes, fixed_bytes=fixed)
     out = [
         ServingEmbedding(emb.mapper, ts, emb.combiner, emb.projection, emb.bias)

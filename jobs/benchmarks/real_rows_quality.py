@@ -280,7 +280,7 @@ def print_table(results: dict[str, list[dict[str, Any]]], report: str, folds: in
     if full is not None and compressed:
         best_c = max(compressed, key=compressed.__getitem__)
         ok = compressed[best_c] >= full - 0.005
-        print(f"goal 2: best 10x model ({best_c}) {compressed[best_c]:.4f} ≥ uncompressed − "
+        print(f"goal 2: best compressed model ({best_c}) {compressed[best_c]:.4f} ≥ uncompressed − "
               f"0.005 = {full - 0.005:.4f}: {'met' if ok else 'NOT met'}")
 
 
