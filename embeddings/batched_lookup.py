@@ -189,7 +189,7 @@ def _plain_arrays(columns: list[int], mappers: list[Any]) -> tuple[np.ndarray, .
         if known:
             table_keys = np.zeros(size, np.int64)
             table_rows = np.full(size, -1, np.int64)
-            _build_kernel()(m.values.detach().cpu().numpy(),
+            open_addressing_builder()(m.values.detach().cpu().numpy(),
                             m.value_rows.detach().cpu().numpy().astype(np.int64),
                             table_keys, table_rows)
             keys.append(table_keys)
@@ -281,7 +281,7 @@ def _compact_kernel() -> Any:
     return _KERNELS["compact"]
 
 
-def _build_kernel() -> Any:
+def open_addressing_builder() -> Any:
     """Fills one open-addressing table (compiled on first use)."""
     if "build" not in _KERNELS:
         import numba as nb

@@ -44,7 +44,7 @@ import torch
 from pydantic import Field, model_validator
 
 from embeddings import budget
-from embeddings.batched_lookup import compiled_path
+from embeddings.batched_lookup import compiled_path, open_addressing_builder
 from embeddings.mapping import Combiner, FullMapper
 from embeddings.methods.base import (
     CompressedEmbedding,
@@ -156,17 +156,6 @@ def _mixed_backward(g, x, probs, groups, alpha, beta, lo, hi, scale, slot, want_
                 dbeta[f, c] += gb[c]
 
 
-@nb.njit(nogil=True, cache=True)
-def _fill_slots(values, value_rows, keys, rows):  # pragma: no cover - compiled
-    """An open-addressing table (load ≤ 1/2) of the explicit values and their rows."""
-    mask = keys.shape[0] - 1
-    zero = np.uint64(0)
-    for i in range(values.shape[0]):
-        slot = hash64_scalar(values[i], zero) & mask
-        while rows[slot] >= 0:
-            slot = (slot + 1) & mask
-        keys[slot] = values[i]
-        rows[slot] = value_rows[i]
 
 
 @nb.njit(nogil=True, cache=True)
@@ -400,7 +389,8 @@ class MpeEmbedding(CompressedEmbedding):
         if cached is None or cached[0] != key:
             size = 1 << max(1, (2 * mapper.known - 1).bit_length())
             keys, rows = np.zeros(size, np.int64), np.full(size, -1, np.int64)
-            _fill_slots(mapper.values.cpu().numpy(),
+            # The engine's open-addressing builder (load ≤ 1/2), the table its lookups probe.
+            open_addressing_builder()(mapper.values.cpu().numpy(),
                         mapper.value_rows.cpu().numpy().astype(np.int64), keys, rows)
             cached = (key, keys, rows)
             self._slot_cache = cached
