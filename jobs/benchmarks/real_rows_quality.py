@@ -36,16 +36,15 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
 
-from data_pipeline.datasets import iter_local_batches
 from embeddings.metrics import roc_auc
-from embeddings.serving import load_model, read_model_json
+from embeddings.serving import read_model_json
 from jobs.config import load_config
 from jobs.ray_session import ensure_ray
 from training.config import TrainConfig
 from training.export import reexport_mixed
 from training.plan import plan_run
+from training.search.trial import served_auc
 from training.worker import train_loop_per_worker
 
 REPO = Path(__file__).resolve().parents[2]
@@ -242,16 +241,10 @@ def mixed_cell(data: Path, out: Path, name: str, source: str, fit: str) -> dict[
     budget = read_model_json(models / _run_name(fit))["serving_bytes"]["embeddings"]
     t0 = time.perf_counter()
     reexport_mixed(models / _run_name(source), target, budget, data)
-    model, document = load_model(target)
-    aucs = {}
-    for split, key in (("validation", "validation_auc"), ("test", "heldout_auc")):
-        logits, labels = [], []
-        for batch in iter_local_batches(data, split, 8192):
-            logits.append(model(batch["dense"], batch["sparse"]))
-            labels.append(batch["label"])
-        aucs[key] = roc_auc(torch.cat(logits).numpy(), torch.cat(labels).numpy())
-    return {**aucs, "serving_bytes": document["serving_bytes"]["embeddings"], "best_step": 0,
-            "step": 0, "seconds": time.perf_counter() - t0}
+    aucs = served_auc(target, data, 8192)
+    return {"validation_auc": aucs["validation_auc"], "heldout_auc": aucs["test_auc"],
+            "serving_bytes": read_model_json(target)["serving_bytes"]["embeddings"],
+            "best_step": 0, "step": 0, "seconds": time.perf_counter() - t0}
 
 
 def print_table(results: dict[str, list[dict[str, Any]]], report: str, folds: int) -> None:
